@@ -1,0 +1,86 @@
+"""What every PyTorch → orbax converter shares: reading, key checking, CLI."""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """The source checkpoint does not match the architecture we convert to."""
+
+
+def torch_load(path):
+  """Loads a `.pt` file safely (tensors and plain containers only)."""
+  try:
+    import torch
+  except ImportError:  # pragma: no cover - depends on the install
+    raise ConversionError(
+        "converters need PyTorch (CPU): pip install -e '.[convert]'")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such file")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for a bad file
+    raise ConversionError(
+        f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). Pass the .pt file as "
+        "released (it is read with weights_only=True).") from None
+
+
+def to_numpy(state_dict, prefix=""):
+  """{name: tensor} → {name without prefix: float32/int numpy}, keys filtered by prefix."""
+  out = {}
+  for k, v in state_dict.items():
+    if not k.startswith(prefix):
+      continue
+    a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+    out[k[len(prefix):]] = a
+  return out
+
+
+def check_keys(path, got, expected, ignore=()):
+  """Raises ConversionError naming every missing, unexpected or mis-shaped key.
+
+  got, expected: {name: array or shape}. `ignore` names keys that may be
+  present but are not converted (e.g. integer BatchNorm counters).
+  """
+  got_names = set(got) - set(ignore)
+  exp_names = set(expected)
+  problems = []
+  missing = sorted(exp_names - got_names)
+  extra = sorted(got_names - exp_names)
+  if missing:
+    problems.append(f"missing keys: {', '.join(missing)}")
+  if extra:
+    problems.append(f"unexpected keys: {', '.join(extra)}")
+  for k in sorted(exp_names & got_names):
+    want = tuple(np.shape(expected[k]) if not isinstance(expected[k], tuple)
+                 else expected[k])
+    have = tuple(np.shape(got[k]))
+    if want != have:
+      problems.append(f"shape of {k}: checkpoint has {have}, expected {want}")
+  if problems:
+    raise ConversionError(
+        f"{path}: does not match the architecture inferred from it:\n  "
+        + "\n  ".join(problems))
+
+
+def cli_main(description, convert_fn, argv=None, extra_args=None):
+  """Shared `--src/--dst` command line; errors become one clear line, exit 2."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--src", required=True, help="input checkpoint")
+  parser.add_argument("--dst", required=True, help="output directory")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --dst")
+  if extra_args:
+    extra_args(parser)
+  args = parser.parse_args(argv)
+  from dhr_jax.checkpoint import CheckpointError
+  try:
+    out = convert_fn(args)
+  except (ConversionError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0

@@ -1,0 +1,114 @@
+"""On-disk layout shared by every converter and loader.
+
+A converted model is a directory::
+
+    DIR/config.json   {"kind": "stylegan2" | "e4e" | ..., "format": 1, "config": {...}}
+    DIR/arrays/       orbax PyTree checkpoint of nested dicts of float32 arrays
+
+Arrays are written as numpy so they restore on any host without sharding
+information; loaders turn them into jnp arrays.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_ARRAYS = "arrays"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory is missing, incomplete or of the wrong kind."""
+
+
+def _checkpointer():
+  # Imported lazily: orbax start-up is slow and most callers only read.
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer()
+
+
+def save(directory, tree, kind, config, *, overwrite=False):
+  """Writes `tree` (nested dicts/lists of arrays) and `config` under `directory`.
+
+  Refuses to replace an existing checkpoint unless `overwrite`; the write goes
+  to a sibling temp directory first so a crash never leaves half a checkpoint
+  where a good one was.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
+    raise CheckpointError(
+        f"{directory} already exists and is not empty; choose another --dst "
+        "or remove it first (converters never overwrite silently).")
+  tmp = directory + ".tmp-write"
+  if os.path.exists(tmp):
+    import shutil
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x), tree)
+  _checkpointer().save(os.path.join(tmp, _ARRAYS), host_tree)
+  with open(os.path.join(tmp, _CONFIG), "w") as f:
+    json.dump({"kind": kind, "format": FORMAT_VERSION, "config": config}, f,
+              indent=2, sort_keys=True)
+  if os.path.exists(directory):
+    import shutil
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return directory
+
+
+def read_config(directory):
+  """Returns (kind, config) of a checkpoint directory, with a clear error."""
+  directory = os.fspath(directory)
+  path = os.path.join(directory, _CONFIG)
+  if not os.path.isfile(path):
+    raise CheckpointError(
+        f"{directory} is not a converted dhr_jax checkpoint (no {_CONFIG}). "
+        "Convert the PyTorch file first, e.g. "
+        "`python -m converters.stylegan2 --src FILE.pt --dst DIR`.")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is unreadable ({e}); re-run the converter.")
+  if meta.get("format") != FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path} has format {meta.get('format')!r}, this dhr_jax reads "
+        f"{FORMAT_VERSION}; re-run the converter.")
+  return meta["kind"], meta["config"]
+
+
+def load(directory, kind=None):
+  """Returns (tree of jnp arrays, config). Checks `kind` when given."""
+  got_kind, config = read_config(directory)
+  if kind is not None and got_kind != kind:
+    raise CheckpointError(
+        f"{directory} holds a {got_kind!r} checkpoint, expected {kind!r}.")
+  arrays = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
+  if not os.path.isdir(arrays):
+    raise CheckpointError(f"{arrays} is missing; re-run the converter.")
+  tree = _checkpointer().restore(arrays)
+  return jax.tree_util.tree_map(jnp.asarray, tree), config
+
+
+def find(directory, kind):
+  """Resolves `directory` to the checkpoint of `kind` it is or contains.
+
+  A bundle (e.g. the e4e converter's output) holds one sub-directory per
+  model, named by kind; a plain checkpoint directory is returned as is.
+  """
+  directory = os.fspath(directory)
+  if not os.path.exists(directory):
+    raise CheckpointError(
+        f"{directory} does not exist. Convert a PyTorch checkpoint into it "
+        "first (see README, 'Converting checkpoints').")
+  if os.path.isfile(os.path.join(directory, _CONFIG)):
+    return directory
+  sub = os.path.join(directory, kind)
+  if os.path.isfile(os.path.join(sub, _CONFIG)):
+    return sub
+  raise CheckpointError(
+      f"{directory} holds no {kind!r} checkpoint (neither {_CONFIG} nor "
+      f"{kind}/{_CONFIG}); convert one with `python -m converters.{kind} ...`.")
