@@ -1,0 +1,304 @@
+"""Encoder4Editing (e4e) with the IR-SE50 backbone, NHWC, inference only.
+
+Architecture of Tov et al., "Designing an Encoder for StyleGAN Image
+Manipulation" (2021): an IR-SE50 face-recognition trunk, two FPN laterals and
+one GradualStyleBlock per style vector. The first block predicts a single w0
+that is repeated over all styles; every other block predicts a delta added to
+its own copy (the editability constraint of e4e). The coarse styles (0-2) read
+the 16² trunk output, the middle ones (3-6) the 32² FPN level and the fine ones
+the 64² level.
+
+The encoder is never trained here, so BatchNorm is folded into a frozen affine
+map of its running statistics, and the statistics live in the same `params`
+tree as the weights (one pytree in, W+ codes out).
+"""
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INPUT_SIZE = 256  # e4e is trained on 256² crops; its style heads assume it.
+STYLE_DIM = 512
+COARSE_END = 3    # styles [0, 3) from the 16² map
+MIDDLE_END = 7    # styles [3, 7) from 32², the rest from 64²
+
+# IR-SE50: (in_channels, depth, units) per stage; each stage starts with a
+# stride-2 unit.
+IR_SE50_STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
+
+
+def style_count(size):
+  """Number of W+ styles of a StyleGAN2 generator of resolution `size`."""
+  log_size = int(math.log2(size))
+  if 2 ** log_size != size or size < 8:
+    raise ValueError(f"generator size must be a power of two >= 8, got {size}")
+  return 2 * log_size - 2
+
+
+def unit_specs():
+  """[(in_channels, depth, stride)] of the 24 bottleneck units."""
+  specs = []
+  for c_in, depth, units in IR_SE50_STAGES:
+    specs.append((c_in, depth, 2))
+    specs += [(depth, depth, 1)] * (units - 1)
+  return specs
+
+
+def style_block_convs(i):
+  """Number of stride-2 convolutions of GradualStyleBlock i (down to 1²)."""
+  spatial = 16 if i < COARSE_END else 32 if i < MIDDLE_END else 64
+  return int(math.log2(spatial))
+
+
+def _pad1():
+  # PyTorch padding=1; "SAME" would pad (0, 1) for stride 2 and shift the grid.
+  return ((1, 1), (1, 1))
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm2d in eval mode: running statistics are parameters."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    mean = self.param("mean", nn.initializers.zeros, (c,))
+    var = self.param("var", nn.initializers.ones, (c,))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
+
+
+class PReLU(nn.Module):
+  """Leaky ReLU with one learned negative slope per channel."""
+
+  @nn.compact
+  def __call__(self, x):
+    alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],))
+    return jnp.where(x >= 0, x, alpha * x)
+
+
+class SqueezeExcite(nn.Module):
+  """Channel gating from globally pooled features (reduction 16)."""
+  reduction: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    s = jnp.mean(x, axis=(1, 2))
+    s = nn.relu(nn.Dense(c // self.reduction, use_bias=False, name="fc1")(s))
+    s = nn.sigmoid(nn.Dense(c, use_bias=False, name="fc2")(s))
+    return x * s[:, None, None, :]
+
+
+class BottleneckIRSE(nn.Module):
+  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut."""
+  in_channels: int
+  depth: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    s = self.stride
+    if self.in_channels == self.depth:
+      # MaxPool2d(kernel 1, stride s) is plain subsampling.
+      shortcut = x[:, ::s, ::s, :]
+    else:
+      shortcut = nn.Conv(self.depth, (1, 1), (s, s), padding="VALID",
+                         use_bias=False, name="shortcut_conv")(x)
+      shortcut = FrozenBatchNorm(name="shortcut_bn")(shortcut)
+    r = FrozenBatchNorm(name="bn1")(x)
+    r = nn.Conv(self.depth, (3, 3), padding=_pad1(), use_bias=False,
+                name="conv1")(r)
+    r = PReLU(name="prelu")(r)
+    r = nn.Conv(self.depth, (3, 3), (s, s), padding=_pad1(), use_bias=False,
+                name="conv2")(r)
+    r = FrozenBatchNorm(name="bn2")(r)
+    r = SqueezeExcite(name="se")(r)
+    return r + shortcut
+
+
+class GradualStyleBlock(nn.Module):
+  """Stride-2 convs down to 1², then a linear layer: one style vector."""
+  num_convs: int
+  features: int = STYLE_DIM
+
+  @nn.compact
+  def __call__(self, x):
+    for j in range(self.num_convs):
+      x = nn.Conv(self.features, (3, 3), (2, 2), padding=_pad1(),
+                  name=f"conv_{j}")(x)
+      x = nn.leaky_relu(x, 0.01)  # torch.nn.LeakyReLU() default slope
+    if x.shape[1:3] != (1, 1):
+      raise ValueError(
+          f"GradualStyleBlock ended at {x.shape[1:3]}, not 1x1: the encoder "
+          f"expects {INPUT_SIZE}² inputs (use Encoder.encode, which resizes).")
+    return nn.Dense(self.features, name="linear")(x[:, 0, 0, :])
+
+
+def upsample_bilinear_aligned(x, size):
+  """F.interpolate(x, size, mode='bilinear', align_corners=True), NHWC.
+
+  align_corners=True maps the corner samples onto each other, which
+  jax.image.resize (half-pixel centres) cannot express; a separable
+  interpolation matrix per axis does it exactly.
+  """
+  def matrix(n_in, n_out):
+    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), np.float64)
+    m[np.arange(n_out), lo] += 1.0 - frac
+    m[np.arange(n_out), hi] += frac
+    return jnp.asarray(m, x.dtype)
+  mh = matrix(x.shape[1], size[0])
+  mw = matrix(x.shape[2], size[1])
+  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("pw,bowc->bopc", mw, x, precision=jax.lax.Precision.HIGHEST)
+
+
+class Encoder4Editing(nn.Module):
+  """IR-SE50 e4e: (B, 256, 256, 3) in [-1, 1] → raw W+ codes (B, n, 512).
+
+  The raw codes are offsets from the generator's average latent; the caller
+  adds `latent_avg` (see `Encoder.encode`).
+  """
+  n_styles: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(64, (3, 3), padding=_pad1(), use_bias=False,
+                name="input_conv")(x)
+    x = FrozenBatchNorm(name="input_bn")(x)
+    x = PReLU(name="input_prelu")(x)
+    feats = {}
+    for i, (c_in, depth, stride) in enumerate(unit_specs()):
+      x = BottleneckIRSE(c_in, depth, stride, name=f"body_{i}")(x)
+      feats[i] = x
+    c1, c2, c3 = feats[6], feats[20], feats[23]  # 64², 32², 16²
+
+    p2 = upsample_bilinear_aligned(c3, c2.shape[1:3]) + nn.Conv(
+        STYLE_DIM, (1, 1), name="latlayer1")(c2)
+    p1 = upsample_bilinear_aligned(p2, c1.shape[1:3]) + nn.Conv(
+        STYLE_DIM, (1, 1), name="latlayer2")(c1)
+
+    w0 = GradualStyleBlock(style_block_convs(0), name="styles_0")(c3)
+    codes = [w0]
+    for i in range(1, self.n_styles):
+      features = c3 if i < COARSE_END else p2 if i < MIDDLE_END else p1
+      delta = GradualStyleBlock(style_block_convs(i), name=f"styles_{i}")(
+          features)
+      codes.append(w0 + delta)
+    return jnp.stack(codes, axis=1)
+
+
+def resize_for_encoder(images, size=INPUT_SIZE):
+  """Resizes NHWC images to size² like PIL's bilinear `Image.resize`.
+
+  The official e4e transforms resize the PIL image to 256² (bilinear) before
+  ToTensor/Normalize. PIL's bilinear filter widens its triangle kernel by the
+  downscale factor (area-aware), which is what jax.image.resize does with
+  antialias=True; a plain 4-tap bilinear would alias 1024² → 256² badly and
+  give the encoder a different input than it was trained with. Normalising
+  before or after the resize is the same, as the filter weights sum to one.
+  """
+  b, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  return jax.image.resize(images, (b, size, size, c), method="linear",
+                          antialias=True)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model, params, images, latent_avg):
+  codes = model.apply({"params": params}, resize_for_encoder(images))
+  if latent_avg is not None:
+    codes = codes + latent_avg
+  return codes
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """A loaded e4e encoder.
+
+  Attributes:
+    params: pytree of the Flax module's parameters (BatchNorm statistics
+      included).
+    config: dict with size (generator resolution), n_latent, style_dim,
+      input_size, num_layers, mode.
+    latent_avg: (n_latent, style_dim) average latent the raw codes are
+      offsets from.
+  """
+  params: Any
+  config: dict
+  latent_avg: Any
+
+  @property
+  def model(self):
+    return Encoder4Editing(n_styles=self.config["n_latent"])
+
+  def encode(self, params, images, add_latent_avg=True):
+    """W+ codes (B, n_latent, style_dim) of NHWC images in [-1, 1].
+
+    Images of any size are resized to 256² first (see `resize_for_encoder`).
+    With add_latent_avg (the default, as e4e was trained with
+    start_from_latent_avg) the codes are ready for the generator; without it
+    the raw encoder output is returned.
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(
+          f"encode expects NHWC RGB images (B, H, W, 3), got {images.shape}")
+    avg = jnp.asarray(self.latent_avg) if add_latent_avg else None
+    return _encode(self.model, params, images, avg)
+
+
+def init_encoder(key, size=1024):
+  """Randomly initialised encoder (for shapes and smoke tests only)."""
+  n = style_count(size)
+  model = Encoder4Editing(n_styles=n)
+  x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+  params = model.init(key, x)["params"]
+  return Encoder(params=params, config=make_config(size),
+                 latent_avg=jnp.zeros((n, STYLE_DIM), jnp.float32))
+
+
+def make_config(size):
+  return {"size": int(size), "n_latent": style_count(size),
+          "style_dim": STYLE_DIM, "input_size": INPUT_SIZE, "num_layers": 50,
+          "mode": "ir_se"}
+
+
+def param_shapes(size):
+  """Shapes of the Flax parameter tree for a generator of `size`, no compute."""
+  model = Encoder4Editing(n_styles=style_count(size))
+  x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+
+
+def load_encoder(path):
+  """Loads a converted e4e encoder (a directory, or a bundle holding e4e/).
+
+  Convert the released PyTorch file first:
+  `python -m converters.e4e --src e4e_ffhq_encode.pt --dst DIR`.
+  """
+  from dhr_jax import checkpoint
+  directory = checkpoint.find(path, "e4e")
+  tree, config = checkpoint.load(directory, "e4e")
+  if set(tree) != {"params", "latent_avg"}:
+    raise checkpoint.CheckpointError(
+        f"{directory} is not an e4e checkpoint written by converters.e4e "
+        f"(top-level entries {sorted(tree)}); re-run the converter.")
+  n = config["n_latent"]
+  if tuple(tree["latent_avg"].shape) != (n, config["style_dim"]):
+    raise checkpoint.CheckpointError(
+        f"{directory}: latent_avg has shape {tuple(tree['latent_avg'].shape)}, "
+        f"config says ({n}, {config['style_dim']}); re-run the converter.")
+  return Encoder(params=tree["params"], config=config,
+                 latent_avg=tree["latent_avg"])
