@@ -18,6 +18,7 @@ Inputs are NHWC images in [-1, 1]. Both functions are pure in `params` and
 can be jitted, differentiated and vmapped.
 """
 import dataclasses
+import functools
 import importlib.util
 import os
 import pickle
@@ -143,8 +144,24 @@ class LPIPS:
     size = tuple(size) if size is not None else tuple(x.shape[1:3])
     return upsampled_sum(self.spatial(params, x, y), size)
 
+  @property
+  def jit_spatial(self):
+    """`spatial` jitted once per net and shared by every instance, so a
+    caller looping over images does not recompile."""
+    return _jit_spatial(self.net)
+
   def __call__(self, x, y):
     return self.distance(self.params, x, y)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_spatial(net):
+  module = LPIPSNet(net)
+
+  def spatial(params, x, y):
+    _check_images(x, y)
+    return module.apply({"params": params}, x, y)
+  return jax.jit(spatial)
 
 
 def upsampled_sum(maps, size):
