@@ -1,0 +1,334 @@
+"""Domain-specific segmentation: each step on known answers, then a synthetic
+ground-truth case (a generator image with a foreign patch pasted in)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax
+import jax.numpy as jnp
+
+from dhr_jax import segmentation as S
+
+FACE, HAIR, NOSE, BG, CLOTH = (S.CELEBAMASK_LABELS.index(n)
+                               for n in ("face", "hair", "nose", "background",
+                                         "cloth"))
+
+
+# --------------------------------------------------------------- unit steps
+
+def test_default_thresholds_per_class():
+  theta = dict(zip(S.CELEBAMASK_LABELS, S.class_thresholds()))
+  assert theta["face"] == 0.7
+  for name in ("rr", "lr", "rb", "lb", "re", "le", "nose", "imouth", "llip",
+               "ulip"):
+    assert theta[name] == 0.8
+  for name in ("background", "neck", "cloth", "hair", "glass", "hat", "earr",
+               "neckl"):
+    assert theta[name] == 0.6
+  got = S.class_thresholds({"thresholds": {"hair": 0.9}})
+  assert got[HAIR] == 0.9 and got[FACE] == 0.7
+  with pytest.raises(ValueError, match="unknown classes"):
+    S.class_thresholds({"thresholds": {"beard": 0.5}})
+  with pytest.raises(ValueError, match="unknown DSS config"):
+    S.class_thresholds({"n_segment": 10})
+
+
+def test_superpixel_scores_known_answer():
+  labels = np.array([[1, 1, 2, 2],
+                     [1, 1, 2, 2],
+                     [3, 3, 4, 4],
+                     [3, 3, 4, 5]])
+  full = np.arange(16.).reshape(4, 4)            # layer at image resolution
+  half = np.array([[0.1, 0.9], [0.5, 0.7]])      # layer at half resolution
+  got = S.superpixel_scores([full[..., None], half], labels)
+  # Label 1: mean(0, 1, 4, 5) + 0.1. Label 4 (pixels 10, 11, 14): + 0.7.
+  # Label 5 (pixel 15) vanishes at 2×2 (nearest picks even rows/cols), so it
+  # reads the half map upsampled onto its pixel: 0.7.
+  want = [2.5 + 0.1, 4.5 + 0.9, 10.5 + 0.5, 35 / 3 + 0.7, 15 + 0.7]
+  np.testing.assert_allclose(got, want)
+  # A label that does not occur gets NaN (labels 1, 2 and 4 only).
+  got = S.superpixel_scores([full], np.where(labels >= 3, 4, labels))
+  assert np.isnan(got[2]) and np.isfinite(got[[0, 1, 3]]).all()
+
+
+def test_superpixel_mask_and_classes():
+  labels = np.repeat(np.repeat(np.arange(1, 5).reshape(2, 2), 3, 0), 3, 1)
+  scores = np.array([0.65, 0.65, 0.75, 0.75])
+  # Superpixel classes from probabilities: the class with the largest summed
+  # probability wins even where it is not the per-pixel argmax everywhere.
+  probs = np.zeros(labels.shape + (19,))
+  for k, cls in zip(range(1, 5), (FACE, HAIR, NOSE, FACE)):
+    probs[labels == k, cls] = 0.6
+    probs[labels == k, BG] = 0.4
+  probs[0, 0] = 0
+  probs[0, 0, HAIR] = 1.0  # one pixel of superpixel 1 says hair
+  classes = S.superpixel_classes(probs, labels)
+  np.testing.assert_array_equal(classes, [FACE, HAIR, NOSE, FACE])
+  theta = S.class_thresholds()[classes]
+  mask = S.superpixel_mask(labels, scores, theta)
+  # face 0.65 < 0.7 in; hair 0.65 ≥ 0.6 out; nose 0.75 < 0.8 in; face out.
+  want = np.kron(np.array([[1., 0.], [1., 0.]]), np.ones((3, 3)))
+  np.testing.assert_array_equal(mask, want)
+  # score == θ is out-of-domain (strict <), unless inclusive (Otsu).
+  assert S.superpixel_mask(labels, np.full(4, 0.7), 0.7).sum() == 0
+  assert S.superpixel_mask(labels, np.full(4, 0.7), 0.7,
+                           inclusive=True).sum() == 36
+
+
+def test_parsing_mask():
+  probs = np.zeros((1, 2, 3, 19), np.float32)
+  probs[0, 0, 0, [BG, CLOTH]] = (0.3, 0.2)   # 0.5 out of domain → out
+  probs[0, 0, 0, FACE] = 0.5
+  probs[0, 0, 1, [BG, FACE]] = (0.49, 0.51)  # 0.49 → in
+  probs[0, 0, 2, S.CELEBAMASK_LABELS.index("hat")] = 1.0
+  probs[0, 1, 0, S.CELEBAMASK_LABELS.index("earr")] = 0.6
+  probs[0, 1, 0, HAIR] = 0.4
+  probs[0, 1, 1, S.CELEBAMASK_LABELS.index("neckl")] = 0.7
+  probs[0, 1, 1, NOSE] = 0.3
+  probs[0, 1, 2, HAIR] = 1.0
+  got = S.parsing_mask(probs)
+  np.testing.assert_array_equal(got[0, ..., 0], [[0, 1, 0], [0, 0, 1]])
+  # The class list is configurable.
+  got = S.parsing_mask(probs, {"out_of_domain_classes": ("hair",)})
+  np.testing.assert_array_equal(got[0, ..., 0], [[1, 1, 1], [1, 1, 0]])
+
+
+def test_otsu_threshold_splits_two_groups():
+  scores = np.array([0.1, 0.12, 0.15, 0.11, 0.9, 0.95, np.nan])
+  t = S.otsu_threshold(scores)
+  assert 0.15 <= t < 0.9
+
+
+def test_label_maps_loading(tmp_path):
+  ids = np.zeros((8, 8), np.uint8)
+  ids[:, 4:] = HAIR
+  ok = tmp_path / "ok.png"
+  Image.fromarray(ids).save(ok)
+  half = tmp_path / "half.png"
+  Image.fromarray(ids[::2, ::2]).save(half)
+  rgb_gray = tmp_path / "rgb_gray.png"
+  Image.fromarray(np.repeat(ids[..., None], 3, -1)).save(rgb_gray)
+  onehot = S.load_label_maps([ok, half, rgb_gray], (8, 8))
+  assert onehot.shape == (3, 8, 8, 19)
+  np.testing.assert_array_equal(onehot.argmax(-1),
+                                np.broadcast_to(ids, (3, 8, 8)))
+  assert np.all(onehot.sum(-1) == 1)
+
+  with pytest.raises(FileNotFoundError, match="missing.png"):
+    S.load_label_maps([tmp_path / "missing.png"], (8, 8))
+  bad = tmp_path / "ids.png"
+  Image.fromarray(np.full((8, 8), 19, np.uint8)).save(bad)
+  with pytest.raises(ValueError, match=r"ids.png.*0\.\.18.*19\.\.19"):
+    S.load_label_maps([bad], (8, 8))
+  colour = tmp_path / "colour.png"
+  c = np.zeros((8, 8, 3), np.uint8)
+  c[..., 0] = 255
+  Image.fromarray(c).save(colour)
+  with pytest.raises(ValueError, match="colour.png.*single-channel"):
+    S.load_label_maps([colour], (8, 8))
+  with pytest.raises(ValueError, match="ok.png.*aspect ratio"):
+    S.load_label_maps([ok], (8, 16))
+  text = tmp_path / "text.png"
+  text.write_text("not a png")
+  with pytest.raises(ValueError, match="text.png.*not a readable image"):
+    S.load_label_maps([text], (8, 8))
+
+
+# ------------------------------------------------- the whole step, known maps
+
+class _FixedLPIPS:
+  """Stands in for LPIPS-VGG: returns given per-layer maps."""
+
+  def __init__(self, maps):
+    self.params = None
+    self.maps = [jnp.asarray(m) for m in maps]
+
+  def jit_spatial(self, params, x, y):
+    assert x.shape == y.shape
+    return self.maps
+
+
+def _regions():
+  # 12×12 image of 3×3-pixel superpixels; left half face, top right hair,
+  # bottom right row background.
+  labels = np.repeat(np.repeat(np.arange(1, 17).reshape(4, 4), 3, 0), 3, 1)
+  ids = np.full((12, 12), FACE, np.int64)
+  ids[:, 6:] = HAIR
+  ids[9:, 6:] = BG
+  return labels, ids
+
+
+def test_dss_known_answer_with_label_maps(monkeypatch):
+  labels, ids = _regions()
+  monkeypatch.setattr(S, "slic_superpixels", lambda image, config: labels)
+  score = np.full((1, 12, 12, 1), 0.45, np.float32)
+  score[0, :3, :3] = 0.8     # superpixel 1 (face) too far from the generator
+  small = np.full((1, 6, 6, 1), 0.2, np.float32)  # second layer adds 0.2
+  metric = _FixedLPIPS([score, small])
+  target = jnp.zeros((1, 12, 12, 3))
+  r = S.domain_specific_segmentation(target, coarse=target, lpips_vgg=metric,
+                                     label_maps=ids[None])
+  np.testing.assert_allclose(r.scores[0], np.where(np.arange(16) == 0, 1.0,
+                                                   0.65), rtol=1e-6)
+  # Face superpixels in (0.65 < 0.7) except superpixel 1 (1.0); hair and
+  # background out (0.65 ≥ 0.6).
+  want_sp = (ids == FACE).astype(np.float32)
+  want_sp[:3, :3] = 0
+  np.testing.assert_array_equal(r.superpixel_mask[0, ..., 0], want_sp)
+  np.testing.assert_array_equal(r.parsing_mask[0, ..., 0], ids != BG)
+  np.testing.assert_array_equal(r.mask[0, ..., 0], want_sp)
+  cls = np.full(16, FACE)
+  cls[[2, 3, 6, 7, 10, 11]] = HAIR
+  cls[[14, 15]] = BG
+  np.testing.assert_array_equal(r.classes[0], cls)
+  np.testing.assert_allclose(r.thresholds[0], S.class_thresholds()[cls])
+  assert r.error_map.shape == (1, 12, 12, 1)
+  assert r.boundaries.shape == (1, 12, 12) and r.boundaries.any()
+
+  # Raising the hair threshold lets hair in; the background row stays out
+  # through the parsing mask even with its threshold raised too.
+  r = S.domain_specific_segmentation(
+      target, coarse=target, lpips_vgg=metric, label_maps=ids[None],
+      config={"thresholds": {"hair": 0.9, "background": 0.9}})
+  want = np.ones((12, 12), np.float32)
+  want[:3, :3] = 0
+  want[9:, 6:] = 0
+  np.testing.assert_array_equal(r.mask[0, ..., 0], want)
+  np.testing.assert_array_equal(r.superpixel_mask[0, 9:, 6:], 1)
+
+
+def test_dss_parser_and_no_parsing(monkeypatch):
+  labels, ids = _regions()
+  monkeypatch.setattr(S, "slic_superpixels", lambda image, config: labels)
+  score = np.full((2, 12, 12, 1), 0.65, np.float32)
+  metric = _FixedLPIPS([score])
+  target = jnp.zeros((2, 12, 12, 3))
+
+  class Parser:
+    params = {"scale": jnp.float32(1.0)}
+    labels = S.CELEBAMASK_LABELS
+
+    def parse(self, params, images):
+      probs = jax.nn.one_hot(jnp.asarray(ids), 19) * params["scale"]
+      # The parser answers at half resolution; DSS resizes to the image.
+      probs = jnp.broadcast_to(probs[::2, ::2], (images.shape[0], 6, 6, 19))
+      return probs
+
+  with_parser = S.domain_specific_segmentation(
+      target, coarse=target, lpips_vgg=metric, parser=Parser())
+  with_maps = S.domain_specific_segmentation(
+      target, coarse=target, lpips_vgg=metric,
+      label_maps=np.stack([ids, ids]))
+  np.testing.assert_array_equal(with_parser.classes, with_maps.classes)
+  np.testing.assert_array_equal(with_parser.mask, with_maps.mask)
+  np.testing.assert_array_equal(with_maps.mask[1, ..., 0], ids == FACE)
+
+  # No parsing: one threshold (0.7) for all, no parsing mask.
+  none = S.domain_specific_segmentation(target, coarse=target,
+                                        lpips_vgg=metric)
+  assert none.parsing is None and np.all(none.parsing_mask == 1)
+  assert np.all(none.mask == 1) and np.all(none.classes == -1)
+  none = S.domain_specific_segmentation(
+      target, coarse=target, lpips_vgg=metric,
+      config={"single_threshold": 0.6})
+  assert np.all(none.mask == 0)
+
+  class Other(Parser):
+    labels = tuple(reversed(S.CELEBAMASK_LABELS))
+  with pytest.raises(ValueError, match="CelebAMask-HQ classes"):
+    S.domain_specific_segmentation(target, coarse=target, lpips_vgg=metric,
+                                   parser=Other())
+  with pytest.raises(ValueError, match="one per image"):
+    S.domain_specific_segmentation(target, coarse=target, lpips_vgg=metric,
+                                   label_maps=ids[None])
+  with pytest.raises(ValueError, match="needs G and key"):
+    S.domain_specific_segmentation(target, lpips_vgg=metric)
+
+
+def test_slic_on_rgb_follows_colour_edges():
+  img = np.zeros((64, 64, 3), np.uint8)
+  img[:, :32] = (200, 40, 40)
+  img[:48, 32:] = (40, 180, 60)
+  img[48:, 32:] = (30, 40, 200)
+  region = np.zeros((64, 64), int)
+  region[:48, 32:] = 1
+  region[48:, 32:] = 2
+  labels = S.slic_superpixels(img)
+  k = labels.max()
+  assert labels.min() == 1 and 100 <= k <= 300
+  assert len(np.unique(labels)) == k  # contiguous 1..K
+  # Nearly every pixel lies in a superpixel of a single colour region.
+  pure = np.zeros((64, 64), bool)
+  for i in range(1, k + 1):
+    m = labels == i
+    pure[m] = len(np.unique(region[m])) == 1
+  assert pure.mean() > 0.9
+
+
+# ------------------------------------------- synthetic ground-truth patch case
+
+def _foreign_patch(size):
+  from skimage import data
+  # The astronaut's face and helmet, shrunk to a size/3 square.
+  crop = data.astronaut()[20:260, 150:390]
+  n = size // 3
+  img = Image.fromarray(crop).resize((n, n), Image.BILINEAR)
+  return np.asarray(img, np.float32) / 127.5 - 1.0
+
+
+def synthetic_case(size=64, seed=0):
+  """(G, target, clean, ground truth out-of-domain mask) for the test/bench."""
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(jax.random.PRNGKey(seed), size=size, style_dim=64,
+                     n_mlp=2, channels=64)
+  z = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, 64))
+  w = G.mapping(G.params, z)
+  clean = np.asarray(G.synthesis(G.params,
+                                 jnp.repeat(w[:, None], G.n_latent, 1)))
+  patch = _foreign_patch(size)
+  n = patch.shape[0]
+  y0, x0 = size // 6, size // 2
+  target = clean.copy()
+  target[0, y0:y0 + n, x0:x0 + n] = patch
+  gt = np.zeros((size, size), bool)
+  gt[y0:y0 + n, x0:x0 + n] = True
+  return G, target, clean, gt
+
+
+@pytest.fixture(scope="module")
+def case():
+  return synthetic_case()
+
+
+def _recall_and_rest(mask, gt):
+  m = mask[0, ..., 0]
+  return float(np.mean(m[gt] == 0)), float(np.mean(m[~gt] == 1))
+
+
+def test_synthetic_patch_with_exact_coarse_image(case):
+  # The generator's own image as the coarse inversion: all LPIPS error comes
+  # from the patch, so DSS alone must find it.
+  # The fixed thresholds are calibrated on faces and a random generator's
+  # LPIPS scale differs, hence the adaptive (Otsu) threshold.
+  G, target, clean, gt = case
+  r = S.domain_specific_segmentation(target, coarse=clean,
+                                     config={"adaptive": True})
+  recall, rest = _recall_and_rest(r.mask, gt)
+  assert recall >= 0.9, recall
+  assert rest >= 0.7, rest
+  # Every superpixel met the same per-image threshold.
+  finite = np.isfinite(r.scores[0])
+  assert np.ptp(r.thresholds[0][finite]) == 0
+
+
+@pytest.mark.slow
+def test_synthetic_patch_with_coarse_inversion(case):
+  G, target, clean, gt = case
+  r = S.domain_specific_segmentation(target, G=G, key=jax.random.PRNGKey(3),
+                                     config={"adaptive": True})
+  recall, rest = _recall_and_rest(r.mask, gt)
+  assert recall >= 0.9, recall
+  assert rest >= 0.7, rest
+  # The coarse image came from the generator and is close to it in-domain.
+  err = np.abs(r.coarse - clean)[0]
+  assert err[~gt].mean() < err[gt].mean()
