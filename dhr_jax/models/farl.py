@@ -327,14 +327,26 @@ class Parser:
     return jax.jit(lambda params, x: self.network.apply(params, x))
 
   @functools.cached_property
-  def parse(self):
-    def parse(params, images, landmarks=None):
+  def _parse(self):
+    def parse(params, images, landmarks):
       logits = parse_logits(
           lambda x: self.network.apply(params, x), images, landmarks,
           input_size=self.config["input_size"],
           face_scale=self.config["face_scale"])
       return jax.nn.softmax(logits, axis=-1)
     return jax.jit(parse)
+
+  def parse(self, params, images, landmarks=None):
+    """(B, H, W, 3) images in [-1, 1] → (B, H, W, C) class probabilities."""
+    if landmarks is None:
+      b, h, w = images.shape[:3]
+      if h != w:
+        raise ValueError(
+            f"canonical FFHQ landmarks need square images, got {h}×{w}; "
+            "pass landmarks=(B, 5, 2) for other images")
+      # As an array, so canonical and given landmarks share one compilation.
+      landmarks = np.broadcast_to(alignment.ffhq_landmarks(h), (b, 5, 2))
+    return self._parse(params, images, jnp.asarray(landmarks, jnp.float32))
 
   @property
   def labels(self):
