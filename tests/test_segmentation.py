@@ -245,6 +245,15 @@ def test_dss_parser_and_no_parsing(monkeypatch):
     S.domain_specific_segmentation(target, lpips_vgg=metric)
 
 
+def test_to_uint8_recovers_the_file_pixels():
+  # The official code runs SLIC on the image file's pixels; an image read as
+  # u / 127.5 - 1 must map back to exactly u (float32, with jnp too).
+  u = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  x = jnp.asarray(u, jnp.float32) / 127.5 - 1.0
+  np.testing.assert_array_equal(S.to_uint8(x), u)
+  np.testing.assert_array_equal(S.to_uint8(np.array([-2., 2.])), [0, 255])
+
+
 def test_slic_on_rgb_follows_colour_edges():
   img = np.zeros((64, 64, 3), np.uint8)
   img[:, :32] = (200, 40, 40)
