@@ -1,0 +1,301 @@
+"""Optimisation-based GAN inversion: W / W+ codes by Adam on LPIPS (+ MSE).
+
+This follows the StyleGAN2 projector of rosinality (`projector.py`), which the
+DHR code base uses both for the coarse inversion of its domain-specific
+segmentation (40 steps in W) and for W_pivot embeddings:
+
+  * start from the mean of mapping(z) over `n_mean_latent` samples;
+  * Adam on the latent and on the per-layer noise maps, learning rate
+    lr·ramp(t) with t = step/steps, a cosine ramp-down over the last 25 % and a
+    linear ramp-up over the first 5 %;
+  * Gaussian noise of strength std_w · 0.05 · max(0, 1 − t/0.75)² added to the
+    latent at every step (std_w = sqrt(Σ‖w − w̄‖²/n), the official spread);
+  * loss LPIPS-VGG(ĝ, x) + 1e5·noise-regulariser + λ_mse·MSE, where images
+    larger than 256² are average-pooled to 256² first;
+  * after every step each noise map is renormalised to zero mean, unit std.
+
+Every image is optimised on its own: the official script runs a batch with
+one noise tensor per layer whose statistics (and the MSE mean) span the whole
+batch, which couples the images. Here one image is exactly the official run
+with batch 1, and a batch is those runs vmapped, so results do not depend on
+which images share a batch.
+
+The whole loop is one jitted `lax.scan`.
+"""
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LOSS_RES = 256  # the projector compares images at most 256² (LPIPS-VGG scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingResult:
+  """Output of `optimize_latent`.
+
+  codes:  (B, n_latent, style_dim) W+ codes (W results repeated per layer).
+  image:  (B, H, W, 3) the generator's image of `codes` with `noise`.
+  noise:  list of (B, r, r, 1) optimised noise maps, one per layer.
+  losses: (B, steps) total loss at every step (as optimised, i.e. with the
+          step's latent noise).
+  terms:  dict of (B, steps) arrays: 'lpips', 'noise' (regulariser, before
+          its weight) and 'mse'.
+  """
+  codes: Any
+  image: Any
+  noise: list
+  losses: Any
+  terms: dict
+
+
+class _ByIdentity:
+  """Wraps an object (generator, LPIPS) as a jit-static argument.
+
+  They are unhashable dataclasses holding arrays; comparing by identity lets
+  jax reuse the compiled loop for repeated calls with the same objects. Their
+  weights are passed separately as traced arguments, never baked in.
+  """
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+
+def latent_stats(G, key, n=10000):
+  """(mean (style_dim,), spread scalar) of mapping(z) over n samples.
+
+  The spread is the projector's sqrt(Σ_i ‖w_i − w̄‖² / n): the RMS distance to
+  the mean, which scales the latent noise.
+  """
+  z = jax.random.normal(key, (n, G.config["style_dim"]))
+  w = G.mapping(G.params, z)
+  mean = jnp.mean(w, axis=0)
+  std = jnp.sqrt(jnp.sum((w - mean) ** 2) / n)
+  return mean, std
+
+
+def learning_rates(steps, lr=0.1, rampdown=0.25, rampup=0.05):
+  """Per-step learning rates of the projector (float32, (steps,))."""
+  out = []
+  for i in range(steps):
+    t = i / steps
+    ramp = min(1.0, (1.0 - t) / rampdown)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    ramp *= min(1.0, t / rampup) if rampup > 0 else 1.0
+    out.append(lr * ramp)
+  return np.asarray(out, np.float32)
+
+
+def noise_levels(steps, noise=0.05, ramp=0.75):
+  """Per-step latent-noise factor 0.05·max(0, 1 − t/0.75)², times std_w later."""
+  t = np.arange(steps) / steps
+  return np.asarray(noise * np.maximum(0.0, 1.0 - t / ramp) ** 2, np.float32)
+
+
+def noise_regularizer(noise_maps):
+  """Σ over maps and scales of the squared lag-1 autocorrelations.
+
+  Each (N, r, r, 1) map is compared with itself shifted by one pixel along
+  width and height (circularly), then 2×2-average-pooled and compared again
+  until it is 8² or smaller; penalising the correlations keeps the noise maps
+  from encoding image content.
+  """
+  loss = 0.0
+  for n in noise_maps:
+    while True:
+      loss = loss + jnp.mean(n * jnp.roll(n, 1, axis=2)) ** 2
+      loss = loss + jnp.mean(n * jnp.roll(n, 1, axis=1)) ** 2
+      size = n.shape[1]
+      if size <= 8:
+        break
+      n = n.reshape(n.shape[0], size // 2, 2, size // 2, 2, -1).mean((2, 4))
+  return loss
+
+
+def normalize_noise(n):
+  """Zero mean, unit (unbiased) standard deviation, as torch's .std()."""
+  n = n - jnp.mean(n)
+  return n / jnp.sqrt(jnp.sum(n * n) / (n.size - 1))
+
+
+def _box_pool(x, res):
+  f = x.shape[1] // res
+  if f == 1:
+    return x
+  b, h, w, c = x.shape
+  return x.reshape(b, h // f, f, w // f, f, c).mean((2, 4))
+
+
+def _to_loss_res(x, res):
+  """Generator-sized images are average-pooled like the projector's output;
+  other sizes are resized (antialiased bilinear, as PIL does)."""
+  h, w = x.shape[1:3]
+  if (h, w) == (res, res):
+    return x
+  if h == w and h % res == 0:
+    return _box_pool(x, res)
+  return jax.image.resize(x, (x.shape[0], res, res, x.shape[3]), "linear",
+                          antialias=True)
+
+
+def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
+               strengths, noise_weight, mse_weight, *, space, loss_res):
+  """One image: target (res, res, 3) at loss resolution; init (d,)|(n, d)."""
+  G, L = gen.obj, lpips.obj
+  n_latent = G.config["n_latent"]
+  k_noise, k_steps = jax.random.split(key)
+  noise_keys = jax.random.split(k_noise, len(G.noise))
+  noise0 = [jax.random.normal(k, n.shape) for k, n in zip(noise_keys, G.noise)]
+  target = target[None]
+  opt = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  variables = (init[None], noise0)
+
+  def render(latent, noise):
+    wplus = latent[:, None] if space == "w" else latent
+    wplus = jnp.broadcast_to(wplus, (1, n_latent, wplus.shape[-1]))
+    return G.synthesis(g_params, wplus, noise=noise)
+
+  def loss_fn(variables, k, strength):
+    latent, noise = variables
+    latent = latent + jax.random.normal(k, latent.shape) * strength
+    img = _box_pool(render(latent, noise), loss_res)
+    p = L.distance(l_params, img, target)[0]
+    reg = noise_regularizer(noise)
+    mse = jnp.mean((img - target) ** 2)
+    return p + noise_weight * reg + mse_weight * mse, (p, reg, mse)
+
+  def step(carry, xs):
+    variables, state = carry
+    lr, strength, k = xs
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables, k, strength)
+    updates, state = opt.update(grads, state)
+    variables = jax.tree_util.tree_map(lambda p, u: p - lr * u, variables,
+                                       updates)
+    latent, noise = variables
+    variables = (latent, [normalize_noise(n) for n in noise])
+    return (variables, state), (loss,) + terms
+
+  (variables, _), history = jax.lax.scan(
+      step, (variables, opt.init(variables)),
+      (lrs, strengths, jax.random.split(k_steps, lrs.shape[0])))
+  latent, noise = variables
+  image = render(latent, noise)
+  codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
+                           (1, n_latent, latent.shape[-1]))
+  return codes[0], image[0], [n[0] for n in noise], history
+
+
+@functools.partial(jax.jit, static_argnames=("gen", "lpips", "space",
+                                             "loss_res"))
+def _embed_batch(gen, lpips, g_params, l_params, targets, keys, inits, lrs,
+                 strengths, noise_weight, mse_weight, *, space, loss_res):
+  one = functools.partial(_embed_one, gen, lpips, space=space,
+                          loss_res=loss_res)
+  return jax.vmap(one, in_axes=(None, None, 0, 0, 0, None, None, None, None))(
+      g_params, l_params, targets, keys, inits, lrs, strengths, noise_weight,
+      mse_weight)
+
+
+def _is_key_batch(key):
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return key.ndim == 2
+
+
+def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
+                    noise_regularize=1e5, mse_lambda=0.0, noise=0.05,
+                    noise_ramp=0.75, lr_rampdown=0.25, lr_rampup=0.05,
+                    w_stats=None, n_mean_latent=10000, init=None):
+  """Embeds images in W or W+ of generator `G` by optimisation.
+
+  Args:
+    G: a generator (`load_generator` / `init_generator`).
+    target: (B, H, W, 3) images in [-1, 1]; compared at min(size, 256)²
+      (average-pooled when H is a multiple of it, else resized).
+    lpips_vgg: an LPIPS metric (`dhr_jax.lpips.load('vgg')`).
+    key: one PRNG key, or B keys (one per image). With one key the mean
+      latent is estimated from it too; with per-image keys pass `w_stats`.
+    steps: number of Adam steps.
+    space: 'w' (one latent repeated over layers) or 'w+'.
+    lr, lr_rampdown, lr_rampup: peak learning rate and the fractions of the
+      run spent ramping it down (cosine) and up (linear).
+    noise_regularize: weight of `noise_regularizer`.
+    mse_lambda: weight of the pixel MSE (0 = LPIPS only).
+    noise, noise_ramp: latent-noise strength (× the latent spread) and the
+      fraction of the run over which it decays quadratically to 0.
+    w_stats: (mean (style_dim,), spread) from `latent_stats`, to reuse.
+    n_mean_latent: samples for `latent_stats` when w_stats is None.
+    init: optional starting codes, (B, style_dim) for 'w' or
+      (B, n_latent, style_dim) for 'w+' (default: the mean latent).
+
+  Returns:
+    EmbeddingResult (codes, image, noise, losses, terms).
+  """
+  if space not in ("w", "w+"):
+    raise ValueError(f"space must be 'w' or 'w+', got {space!r}")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  target = jnp.asarray(target, jnp.float32)
+  if target.ndim != 4 or target.shape[-1] != 3:
+    raise ValueError(f"target must be NHWC RGB (B, H, W, 3), got "
+                     f"{target.shape}")
+  b = target.shape[0]
+  d, n_latent = G.config["style_dim"], G.config["n_latent"]
+  if _is_key_batch(key):
+    keys = key
+    if keys.shape[0] != b:
+      raise ValueError(f"got {keys.shape[0]} keys for {b} images")
+    if w_stats is None:
+      raise ValueError("with one key per image, pass w_stats="
+                       "latent_stats(G, key) so every image starts alike")
+  else:
+    stats_key, images_key = jax.random.split(key)
+    keys = jax.random.split(images_key, b)
+    if w_stats is None:
+      w_stats = latent_stats(G, stats_key, n_mean_latent)
+  w_mean, w_std = w_stats
+  if init is None:
+    shape = (b, d) if space == "w" else (b, n_latent, d)
+    init = jnp.broadcast_to(jnp.asarray(w_mean, jnp.float32), shape)
+  else:
+    init = jnp.asarray(init, jnp.float32)
+    want = (b, d) if space == "w" else (b, n_latent, d)
+    if init.shape != want:
+      raise ValueError(f"init for space {space!r} must be {want}, got "
+                       f"{init.shape}")
+  loss_res = min(G.config["size"], LOSS_RES)
+  targets = _to_loss_res(target, loss_res)
+  lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
+  strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
+  codes, image, noise_maps, history = _embed_batch(
+      _ByIdentity(G), _ByIdentity(lpips_vgg), G.params, lpips_vgg.params,
+      targets, keys, init, lrs, strengths, jnp.float32(noise_regularize),
+      jnp.float32(mse_lambda), space=space, loss_res=loss_res)
+  losses, p, reg, mse = history
+  return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),
+                         losses=losses,
+                         terms={"lpips": p, "noise": reg, "mse": mse})
+
+
+def coarse_inversion(G, target, lpips_vgg, *, key, steps=40, **kwargs):
+  """The coarse inversion of DHR's domain-specific segmentation.
+
+  A short W-space projection (40 steps by default) whose reconstruction is
+  good enough to tell the in-domain regions (the generator can reproduce
+  them) from the out-of-domain ones. Keyword arguments as `optimize_latent`.
+  """
+  return optimize_latent(G, target, lpips_vgg, key=key, steps=steps,
+                         space="w", **kwargs)

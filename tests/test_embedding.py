@@ -1,0 +1,138 @@
+"""Optimisation-based embedding: schedule, regulariser, convergence, batching."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhr_jax import embedding
+
+
+def test_learning_rate_schedule():
+  lrs = embedding.learning_rates(1000, lr=0.1)
+  assert lrs[0] == 0.0                              # linear ramp-up from 0
+  np.testing.assert_allclose(lrs[25], 0.05, rtol=1e-5)   # halfway up (t=0.025)
+  np.testing.assert_allclose(lrs[50:750], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(lrs[875], 0.05, rtol=1e-4)  # cosine midpoint
+  np.testing.assert_allclose(lrs[999], 0.1 * (0.5 - 0.5 * math.cos(
+      0.004 * math.pi)), rtol=1e-4)
+
+
+def test_latent_noise_schedule():
+  levels = embedding.noise_levels(400)
+  np.testing.assert_allclose(levels[0], 0.05)
+  np.testing.assert_allclose(levels[150], 0.05 * 0.25, rtol=1e-6)  # t=3/8
+  assert np.all(levels[300:] == 0.0)
+  assert np.all(np.diff(levels[:300]) < 0)
+
+
+def test_noise_regularizer_hand_values():
+  ones = jnp.ones((1, 16, 16, 1))
+  # Lag-1 autocorrelation 1 along both axes at 16² and again at 8².
+  np.testing.assert_allclose(embedding.noise_regularizer([ones]), 4.0)
+  checker = jnp.asarray((-1.0) ** np.add.outer(np.arange(8), np.arange(8)))
+  # Every neighbour has the opposite sign: -1 along both axes, squared.
+  np.testing.assert_allclose(
+      embedding.noise_regularizer([checker[None, :, :, None]]), 2.0)
+  half = jnp.concatenate([jnp.ones((1, 4, 8, 1)), -jnp.ones((1, 4, 8, 1))], 1)
+  # Rows: 6 of 8 neighbour pairs agree (two sign flips, circularly) → 0.5².
+  np.testing.assert_allclose(embedding.noise_regularizer([half]), 1.25)
+
+
+def test_normalize_noise_unbiased():
+  x = np.random.RandomState(0).randn(1, 8, 8, 1).astype(np.float32) * 3 + 2
+  n = np.asarray(embedding.normalize_noise(jnp.asarray(x)))
+  np.testing.assert_allclose(n.mean(), 0.0, atol=1e-6)
+  np.testing.assert_allclose(n.std(ddof=1), 1.0, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  from dhr_jax import lpips
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=2,
+                     channels=32)
+  L = lpips.load("vgg")
+  z = jax.random.normal(jax.random.PRNGKey(1), (3, 32))
+  targets = G(G.params, z)
+  stats = embedding.latent_stats(G, jax.random.PRNGKey(2), 2000)
+  return G, L, targets, stats
+
+
+def test_w_projection_converges_and_images_are_independent(setup):
+  """Each image's run is the same whether it shares its batch with image 1
+  or image 2 (no coupling through noise statistics or loss means), and the
+  LPIPS-driven loss falls."""
+  G, L, targets, stats = setup
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  steps = 16
+  ab = embedding.optimize_latent(G, targets[:2], L, key=keys[:2],
+                                 steps=steps, w_stats=stats)
+  ac = embedding.optimize_latent(G, targets[::2], L, key=keys[::2],
+                                 steps=steps, w_stats=stats)
+  np.testing.assert_allclose(ab.codes[0], ac.codes[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ab.losses[0], ac.losses[0], rtol=1e-4)
+  np.testing.assert_allclose(ab.image[0], ac.image[0], atol=1e-4)
+  assert not np.allclose(ab.codes[1], ac.codes[1], atol=1e-3)
+
+  assert ab.codes.shape == (2, G.n_latent, 32)
+  # W space: one latent for every layer.
+  np.testing.assert_array_equal(ab.codes[:, 0], ab.codes[:, -1])
+  assert ab.image.shape == targets[:2].shape
+  assert [n.shape for n in ab.noise] == [(2,) + s.shape[1:] for s in G.noise]
+  for n in ab.noise:  # renormalised after every step
+    np.testing.assert_allclose(n.mean((1, 2, 3)), 0.0, atol=1e-5)
+  for r in (ab, ac):
+    losses = np.asarray(r.losses)
+    thirds = np.array_split(losses, 3, axis=1)
+    means = np.stack([t.mean(1) for t in thirds], 1)
+    print("loss thirds", means, "lpips", np.asarray(r.terms["lpips"])[:, [0, -1]])
+    assert np.all(np.diff(means, axis=1) < 0), means  # monotonic-ish
+    assert np.all(losses[:, -1] < 0.2 * losses[:, 0])
+    lp = np.asarray(r.terms["lpips"])
+    assert np.all(lp[:, -1] < 0.8 * lp[:, 0])
+  # The returned image is the generator's image of the returned codes/noise.
+  img = G.synthesis(G.params, ab.codes[:1], noise=[n[:1] for n in ab.noise])
+  np.testing.assert_allclose(img, ab.image[:1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_wplus_batched_equals_per_image(setup):
+  G, L, targets, stats = setup
+  keys = jax.random.split(jax.random.PRNGKey(4), 2)
+  both = embedding.optimize_latent(G, targets[:2], L, key=keys, steps=12,
+                                   space="w+", w_stats=stats, mse_lambda=1.0)
+  assert not np.allclose(both.codes[:, 0], both.codes[:, -1])
+  for i in range(2):
+    one = embedding.optimize_latent(G, targets[i:i + 1], L, key=keys[i:i + 1],
+                                    steps=12, space="w+", w_stats=stats,
+                                    mse_lambda=1.0)
+    np.testing.assert_allclose(one.codes[0], both.codes[i], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(one.losses[0], both.losses[i], rtol=1e-3)
+  assert np.all(both.losses[:, -1] < both.losses[:, 0])
+
+
+@pytest.mark.slow
+def test_coarse_inversion_runs_40_w_steps(setup):
+  G, L, targets, _ = setup
+  r = embedding.coarse_inversion(G, targets[:1], L, key=jax.random.PRNGKey(5))
+  assert r.losses.shape == (1, 40)
+  np.testing.assert_array_equal(r.codes[:, 0], r.codes[:, -1])
+  assert r.terms["lpips"][0, -1] < 0.8 * r.terms["lpips"][0, 0]
+
+
+def test_bad_arguments(setup):
+  G, L, targets, stats = setup
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="space"):
+    embedding.optimize_latent(G, targets, L, key=key, steps=2, space="z")
+  with pytest.raises(ValueError, match="w_stats"):
+    embedding.optimize_latent(G, targets, L, key=jax.random.split(key, 3),
+                              steps=2)
+  with pytest.raises(ValueError, match="NHWC"):
+    embedding.optimize_latent(G, targets[0], L, key=key, steps=2)
+  with pytest.raises(ValueError, match="init"):
+    embedding.optimize_latent(G, targets, L, key=key, steps=2, w_stats=stats,
+                              init=jnp.zeros((3, 5)))
