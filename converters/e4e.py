@@ -165,6 +165,8 @@ def _latent_avg(src, ckpt, n_latent):
 
 def _check_opts(src, opts, size):
   """The bundle's training options, when present, must describe e4e."""
+  if isinstance(opts, argparse.Namespace):
+    opts = vars(opts)
   if not isinstance(opts, dict):
     return
   enc = opts.get("encoder_type")
