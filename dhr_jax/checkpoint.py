@@ -111,4 +111,5 @@ def find(directory, kind):
     return sub
   raise CheckpointError(
       f"{directory} holds no {kind!r} checkpoint (neither {_CONFIG} nor "
-      f"{kind}/{_CONFIG}); convert one with `python -m converters.{kind} ...`.")
+      f"{kind}/{_CONFIG}); convert a PyTorch checkpoint with the matching "
+      "converter (README, 'Converting checkpoints').")

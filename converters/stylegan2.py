@@ -1,0 +1,212 @@
+"""rosinality StyleGAN2 checkpoint (.pt) ⇄ dhr_jax generator checkpoint.
+
+    python -m converters.stylegan2 --src stylegan2-ffhq-config-f.pt --dst ckpt/ffhq
+    python -m converters.stylegan2 --to-torch --src ckpt/refined --dst refined.pt
+
+Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a pSp/e4e
+bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, or a bare state dict.
+The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
+"""
+import math
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.common import (ConversionError, check_keys, cli_main,
+                               to_numpy, torch_load)
+from dhr_jax import checkpoint
+from dhr_jax.models import ops
+from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
+                                      noise_shapes)
+
+_LISTS = ("style", "convs", "to_rgbs")
+_FIR = ops.fir_kernel(gain=4.0)
+
+
+def official_to_path(name):
+  """'convs.3.conv.weight' → ('synthesis', 'convs_3', 'conv', 'weight')."""
+  parts = name.split(".")
+  path = []
+  for p in parts:
+    if p.isdigit() and path and path[-1] in _LISTS:
+      path[-1] = f"{path[-1]}_{p}"
+    else:
+      path.append(p)
+  top = "mapping" if path[0].startswith("style_") else "synthesis"
+  return (top, *path)
+
+
+def path_to_official(path):
+  out = []
+  for p in path[1:]:
+    m = re.fullmatch(r"(style|convs|to_rgbs)_(\d+)", p)
+    out.extend([m.group(1), m.group(2)] if m else [p])
+  return ".".join(out)
+
+
+def _flatten(params):
+  flat = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(k.key for k in kp)
+    flat[path_to_official(path)] = leaf
+  return flat
+
+
+def _fixed_buffers(config):
+  """Official non-parameter buffers: FIR kernels (values fixed by the architecture)."""
+  out = {}
+  n_up = int(math.log2(config["size"])) - 2
+  for j in range(n_up):
+    out[f"convs.{2 * j}.conv.blur.kernel"] = _FIR
+    out[f"to_rgbs.{j}.upsample.kernel"] = _FIR
+  return out
+
+
+def infer_config(sd, src):
+  """Architecture from state-dict shapes; a clear error if it isn't StyleGAN2."""
+  try:
+    style_dim = sd["style.1.weight"].shape[0]
+    n_mlp = len([k for k in sd if re.fullmatch(r"style\.\d+\.weight", k)])
+    n_rgb = len([k for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k)])
+    size = 2 ** (n_rgb + 2)
+    channels = {4: sd["input.input"].shape[1]}
+    for j in range(n_rgb):
+      channels[2 ** (j + 3)] = sd[f"convs.{2 * j}.conv.weight"].shape[1]
+    lr_mlp = 0.01
+  except KeyError as e:
+    raise ConversionError(
+        f"{src}: not a rosinality StyleGAN2 generator state dict (no key "
+        f"{e.args[0]!r}); pass the .pt holding 'g_ema' or an e4e/pSp bundle."
+    ) from None
+  return generator_config(size, style_dim, n_mlp, channels, lr_mlp)
+
+
+def expected_shapes(config):
+  """{official name: shape} of every entry a checkpoint of `config` holds."""
+  g = Generator(config, None, None)
+  z = jax.ShapeDtypeStruct((1, config["style_dim"]), jnp.float32)
+  wp = jax.ShapeDtypeStruct((1, config["n_latent"], config["style_dim"]),
+                            jnp.float32)
+  noise = [jax.ShapeDtypeStruct(s, jnp.float32) for s in noise_shapes(config)]
+  key = jax.random.PRNGKey(0)
+  mp = jax.eval_shape(g._mapping.init, key, z)["params"]
+  sp = jax.eval_shape(g._synthesis.init, key, wp, noise)["params"]
+  shapes = {k: tuple(v.shape)
+            for k, v in _flatten({"mapping": mp, "synthesis": sp}).items()}
+  for i, s in enumerate(noise_shapes(config)):
+    shapes[f"noises.noise_{i}"] = (1, 1, s[1], s[2])
+  for k, v in _fixed_buffers(config).items():
+    shapes[k] = v.shape
+  return shapes
+
+
+def convert_generator(sd, src="<state dict>", latent_avg=None):
+  """{official name: numpy} → (tree, config) for `write_generator`.
+
+  Refuses, naming the keys, on any missing, unexpected or mis-shaped entry.
+  latent_avg: (style_dim,) or (n_latent, style_dim) (rows averaged; they are
+  equal in released e4e/pSp checkpoints).
+  """
+  config = infer_config(sd, src)
+  check_keys(src, sd, expected_shapes(config))
+  for k, v in _fixed_buffers(config).items():
+    if not np.allclose(sd[k], v):
+      raise ConversionError(
+          f"{src}: {k} is not the [1,3,3,1] blur kernel this architecture "
+          "uses; a generator with another FIR kernel is not supported.")
+  params = {}
+  for name, value in sd.items():
+    if name.startswith("noises.") or name in _fixed_buffers(config):
+      continue
+    node = params
+    *parents, leaf = official_to_path(name)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = np.asarray(value, np.float32)
+  noise = {str(i): np.transpose(np.asarray(sd[f"noises.noise_{i}"], np.float32),
+                                (0, 2, 3, 1))
+           for i in range(config["num_layers"])}
+  tree = {"params": params, "noise": noise}
+  if latent_avg is not None:
+    la = np.asarray(latent_avg, np.float32)
+    if la.ndim == 2:
+      la = la.mean(axis=0)
+    if la.shape != (config["style_dim"],):
+      raise ConversionError(
+          f"{src}: latent_avg has shape {np.shape(latent_avg)}, expected "
+          f"({config['style_dim']},) or (n, {config['style_dim']})")
+    tree["latent_avg"] = la
+  return tree, config
+
+
+def write_generator(dst, tree, config, overwrite=False):
+  return checkpoint.save(dst, tree, KIND, config, overwrite=overwrite)
+
+
+def to_torch_state_dict(params, noise):
+  """Generator params + noise maps → {official name: numpy}, loadable strictly
+  by the official Generator (FIR kernel buffers included)."""
+  sd = {k: np.asarray(v) for k, v in _flatten(params).items()}
+  for i, n in enumerate(noise):
+    sd[f"noises.noise_{i}"] = np.transpose(np.asarray(n), (0, 3, 1, 2))
+  n_rgb = len([k for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k)])
+  sd.update(_fixed_buffers({"size": 2 ** (n_rgb + 2)}))
+  return sd
+
+
+def read_source(path):
+  """A .pt in any accepted layout → ({official name: numpy}, latent_avg)."""
+  ckpt = torch_load(path)
+  if not isinstance(ckpt, dict):
+    raise ConversionError(f"{path}: expected a dict checkpoint, got "
+                          f"{type(ckpt).__name__}")
+  latent_avg = ckpt.get("latent_avg")
+  if "g_ema" in ckpt:
+    sd = to_numpy(ckpt["g_ema"])
+  elif "state_dict" in ckpt and any(k.startswith("decoder.")
+                                    for k in ckpt["state_dict"]):
+    sd = to_numpy(ckpt["state_dict"], prefix="decoder.")
+  elif "style.1.weight" in ckpt:
+    sd, latent_avg = to_numpy(ckpt), None
+  else:
+    raise ConversionError(
+        f"{path}: found neither 'g_ema' nor a 'state_dict' with 'decoder.*' "
+        f"keys (top-level keys: {sorted(ckpt)[:8]}); pass a rosinality "
+        "StyleGAN2 or an e4e/pSp checkpoint.")
+  if latent_avg is not None:
+    latent_avg = to_numpy({"x": latent_avg})["x"]
+  return sd, latent_avg
+
+
+def _convert(args):
+  if args.to_torch:
+    import torch
+    from dhr_jax.models.stylegan2 import load_generator
+    import os
+    if os.path.exists(args.dst) and not args.overwrite:
+      raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
+    g = load_generator(args.src)
+    sd = to_torch_state_dict(g.params, g.noise)
+    out = {"g_ema": {k: torch.from_numpy(np.ascontiguousarray(v))
+                     for k, v in sd.items()}}
+    if g.latent_avg is not None:
+      out["latent_avg"] = torch.from_numpy(np.asarray(g.latent_avg))
+    torch.save(out, args.dst)
+    return args.dst
+  sd, latent_avg = read_source(args.src)
+  tree, config = convert_generator(sd, args.src, latent_avg)
+  return write_generator(args.dst, tree, config, args.overwrite)
+
+
+def main(argv=None):
+  return cli_main(
+      __doc__.splitlines()[0], _convert, argv,
+      lambda p: p.add_argument("--to-torch", action="store_true",
+                               help="convert a dhr_jax checkpoint back to .pt"))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

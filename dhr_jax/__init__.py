@@ -1,0 +1,28 @@
+"""dhr_jax: Domain-Specific Hybrid Refinement for GAN inversion, in JAX/Flax.
+
+Public API (imported lazily so `import dhr_jax` stays cheap):
+  load_generator, load_encoder, load_parser   — converted checkpoints
+  domain_specific_segmentation                — the in/out-of-domain mask
+  hybrid_refine                               — weight + feature refinement
+  edit_codes, render                          — editing refined inversions
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_generator": "dhr_jax.models.stylegan2",
+    "init_generator": "dhr_jax.models.stylegan2",
+    "Generator": "dhr_jax.models.stylegan2",
+}
+
+
+def __getattr__(name):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'dhr_jax' has no attribute {name!r}")
+  return getattr(importlib.import_module(module), name)
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_EXPORTS))

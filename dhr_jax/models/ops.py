@@ -1,0 +1,110 @@
+"""StyleGAN2 building blocks as pure functions on NHWC arrays.
+
+Weights keep the PyTorch layouts of the official checkpoints ((out, in) for
+linear layers, (out, in, kh, kw) for convolutions), so conversion is a plain
+renaming and the equalised-learning-rate scales are applied here, at run time,
+exactly as the official code does.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SQRT2 = math.sqrt(2.0)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def fir_kernel(taps=(1, 3, 3, 1), gain=1.0):
+  """Separable FIR kernel k⊗k normalised to sum `gain`, as numpy (a constant)."""
+  k = np.asarray(taps, np.float32)
+  k = np.outer(k, k)
+  return k / k.sum() * gain
+
+
+def fused_leaky_relu(x, bias, negative_slope=0.2):
+  """leaky_relu(x + bias) · √2: the gain keeps activations' variance at 1."""
+  x = x + bias
+  return jnp.where(x >= 0, x, x * negative_slope) * SQRT2
+
+
+def pixel_norm(z):
+  return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + 1e-8)
+
+
+def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
+  """Per-channel correlation with a fixed 2-D FIR kernel.
+
+  The official upfirdn2d flips the kernel before correlating; our kernels are
+  symmetric, but we flip anyway so any kernel behaves the same.
+  """
+  c = x.shape[-1]
+  k = jnp.asarray(kernel[::-1, ::-1], x.dtype)
+  k = jnp.tile(k[:, :, None, None], (1, 1, 1, c))
+  return jax.lax.conv_general_dilated(
+      x, k, window_strides=(1, 1), padding=padding, lhs_dilation=lhs_dilation,
+      dimension_numbers=_NHWC, feature_group_count=c)
+
+
+def blur(x, kernel, pad):
+  """upfirdn2d(x, kernel, up=1, down=1, pad=(pad0, pad1))."""
+  p0, p1 = pad
+  return _depthwise(x, kernel, [(p0, p1), (p0, p1)])
+
+
+def upsample_2x(x, kernel, pad):
+  """upfirdn2d(x, kernel, up=2, pad=(pad0, pad1)).
+
+  Zero-insertion upsampling leaves a trailing zero after the last sample;
+  lhs_dilation does not, so it is added to the far padding.
+  """
+  p0, p1 = pad
+  return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
+
+
+def conv2d(x, weight, padding):
+  """x NHWC, weight (out, in, kh, kw) as in PyTorch; cross-correlation."""
+  w = jnp.transpose(weight, (2, 3, 1, 0))
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_NHWC)
+
+
+def conv_transpose2d_stride2(x, weight):
+  """PyTorch conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0).
+
+  weight is (out, in, k, k). A strided transposed convolution is a plain
+  convolution of the zero-dilated input with the spatially flipped kernel.
+  """
+  k = weight.shape[-1]
+  w = jnp.transpose(weight[:, :, ::-1, ::-1], (2, 3, 1, 0))
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), [(k - 1, k - 1)] * 2, lhs_dilation=(2, 2),
+      dimension_numbers=_NHWC)
+
+
+def modulated_conv(x, style, weight, *, demodulate, upsample, blur_kernel):
+  """StyleGAN2 modulated convolution, per-sample styles, shared weights.
+
+  Modulating the input and demodulating the output equals convolving with
+  per-sample modulated weights (the official "non-fused" path): it keeps
+  one weight tensor for the whole batch, which XLA convolves much faster
+  than a grouped convolution with a weight per sample.
+
+  x: (B, H, W, in); style: (B, in); weight: (1, out, in, k, k) unscaled.
+  """
+  _, out_c, in_c, k, _ = weight.shape
+  w = weight[0] * (1.0 / math.sqrt(in_c * k * k))
+  x = x * style[:, None, None, :].astype(x.dtype)
+  if upsample:
+    # Official padding for a 3x3 transposed conv followed by the 4-tap blur.
+    p = (blur_kernel.shape[0] - 2) - (k - 1)
+    x = conv_transpose2d_stride2(x, w)
+    x = blur(x, blur_kernel, ((p + 1) // 2 + 1, p // 2 + 1))
+  else:
+    x = conv2d(x, w, k // 2)
+  if demodulate:
+    # Σ_{i,kh,kw} (w[o,i]·s_i)² = Σ_i s_i² · Σ_{kh,kw} w[o,i]²
+    wsq = jnp.sum(w * w, axis=(2, 3))                      # (out, in)
+    d = jax.lax.rsqrt((style * style) @ wsq.T + 1e-8)      # (B, out)
+    x = x * d[:, None, None, :].astype(x.dtype)
+  return x

@@ -1,0 +1,334 @@
+"""StyleGAN2 generator (the rosinality PyTorch architecture) in Flax.
+
+Same function as the PyTorch generator that released FFHQ checkpoints and the
+decoders of e4e/pSp/PTI/HFGI were trained with; checked against outputs of the
+official code in tests/test_stylegan2.py.
+
+Parameter names mirror the official state dict: `convs.3.conv.weight` is
+params['synthesis']['convs_3']['conv']['weight'], `style.1.weight` is
+params['mapping']['style_1']['weight']; shapes are the PyTorch ones.
+
+The feature hook: `feature_idx` k names the feature map entering the synthesis
+convolution that consumes latent k (k = 11 is the 128² map of a 1024²
+generator, DHR's default). The hook can return that map and/or replace it with
+`f·mask + offset·(1 − mask)` (`f + offset` without a mask). Every method
+that edits features (DHR, weight-only, feature-only) goes through it.
+"""
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhr_jax import checkpoint
+from dhr_jax.models import ops
+
+KIND = "generator"
+OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128,
+                     256: 64, 512: 32, 1024: 16}  # ×channel_multiplier from 64 up
+
+
+def official_channels(size, channel_multiplier=2):
+  """{resolution: channels} of the official generator of `size`."""
+  out = {}
+  r = 4
+  while r <= size:
+    c = OFFICIAL_CHANNELS[r]
+    out[r] = c * channel_multiplier if r >= 64 else c
+    r *= 2
+  return out
+
+
+def feature_resolution(feature_idx):
+  """Spatial size of the hooked feature k: 4, 4, 8, 8, 16, 16, ... (4·2^⌊k/2⌋)."""
+  return 4 * 2 ** (feature_idx // 2)
+
+
+def _normal(scale=1.0):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) * scale
+  return init
+
+
+class EqualLinear(nn.Module):
+  """Linear layer with equalised learning rate (weights stored as (out, in))."""
+  features: int
+  lr_mul: float = 1.0
+  bias_init: float = 0.0
+  activate: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    in_f = x.shape[-1]
+    w = self.param("weight", _normal(1.0 / self.lr_mul), (self.features, in_f))
+    b = self.param("bias", nn.initializers.constant(self.bias_init),
+                   (self.features,))
+    y = x @ (w * (self.lr_mul / math.sqrt(in_f))).T
+    if self.activate:
+      return ops.fused_leaky_relu(y, b * self.lr_mul)
+    return y + b * self.lr_mul
+
+
+class ModulatedConv(nn.Module):
+  features: int
+  kernel_size: int
+  demodulate: bool = True
+  upsample: bool = False
+
+  @nn.compact
+  def __call__(self, x, w):
+    in_c = x.shape[-1]
+    weight = self.param("weight", _normal(),
+                        (1, self.features, in_c, self.kernel_size,
+                         self.kernel_size))
+    style = EqualLinear(in_c, bias_init=1.0, name="modulation")(w)
+    return ops.modulated_conv(
+        x, style, weight, demodulate=self.demodulate, upsample=self.upsample,
+        blur_kernel=ops.fir_kernel(gain=4.0))
+
+
+class NoiseInjection(nn.Module):
+  @nn.compact
+  def __call__(self, x, noise):
+    strength = self.param("weight", nn.initializers.zeros, (1,))
+    return x + strength * noise
+
+
+class FusedLeakyReLU(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    return ops.fused_leaky_relu(x, b)
+
+
+class StyledConv(nn.Module):
+  features: int
+  upsample: bool = False
+
+  @nn.compact
+  def __call__(self, x, w, noise):
+    x = ModulatedConv(self.features, 3, upsample=self.upsample, name="conv")(x, w)
+    x = NoiseInjection(name="noise")(x, noise)
+    return FusedLeakyReLU(name="activate")(x)
+
+
+class ToRGB(nn.Module):
+  @nn.compact
+  def __call__(self, x, w, skip=None):
+    y = ModulatedConv(3, 1, demodulate=False, name="conv")(x, w)
+    y = y + self.param("bias", nn.initializers.zeros, (1, 3, 1, 1)).reshape(1, 1, 1, 3)
+    if skip is not None:
+      y = y + ops.upsample_2x(skip, ops.fir_kernel(gain=4.0), (2, 1))
+    return y
+
+
+class ConstantInput(nn.Module):
+  """The learned 4×4 start of synthesis, stored (1, C, 4, 4) as official."""
+  channels: int
+
+  @nn.compact
+  def __call__(self, batch):
+    const = self.param("input", _normal(), (1, self.channels, 4, 4))
+    return jnp.tile(jnp.transpose(const, (0, 2, 3, 1)), (batch, 1, 1, 1))
+
+
+class Mapping(nn.Module):
+  """z → w: PixelNorm, then n_mlp equalised linear layers (lr ×0.01)."""
+  style_dim: int
+  n_mlp: int
+  lr_mlp: float = 0.01
+
+  @nn.compact
+  def __call__(self, z):
+    x = ops.pixel_norm(z)
+    for i in range(1, self.n_mlp + 1):  # official names start at style.1
+      x = EqualLinear(self.style_dim, lr_mul=self.lr_mlp, activate=True,
+                      name=f"style_{i}")(x)
+    return x
+
+
+FeatureHook = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+class Synthesis(nn.Module):
+  """W+ codes (B, n_latent, style_dim) → image (B, size, size, 3).
+
+  `hook` = (feature_idx, fn): fn maps the feature entering the conv of latent
+  `feature_idx` to the one actually used. Returns (image, that feature
+  before fn), the feature being None without a hook.
+  """
+  channels: Sequence[int]  # per resolution 4, 8, ..., size
+
+  @nn.compact
+  def __call__(self, wplus, noise, hook=None):
+    feature_idx, fn = hook if hook is not None else (-1, None)
+    taken = []
+
+    def at(idx, x):
+      if idx == feature_idx:
+        taken.append(x)
+        return fn(x) if fn is not None else x
+      return x
+
+    x = ConstantInput(self.channels[0], name="input")(wplus.shape[0])
+    x = at(0, x)
+    x = StyledConv(self.channels[0], name="conv1")(x, wplus[:, 0], noise[0])
+    skip = ToRGB(name="to_rgb1")(x, wplus[:, 1])
+    for j, c in enumerate(self.channels[1:]):
+      i = 2 * j + 1
+      x = at(i, x)
+      x = StyledConv(c, upsample=True, name=f"convs_{2 * j}")(
+          x, wplus[:, i], noise[i])
+      x = at(i + 1, x)
+      x = StyledConv(c, name=f"convs_{2 * j + 1}")(x, wplus[:, i + 1], noise[i + 1])
+      skip = ToRGB(name=f"to_rgbs_{j}")(x, wplus[:, i + 2], skip)
+    return skip, (taken[0] if taken else None)
+
+
+def feature_blend(offset, mask=None):
+  """The DHR hook: f ↦ f·mask + offset·(1 − mask), or f + offset without mask."""
+  if mask is None:
+    return lambda f: f + offset
+  return lambda f: f * mask + offset * (1.0 - mask)
+
+
+def truncate(w, psi, w_avg):
+  """Truncation trick: w_avg + psi·(w − w_avg)."""
+  return w_avg + psi * (w - w_avg)
+
+
+def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01):
+  """The config dict stored with a checkpoint; channels: {res: C} or one int."""
+  log_size = int(math.log2(size))
+  if 2 ** log_size != size or size < 8:
+    raise ValueError(f"size must be a power of two ≥ 8, got {size}")
+  res = [2 ** i for i in range(2, log_size + 1)]
+  if isinstance(channels, int):
+    channels = {r: channels for r in res}
+  cm = None
+  for m in (1, 2, 4):
+    if all(official_channels(size, m)[r] == channels[r] for r in res):
+      cm = m
+      break
+  return {
+      "size": size, "style_dim": style_dim, "n_mlp": n_mlp,
+      "channel_multiplier": cm, "lr_mlp": lr_mlp,
+      "channels": {str(r): int(channels[r]) for r in res},
+      "n_latent": 2 * log_size - 2, "num_layers": 2 * log_size - 3,
+  }
+
+
+def noise_shapes(config):
+  """NHWC shapes of the per-layer noise maps (official `noises.noise_i`)."""
+  return [(1, 2 ** ((i + 5) // 2), 2 ** ((i + 5) // 2), 1)
+          for i in range(config["num_layers"])]
+
+
+@dataclasses.dataclass
+class Generator:
+  """A generator: config + weights + fixed noise, with pure apply functions.
+
+  `mapping` and `synthesis` take params explicitly so they can be jitted,
+  differentiated and vmapped over params (each image its own copy).
+  """
+  config: dict
+  params: Any
+  noise: list
+  latent_avg: Optional[jnp.ndarray] = None
+
+  def __post_init__(self):
+    c = self.config
+    self._mapping = Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
+    self._synthesis = Synthesis(
+        tuple(c["channels"][str(2 ** i)]
+              for i in range(2, int(math.log2(c["size"])) + 1)))
+
+  @property
+  def n_latent(self):
+    return self.config["n_latent"]
+
+  def mapping(self, params, z):
+    """z (B, style_dim) → w (B, style_dim)."""
+    return self._mapping.apply({"params": params["mapping"]}, z)
+
+  def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
+                return_feature=False, offset=None, mask=None):
+    """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
+
+    noise: list of NHWC maps (default: this generator's fixed noise).
+    feature_idx: where the hook acts; with `offset` the feature there is
+    replaced by f·mask + offset·(1−mask) (f + offset when mask is None);
+    with `return_feature` the feature before replacement is returned too.
+    """
+    if wplus.ndim != 3 or wplus.shape[1] != self.n_latent:
+      raise ValueError(
+          f"wplus must be (B, {self.n_latent}, {self.config['style_dim']}), "
+          f"got {wplus.shape}")
+    noise = self.noise if noise is None else noise
+    hook = None
+    if feature_idx is not None:
+      if not 0 <= feature_idx < self.config["num_layers"]:
+        raise ValueError(f"feature_idx must be in [0, "
+                         f"{self.config['num_layers']}), got {feature_idx}")
+      hook = (feature_idx,
+              feature_blend(offset, mask) if offset is not None else None)
+    elif offset is not None or return_feature:
+      raise ValueError("offset/return_feature need a feature_idx")
+    img, feat = self._synthesis.apply({"params": params["synthesis"]}, wplus,
+                                      noise, hook)
+    return (img, feat) if return_feature else img
+
+  def __call__(self, params, z, noise=None, truncation=1.0, **kw):
+    """z → image through mapping, optional truncation, broadcast to W+."""
+    w = self.mapping(params, z)
+    if truncation != 1.0:
+      if self.latent_avg is None:
+        raise ValueError("truncation needs latent_avg (use mean_latent)")
+      w = truncate(w, truncation, self.latent_avg)
+    wplus = jnp.repeat(w[:, None], self.n_latent, axis=1)
+    return self.synthesis(params, wplus, noise, **kw)
+
+  def make_noise(self, key):
+    """Fresh N(0, 1) noise maps with the checkpoint's shapes."""
+    keys = jax.random.split(key, self.config["num_layers"])
+    return [jax.random.normal(k, s) for k, s in zip(keys, noise_shapes(self.config))]
+
+  def mean_latent(self, key, n=4096):
+    """Mean of mapping(z) over n random z: the usual W-space average."""
+    z = jax.random.normal(key, (n, self.config["style_dim"]))
+    return jnp.mean(self.mapping(self.params, z), axis=0)
+
+
+def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
+                   lr_mlp=0.01, noise_strength=0.1):
+  """A stand-in generator with seeded random weights (tests, demo).
+
+  Noise strengths are set to `noise_strength` (the official init is 0, which
+  would hide noise-handling mistakes from the tests that use this).
+  """
+  config = generator_config(size, style_dim, n_mlp, channels, lr_mlp)
+  g = Generator(config, None, None)
+  k_map, k_syn, k_noise = jax.random.split(key, 3)
+  # jit: eager Flax init dispatches every op separately and takes seconds.
+  mp = jax.jit(g._mapping.init)(k_map, jnp.zeros((1, style_dim)))["params"]
+  noise = g.make_noise(k_noise)
+  sp = jax.jit(g._synthesis.init)(
+      k_syn, jnp.zeros((1, config["n_latent"], style_dim)), noise)["params"]
+  sp = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.full_like(x, noise_strength)
+      if getattr(p[-2], "key", None) == "noise" else x, sp)
+  params = {"mapping": mp, "synthesis": sp}
+  g = Generator(config, params, noise)
+  g.latent_avg = jax.jit(g.mean_latent)(jax.random.fold_in(key, 1))
+  return g
+
+
+def load_generator(path):
+  """Loads a generator written by `python -m converters.stylegan2` (or a bundle)."""
+  directory = checkpoint.find(path, KIND)
+  tree, config = checkpoint.load(directory, KIND)
+  noise = [tree["noise"][str(i)] for i in range(config["num_layers"])]
+  return Generator(config, tree["params"], noise, tree.get("latent_avg"))

@@ -1,0 +1,242 @@
+"""The Flax generator equals the official PyTorch StyleGAN2 (golden fixtures),
+through a real .pt file and our converter."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import dhr_jax
+from conftest import rel_l2
+from converters import stylegan2 as conv
+from converters.common import ConversionError
+from dhr_jax.models.stylegan2 import feature_resolution, init_generator
+
+
+def nhwc(x):
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def nchw(x):
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def save_pt(path, sd, **extra):
+  torch.save({"g_ema": {k: torch.from_numpy(v) for k, v in sd.items()}, **extra},
+             path)
+
+
+@pytest.fixture(scope="module")
+def g64(golden, rule, tmp_path_factory):
+  manifest, arrays = golden("stylegan2_64")
+  tmp = tmp_path_factory.mktemp("g64")
+  save_pt(tmp / "g.pt", rule.state_dict_from_manifest(manifest))
+  assert conv.main(["--src", str(tmp / "g.pt"), "--dst", str(tmp / "ckpt")]) == 0
+  return dhr_jax.load_generator(str(tmp / "ckpt")), manifest, arrays, tmp
+
+
+def _check_parity(G, manifest, arrays, pooled):
+  """Every quantity of the golden file; `pooled` for the 1024 file's crops."""
+  meta = manifest["meta"]
+  k = meta["feature_idx"]
+  view = {}
+  if pooled:
+    def take(img, name):
+      x = nchw(img)
+      b, c, h, w = x.shape
+      view[name + "_pool16"] = x.reshape(b, c, h // 16, 16, w // 16, 16).mean((3, 5))
+      o = (h - 64) // 2
+      view[name + "_crop64"] = x[:, :, o:o + 64, o:o + 64]
+  else:
+    def take(img, name):
+      view[name] = nchw(img)
+
+  z = jnp.asarray(arrays["z"])
+  wplus = jnp.asarray(arrays["wplus"])
+  assert rel_l2(G.mapping(G.params, z), arrays["w_from_z"]) <= 1e-4
+  take(G(G.params, z), "image_from_z")
+  take(G.synthesis(G.params, wplus), "image_from_wplus")
+
+  res, chans = feature_resolution(k), G.config["channels"][str(feature_resolution(k))]
+  shape = (wplus.shape[0], chans, res, res)
+  if pooled:
+    from conftest import _rule_module
+    rule = _rule_module()
+    offset = nhwc(rule.rule_array("offset", shape))
+    mask = nhwc(rule.rule_array("mask", (shape[0], 1, res, res), "binary"))
+    R = nhwc(rule.rule_array("R", (shape[0], 3, G.config["size"], G.config["size"])))
+  else:
+    offset, mask, R = nhwc(arrays["offset"]), nhwc(arrays["mask"]), nhwc(arrays["R"])
+    _, feat = G.synthesis(G.params, wplus, feature_idx=k, return_feature=True)
+    assert feat.shape == (shape[0], res, res, chans)
+    assert rel_l2(nchw(feat), arrays["featuremap"]) <= 1e-4
+
+  def loss_fn(params, wplus, offset):
+    img = G.synthesis(params, wplus, feature_idx=k, offset=offset, mask=mask)
+    return jnp.mean(img * R), img
+
+  (loss, img), (g_params, g_wplus, g_offset) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1, 2), has_aux=True)(G.params, wplus, offset)
+  take(img, "image_with_feature")
+  for name, got in view.items():
+    assert rel_l2(got, arrays[name]) <= 1e-4, name
+  assert rel_l2(loss, arrays["loss"]) <= 1e-4
+  assert rel_l2(g_wplus, arrays["grad_wplus"]) <= 1e-3
+  if not pooled:
+    assert rel_l2(nchw(g_offset), arrays["grad_offset"]) <= 1e-3
+  flat = conv._flatten(g_params)
+  assert set(flat) == set(meta["param_grad_sq_sum"])
+  noisy = []
+  for name, want in meta["param_grad_sq_sum"].items():
+    got = float(jnp.sum(jnp.asarray(flat[name], jnp.float32) ** 2))
+    if want == 0.0:  # mapping layers: W+ input bypasses them
+      assert got == 0.0, name
+    elif name.endswith("noise.weight"):
+      noisy.append(name)
+    else:
+      assert abs(got - want) <= 1e-3 * want, (name, got, want)
+  # Noise strengths: their gradient is a sum of ~10⁵ terms that cancel to
+  # ~1e-6, so float32 carries ~1e-2 relative error in the fixture itself (a
+  # float64 evaluation of this same function, which matches every other entry
+  # to 1e-4, differs from the fixture by up to 1.1e-2 on convs.0.noise.weight).
+  # They are compared in float64 against the fixture at that measured
+  # accuracy; see the issue note on stylegan2_64.npz.
+  with jax.enable_x64(True):
+    f64 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), t)
+    g64 = jax.grad(lambda p: loss_fn(p, f64(wplus), f64(offset))[0])(f64(G.params))
+    flat64 = conv._flatten(g64)
+    for name in noisy:
+      want = meta["param_grad_sq_sum"][name]
+      got = float(jnp.sum(flat64[name] ** 2))
+      assert abs(got - want) <= 2.5e-2 * want, (name, got, want)
+
+
+def test_parity_64(g64):
+  G, manifest, arrays, _ = g64
+  assert G.config["size"] == 64 and G.config["n_latent"] == 10
+  assert G.config["channel_multiplier"] == 2
+  _check_parity(G, manifest, arrays, pooled=False)
+
+
+@pytest.mark.slow
+def test_parity_1024(golden, rule, tmp_path):
+  manifest, arrays = golden("stylegan2_1024")
+  save_pt(tmp_path / "g.pt", rule.state_dict_from_manifest(manifest))
+  assert conv.main(["--src", str(tmp_path / "g.pt"), "--dst",
+                    str(tmp_path / "ckpt")]) == 0
+  G = dhr_jax.load_generator(str(tmp_path / "ckpt"))
+  assert G.config["n_latent"] == 18 and G.config["channels"]["128"] == 256
+  _check_parity(G, manifest, arrays, pooled=True)
+
+
+def test_round_trip_exact(g64, rule):
+  G, manifest, _, tmp = g64
+  assert conv.main(["--to-torch", "--src", str(tmp / "ckpt"), "--dst",
+                    str(tmp / "back.pt")]) == 0
+  back = torch.load(tmp / "back.pt", weights_only=True)["g_ema"]
+  orig = rule.state_dict_from_manifest(manifest)
+  assert set(back) == set(orig)
+  for k, v in orig.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "shape"])
+def test_converter_refuses_bad_checkpoint(golden, rule, tmp_path, damage, capsys):
+  manifest, _ = golden("stylegan2_64")
+  sd = rule.state_dict_from_manifest(manifest)
+  if damage == "missing":
+    del sd["convs.3.conv.modulation.bias"]
+    expect = "missing keys: convs.3.conv.modulation.bias"
+  elif damage == "extra":
+    sd["convs.3.conv.extra"] = np.zeros(3, np.float32)
+    expect = "unexpected keys: convs.3.conv.extra"
+  else:
+    sd["to_rgbs.1.bias"] = np.zeros((1, 4, 1, 1), np.float32)
+    expect = "shape of to_rgbs.1.bias: checkpoint has (1, 4, 1, 1), expected (1, 3, 1, 1)"
+  save_pt(tmp_path / "bad.pt", sd)
+  with pytest.raises(ConversionError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+    conv.convert_generator(*conv.read_source(str(tmp_path / "bad.pt")),)
+  # The CLI turns it into one clear line and a non-zero exit, writing nothing.
+  assert conv.main(["--src", str(tmp_path / "bad.pt"), "--dst",
+                    str(tmp_path / "out")]) == 2
+  assert expect in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_converter_does_not_overwrite(g64, capsys):
+  _, _, _, tmp = g64
+  assert conv.main(["--src", str(tmp / "g.pt"), "--dst", str(tmp / "ckpt")]) == 2
+  assert "already exists" in capsys.readouterr().err
+
+
+def test_converter_reads_e4e_bundle_layout(golden, rule, tmp_path):
+  manifest, arrays = golden("stylegan2_64")
+  sd = rule.state_dict_from_manifest(manifest)
+  avg = np.tile(rule.rule_array("avg", (1, 512)), (10, 1))
+  torch.save({"state_dict": {"decoder." + k: torch.from_numpy(v) for k, v in sd.items()},
+              "latent_avg": torch.from_numpy(avg)}, tmp_path / "bundle.pt")
+  assert conv.main(["--src", str(tmp_path / "bundle.pt"), "--dst",
+                    str(tmp_path / "ckpt")]) == 0
+  G = dhr_jax.load_generator(str(tmp_path / "ckpt"))
+  np.testing.assert_allclose(G.latent_avg, avg[0], rtol=1e-6)
+  img = G.synthesis(G.params, jnp.asarray(arrays["wplus"]))
+  assert rel_l2(nchw(img), arrays["image_from_wplus"]) <= 1e-4
+
+
+def test_vmap_over_batch_equals_loop():
+  G = init_generator(jax.random.PRNGKey(0), size=32, style_dim=32, n_mlp=2,
+                     channels=32)
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, G.n_latent, 32))
+  off = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 16, 32))
+  m = (jax.random.uniform(jax.random.PRNGKey(3), (3, 16, 16, 1)) > 0.5) * 1.0
+
+  def one(w, off, m):
+    return G.synthesis(G.params, w[None], feature_idx=5, offset=off[None],
+                       mask=m[None])[0]
+
+  batched = jax.jit(jax.vmap(one))(w, off, m)
+  looped = jnp.stack([one(w[i], off[i], m[i]) for i in range(3)])
+  assert float(jnp.max(jnp.abs(batched - looped))) <= 1e-5
+  # vmap over params too: each image its own generator copy.
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x * 1.01, x]), G.params)
+  per_copy = jax.vmap(lambda p, w: G.synthesis(p, w[None])[0])(params, w)
+  assert float(jnp.max(jnp.abs(per_copy[0] - G.synthesis(G.params, w[:1])[0]))) <= 1e-5
+  assert float(jnp.max(jnp.abs(per_copy[1] - G.synthesis(
+      jax.tree_util.tree_map(lambda x: x * 1.01, G.params), w[1:2])[0]))) <= 1e-5
+
+
+def test_feature_hook_semantics():
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=16, n_mlp=1,
+                     channels=16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (1, G.n_latent, 16))
+  base, f = G.synthesis(G.params, w, feature_idx=3, return_feature=True)
+  assert f.shape == (1, 8, 8, 16)
+  # mask = 1 keeps the generator's own feature; f + 0 changes nothing.
+  same = G.synthesis(G.params, w, feature_idx=3, offset=f * 0 + 5.0,
+                     mask=jnp.ones((1, 8, 8, 1)))
+  np.testing.assert_allclose(same, base, atol=1e-6)
+  np.testing.assert_allclose(
+      G.synthesis(G.params, w, feature_idx=3, offset=jnp.zeros_like(f)), base,
+      atol=1e-6)
+  # mask = 0 with offset = f reproduces the image; another offset changes it.
+  np.testing.assert_allclose(
+      G.synthesis(G.params, w, feature_idx=3, offset=f, mask=jnp.zeros((1, 8, 8, 1))),
+      base, atol=1e-6)
+  moved = G.synthesis(G.params, w, feature_idx=3, offset=f + 1.0,
+                      mask=jnp.zeros((1, 8, 8, 1)))
+  assert float(jnp.mean(jnp.abs(moved - base))) > 1e-2
+  with pytest.raises(ValueError, match="feature_idx"):
+    G.synthesis(G.params, w, feature_idx=G.config["num_layers"])
+
+
+def test_fresh_noise_changes_image_and_is_seeded():
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=16, n_mlp=1,
+                     channels=16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (1, G.n_latent, 16))
+  a = G.synthesis(G.params, w, G.make_noise(jax.random.PRNGKey(5)))
+  b = G.synthesis(G.params, w, G.make_noise(jax.random.PRNGKey(5)))
+  c = G.synthesis(G.params, w, G.make_noise(jax.random.PRNGKey(6)))
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.mean(jnp.abs(a - c))) > 1e-3
