@@ -14,14 +14,24 @@ _EXPORTS = {
     "load_generator": "dhr_jax.models.stylegan2",
     "init_generator": "dhr_jax.models.stylegan2",
     "Generator": "dhr_jax.models.stylegan2",
+    "load_encoder": "dhr_jax.models.e4e",
+    "load_parser": "dhr_jax.models.farl",
+    "load_lpips": "dhr_jax.lpips",
+    "optimize_latent": "dhr_jax.embedding",
+    "coarse_inversion": "dhr_jax.embedding",
+    "domain_specific_segmentation": "dhr_jax.segmentation",
+    "hybrid_refine": "dhr_jax.refine",
+    "edit_codes": "dhr_jax.editing",
+    "render": "dhr_jax.editing",
 }
+_RENAMED = {"load_lpips": "load"}
 
 
 def __getattr__(name):
   module = _EXPORTS.get(name)
   if module is None:
     raise AttributeError(f"module 'dhr_jax' has no attribute {name!r}")
-  return getattr(importlib.import_module(module), name)
+  return getattr(importlib.import_module(module), _RENAMED.get(name, name))
 
 
 def __dir__():
