@@ -1,0 +1,556 @@
+"""Editing refined inversions: InterFaceGAN directions and GANSpace components.
+
+DHR's point is that a refined inversion stays editable: the edit moves the W+
+codes, and the image is rendered with the *refined* generator weights, the
+same feature offset and the same feature mask as the inversion itself. So an
+edit of strength 0 gives back the inversion, and the out-of-domain region
+(where the mask is 0) keeps the offset's content under every edit.
+
+Codes are W+ arrays (B, n_latent, style_dim). Editing functions return one
+code per image and per edit, (B, S, n_latent, style_dim), which `render`
+turns into (B, S, H, W, 3) images.
+
+InterFaceGAN (Shen et al., 2020): a direction n is a W-space normal of a
+linear attribute boundary; an edit of strength α is w + α·n. Files as
+distributed with GAN-inversion code (e4e, HFGI, PTI: age.pt, smile.pt,
+pose.pt) are PyTorch tensors of shape (1, 512) or (1, 18, 512); InterFaceGAN's
+own boundaries are .npy arrays of shape (1, 512). Directions are used as
+given (not renormalised), so α is in the file's units.
+
+GANSpace (Härkönen et al., 2020): PCA of W = mapping(z). Component c is a unit
+vector v_c with standard deviation σ_c of the W samples along it. The paper's
+layer-wise edit E(v_c, first-last) of strength s moves the codes of the layers
+`first:last` (half-open, as in the GANSpace and e4e code; the paper's
+"E(v_54, 7-8)" is layer 7 only):
+
+    mode="add" (GANSpace):  w_l ← w_l + s·σ_c·v_c          for first ≤ l < last
+
+e4e / HFGI ship the same components (`ffhq_pca.pt`) with another meaning of
+s, a target coordinate rather than a step:
+
+    mode="set" (e4e):       w_l ← w_l + (s − t)·σ_c·v_c,   t = ⟨w_0 − μ, v_c⟩ / σ_c
+
+with t measured on layer 0 of each code, as e4e's `editings/ganspace.py`
+does; for W codes (all layers equal) this puts the edited layers at s
+standard deviations along v_c.
+"""
+import dataclasses
+import functools
+import os
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhr_jax.models.stylegan2 import feature_resolution
+
+_TORCH_SUFFIXES = (".pt", ".pth")
+
+
+class EditError(ValueError):
+  """A direction or component file, or an edit specification, is unusable."""
+
+
+# --------------------------------------------------------------------------
+# Files
+
+
+def _torch_load(path):
+  """A .pt file read safely onto the CPU (files saved from GPU included)."""
+  try:
+    import torch
+  except ImportError:
+    raise EditError(
+        f"{path} is a PyTorch file and reading it needs PyTorch (CPU): "
+        "pip install -e '.[convert]' (or save the array as .npy/.npz).") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for a bad file
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise EditError(
+        f"{path}: not a loadable PyTorch tensor file ({type(e).__name__}: "
+        f"{first}). Pass the file as distributed (it is read with "
+        "weights_only=True).") from None
+
+
+def _as_float(path, name, value):
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu().float().numpy()
+  try:
+    a = np.asarray(value, dtype=np.float32)
+  except (TypeError, ValueError):
+    raise EditError(f"{path}: {name} is a {type(value).__name__}, "
+                    "expected a numeric array") from None
+  if not np.all(np.isfinite(a)):
+    raise EditError(f"{path}: {name} contains NaN or inf")
+  return a
+
+
+def _check_exists(path, what):
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise EditError(f"{path}: no such {what} file")
+  return path
+
+
+def _np_load(path):
+  try:
+    return np.load(path, allow_pickle=False)
+  except ValueError as e:
+    if "pickle" in str(e):
+      raise EditError(
+          f"{path} holds pickled Python objects, which are not loaded (unsafe)."
+          " Save plain arrays: np.save for a direction, np.savez(path, "
+          "components=..., mean=..., std=...) for GANSpace components.") from None
+    raise EditError(f"{path}: not a readable numpy file ({e})") from None
+  except OSError as e:
+    raise EditError(f"{path}: not a readable numpy file ({e})") from None
+
+
+def load_direction(path):
+  """Reads an InterFaceGAN direction from `.npy` or a PyTorch `.pt`/`.pth`.
+
+  Accepted shapes: (D,) or (1, D) — one direction for every layer — and
+  (L, D) or (1, L, D) — one per W+ layer. Returns float32 numpy of shape
+  (D,) or (L, D). `.pt` files must hold a single tensor (needs PyTorch).
+  """
+  path = _check_exists(path, "direction")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".npy":
+    value = _np_load(path)
+  elif suffix in _TORCH_SUFFIXES:
+    value = _torch_load(path)
+    if isinstance(value, dict):
+      raise EditError(
+          f"{path} holds a dict (keys {sorted(map(str, value))}), expected a "
+          "single direction tensor of shape (1, D) or (1, L, D).")
+  else:
+    raise EditError(f"{path}: unknown direction format {suffix!r}; use .npy "
+                    "or a PyTorch .pt/.pth tensor")
+  n = _as_float(path, "the direction", value)
+  if n.ndim == 3 and n.shape[0] == 1:
+    n = n[0]
+  elif n.ndim == 2 and n.shape[0] == 1:
+    n = n[0]
+  if n.ndim not in (1, 2) or n.size == 0:
+    raise EditError(
+        f"{path}: direction has shape {tuple(np.shape(value))}, expected (D,), "
+        "(1, D), (L, D) or (1, L, D)")
+  if not np.any(n):
+    raise EditError(f"{path}: the direction is all zeros")
+  return n
+
+
+@dataclasses.dataclass(frozen=True)
+class PrincipalComponents:
+  """GANSpace W-space PCA.
+
+  components: (K, D) unit directions v_c;  std: (K,) σ_c, the spread of W
+  along v_c;  mean: (D,) μ, the mean of W (only `mode="set"` needs it).
+  """
+  components: np.ndarray
+  std: np.ndarray
+  mean: Optional[np.ndarray] = None
+
+  def __post_init__(self):
+    for name in ("components", "std", "mean"):
+      value = getattr(self, name)
+      if value is not None:
+        object.__setattr__(self, name, _as_float(
+            "PrincipalComponents", name, value))
+    _check_components(self.components, self.std, self.mean,
+                      "PrincipalComponents")
+
+
+def _check_components(comp, std, mean, source):
+  if np.ndim(comp) != 2:
+    raise EditError(f"{source}: components must be (K, D), got "
+                    f"{np.shape(comp)}")
+  k, d = np.shape(comp)
+  if np.shape(std) != (k,):
+    raise EditError(f"{source}: std must be ({k},) for {k} components, got "
+                    f"{np.shape(std)}")
+  if mean is not None and np.shape(mean) != (d,):
+    raise EditError(f"{source}: mean must be ({d},) for {d}-dim components, "
+                    f"got {np.shape(mean)}")
+
+
+# Keys in the files GANSpace writes (`lat_*`, an npz) and the ones e4e/HFGI
+# ship (`comp`, `mean`, `std`, a .pt dict); first match wins.
+_COMPONENT_KEYS = ("components", "comp", "lat_comp")
+_MEAN_KEYS = ("mean", "lat_mean")
+_STD_KEYS = ("std", "stdev", "lat_stdev")
+
+
+def _pick(path, arrays, keys, what, required=True):
+  for k in keys:
+    if k in arrays:
+      return _as_float(path, f"{what} ({k!r})", arrays[k])
+  if required:
+    raise EditError(
+        f"{path} has no {what}: expected one of the keys {', '.join(keys)}; "
+        f"found {', '.join(sorted(map(str, arrays))) or 'none'}")
+  return None
+
+
+def _squeeze_to(a, ndim):
+  """Drops singleton axes (GANSpace stores (K, 1, D), (1, D), (K, 1))."""
+  if a is None or a.ndim <= ndim:
+    return a
+  axes = tuple(i for i, s in enumerate(a.shape) if s == 1)[:a.ndim - ndim]
+  return np.squeeze(a, axes) if axes else a
+
+
+def load_ganspace(path):
+  """Reads GANSpace principal components of W from `.npz` or `.pt`.
+
+  The file is a mapping (an `.npz` archive, or a PyTorch dict of tensors)
+  with
+    components: key 'components', 'comp' (e4e/HFGI `ffhq_pca.pt`) or
+                'lat_comp' (GANSpace's cache npz, computed with --use_w so
+                that its latent space is W); (K, D) or (K, 1, D);
+    std:        'std', 'stdev' or 'lat_stdev'; (K,) or (K, 1);
+    mean:       'mean' or 'lat_mean'; (D,), (1, D) or (1, 1, D); optional.
+  Other keys (GANSpace's 'act_comp', 'var_ratio', ...) are ignored.
+  A `.npy` file cannot hold the three arrays and is refused with a hint.
+  """
+  path = _check_exists(path, "GANSpace components")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".npz":
+    with _np_load(path) as z:
+      arrays = {k: z[k] for k in z.files}
+  elif suffix in _TORCH_SUFFIXES:
+    arrays = _torch_load(path)
+    if not isinstance(arrays, dict):
+      raise EditError(
+          f"{path} holds a {type(arrays).__name__}, expected a dict with "
+          "'comp', 'mean' and 'std' tensors (as e4e's ffhq_pca.pt)")
+  elif suffix == ".npy":
+    raise EditError(
+        f"{path}: a .npy file holds one array, GANSpace needs components and "
+        "their std (and mean): save them together with np.savez(path, "
+        "components=C, std=S, mean=M) and pass the .npz")
+  else:
+    raise EditError(f"{path}: unknown GANSpace format {suffix!r}; use .npz or "
+                    "a PyTorch .pt/.pth dict")
+  comp = _squeeze_to(_pick(path, arrays, _COMPONENT_KEYS, "components"), 2)
+  std = _squeeze_to(_pick(path, arrays, _STD_KEYS, "std"), 1)
+  mean = _squeeze_to(_pick(path, arrays, _MEAN_KEYS, "mean", False), 1)
+  _check_components(comp, std, mean, path)  # errors name the file
+  return PrincipalComponents(comp, std, mean)
+
+
+# --------------------------------------------------------------------------
+# Editing codes
+
+Layers = Union[None, tuple, list, range, slice, np.ndarray]
+
+
+def layer_mask(layers, n_latent):
+  """Boolean (n_latent,) mask of the edited layers.
+
+  layers: None = all; a tuple (first, last) = the half-open range
+  first ≤ l < last; a list / array / range of layer indices; or a slice.
+  """
+  if layers is None:
+    return np.ones(n_latent, bool)
+  if isinstance(layers, tuple):
+    if len(layers) != 2:
+      raise EditError(f"a layer range is (first, last), got {layers!r}; give "
+                      "a list for explicit indices")
+    first, last = (int(x) for x in layers)
+    if not 0 <= first < last <= n_latent:
+      raise EditError(f"layer range {layers!r} must satisfy 0 ≤ first < last "
+                      f"≤ n_latent = {n_latent} (half-open)")
+    layers = range(first, last)
+  elif isinstance(layers, slice):
+    layers = range(n_latent)[layers]
+  idx = np.asarray(list(layers) if isinstance(layers, range) else layers)
+  if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+    raise EditError(f"layers must be None, (first, last) or a non-empty list "
+                    f"of indices, got {layers!r}")
+  if idx.min() < 0 or idx.max() >= n_latent:
+    raise EditError(f"layer indices {idx.tolist()} out of range for "
+                    f"n_latent = {n_latent}")
+  mask = np.zeros(n_latent, bool)
+  mask[idx] = True
+  return mask
+
+
+def _check_codes(codes):
+  codes = jnp.asarray(codes)
+  if codes.ndim != 3:
+    raise EditError(f"codes must be W+ (B, n_latent, style_dim), got shape "
+                    f"{codes.shape}")
+  return codes
+
+
+def edit_codes(codes, direction, strengths, layers=None):
+  """InterFaceGAN edit: w + α·n for every α in `strengths`.
+
+  codes: (B, L, D) W+ codes.  direction: an array (D,), (1, D), (L, D) or
+  (1, L, D), or a path given to `load_direction`.  strengths: a number or a
+  sequence of S numbers.  layers: which layers move (see `layer_mask`);
+  the others are returned unchanged, bit for bit.
+  Returns (B, S, L, D); α = 0 returns the codes exactly.
+  """
+  codes = _check_codes(codes)
+  _, n_latent, dim = codes.shape
+  if isinstance(direction, (str, os.PathLike)):
+    direction = load_direction(direction)
+  n = jnp.asarray(direction, codes.dtype)
+  if n.ndim >= 2 and n.shape[0] == 1:
+    n = n[0]
+  if n.ndim == 1:
+    n = jnp.broadcast_to(n, (n_latent,) + n.shape)
+  if n.shape != (n_latent, dim):
+    raise EditError(
+        f"direction of shape {tuple(np.shape(direction))} does not fit codes "
+        f"(B, {n_latent}, {dim}): expected ({dim},) or ({n_latent}, {dim})")
+  alpha = jnp.atleast_1d(jnp.asarray(strengths, codes.dtype))
+  if alpha.ndim != 1:
+    raise EditError(f"strengths must be a number or a 1-D sequence, got "
+                    f"shape {alpha.shape}")
+  mask = jnp.asarray(layer_mask(layers, n_latent))[:, None]
+  step = alpha[:, None, None] * n  # (S, L, D)
+  # where, not multiply-by-mask: untouched layers stay exact even for α = inf.
+  return jnp.where(mask, codes[:, None] + step, codes[:, None])
+
+
+def _ganspace_delta(codes, pcs, c, first, last, strength, mode):
+  """(B, L, D) move of one (component, first, last, strength) edit."""
+  _, n_latent, dim = codes.shape
+  k = pcs.components.shape[0]
+  if not 0 <= c < k:
+    raise EditError(f"GANSpace component {c} out of range: the file has {k}")
+  v = jnp.asarray(pcs.components[c], codes.dtype)
+  sigma = float(pcs.std[c])
+  mask = jnp.asarray(layer_mask((first, last), n_latent))[:, None]
+  if mode == "add":
+    coeff = jnp.full((codes.shape[0],), strength, codes.dtype)
+  elif mode == "set":
+    if pcs.mean is None:
+      raise EditError("GANSpace mode 'set' needs the mean of W; the "
+                      "components have none")
+    t = (codes[:, 0] - jnp.asarray(pcs.mean, codes.dtype)) @ v / sigma
+    coeff = strength - t
+  else:
+    raise EditError(f"GANSpace mode must be 'add' or 'set', got {mode!r}")
+  return jnp.where(mask, (coeff * sigma)[:, None, None] * v, 0.0)
+
+
+def _as_edit_group(edit):
+  """One output edit: a (c, first, last, s) tuple or a list of them."""
+  if len(edit) == 4 and all(np.isscalar(x) for x in edit):
+    edit = [edit]
+  group = []
+  for e in edit:
+    if len(e) != 4 or not all(np.isscalar(x) for x in e):
+      raise EditError(f"a GANSpace edit is (component, first, last, strength),"
+                      f" got {e!r}")
+    c, first, last, s = e
+    if int(c) != c or int(first) != first or int(last) != last:
+      raise EditError(f"component and layers must be integers in {e!r}")
+    group.append((int(c), int(first), int(last), float(s)))
+  return group
+
+
+def ganspace_edit(codes, pcs, edits, mode="add"):
+  """GANSpace layer-wise edits of W+ codes.
+
+  codes: (B, L, D).  pcs: `PrincipalComponents` or a path for
+  `load_ganspace`.  edits: a sequence of E edits, each one
+  (component, first, last, strength) with layers first:last (half-open), or
+  a list of such tuples applied together (all computed from the input codes).
+  mode: "add" (GANSpace: strength in σ units) or "set" (e4e: strength is the
+  target coordinate); see the module docstring.
+  Returns (B, E, L, D).
+  """
+  codes = _check_codes(codes)
+  if isinstance(pcs, (str, os.PathLike)):
+    pcs = load_ganspace(pcs)
+  if pcs.components.shape[1] != codes.shape[2]:
+    raise EditError(f"GANSpace components have dimension "
+                    f"{pcs.components.shape[1]}, codes {codes.shape[2]}")
+  if not len(edits):
+    raise EditError("no GANSpace edits given")
+  out = []
+  for edit in edits:
+    delta = sum(_ganspace_delta(codes, pcs, *e, mode=mode)
+                for e in _as_edit_group(edit))
+    out.append(codes + delta)
+  return jnp.stack(out, axis=1)
+
+
+# --------------------------------------------------------------------------
+# Rendering
+
+
+class _ByIdentity:
+  """A generator as a jit-static argument, compared by identity.
+
+  Its weights are passed as traced arguments, never baked into the program.
+  """
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+
+@functools.partial(jax.jit, static_argnames=("gen", "feature_idx",
+                                             "params_axis", "noise_axis"))
+def _render(gen, params, codes, noise, offset, mask, *, feature_idx,
+            params_axis, noise_axis):
+  G = gen.obj
+
+  def one(p, c, n, o, m):
+    # c: (S, L, D), all strengths of one image in one synthesis batch.
+    if noise_axis == 0:
+      n = [x[None] for x in n]
+    if o is None:
+      return G.synthesis(p, c, n)
+    return G.synthesis(p, c, n, feature_idx=feature_idx, offset=o[None],
+                       mask=None if m is None else m[None])
+
+  return jax.vmap(one, in_axes=(params_axis, 0, noise_axis, 0, 0))(
+      params, codes, noise, offset, mask)
+
+
+def _leading(tree):
+  return {np.shape(x)[0] if np.ndim(x) else None
+          for x in jax.tree_util.tree_leaves(tree)}
+
+
+def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
+           noise=None):
+  """Images of (edited) codes with the refined generator, offset and mask.
+
+  G: the `Generator`.  params: generator params, shared by all images (the
+  layout of `G.params`) or one copy per image with a leading batch axis on
+  every leaf (as the refinement returns them).  codes: (B, S, L, D) — S
+  edits per image — or (B, L, D).  offset: (B, h, w, C) feature offsets at
+  `feature_idx` (None: plain synthesis, as weight-only refinement).
+  mask_feature: (B, h, w, 1) in-domain mask at that resolution, blended as
+  f·mask + offset·(1 − mask) (None: f + offset).  noise: list of per-layer
+  maps, each (1, r, r, 1) shared or (B, r, r, 1) per image; None = G.noise.
+  Every edit of an image uses that image's params, offset, mask and noise.
+  Returns (B, S, H, W, 3) or (B, H, W, 3), in [-1, 1] as the generator.
+  """
+  codes = jnp.asarray(codes)
+  single = codes.ndim == 3
+  if single:
+    codes = codes[:, None]
+  if codes.ndim != 4:
+    raise EditError(f"codes must be (B, S, n_latent, style_dim) or "
+                    f"(B, n_latent, style_dim), got {codes.shape}")
+  b = codes.shape[0]
+  if not isinstance(params, dict) or "synthesis" not in params:
+    raise EditError("params must be a generator params dict with a "
+                    "'synthesis' entry (G.params or the refined params)")
+  syn = {"synthesis": params["synthesis"]}
+  const = params["synthesis"]["input"]["input"]  # (1, C, 4, 4) per copy
+  if np.ndim(const) == 4:
+    params_axis = None
+  elif np.ndim(const) == 5:
+    params_axis = 0
+    if _leading(syn) != {b}:
+      raise EditError(
+          f"per-image params must have a leading axis of {b} (one copy per "
+          f"image) on every leaf; got leading sizes {sorted(_leading(syn), key=str)}")
+  else:
+    raise EditError(f"params['synthesis']['input']['input'] has shape "
+                    f"{np.shape(const)}: neither shared (1, C, 4, 4) nor per "
+                    "image (B, 1, C, 4, 4)")
+
+  noise = list(G.noise if noise is None else noise)
+  leads = _leading(noise)
+  if leads == {1}:
+    noise_axis = None
+  elif leads == {b}:
+    noise_axis = 0
+  else:
+    raise EditError(f"noise maps must all have batch 1 (shared) or {b} (per "
+                    f"image), got {sorted(leads, key=str)}")
+
+  if offset is None:
+    if mask_feature is not None:
+      raise EditError("mask_feature needs an offset (the mask blends the "
+                      "feature with the offset)")
+  else:
+    res = feature_resolution(feature_idx)
+    offset = jnp.asarray(offset)
+    if offset.ndim != 4 or offset.shape[:3] != (b, res, res):
+      raise EditError(f"offset must be (B={b}, {res}, {res}, C) for "
+                      f"feature_idx {feature_idx}, got {offset.shape}")
+    if mask_feature is not None:
+      mask_feature = jnp.asarray(mask_feature)
+      if mask_feature.ndim != 4 or mask_feature.shape[:3] != (b, res, res):
+        raise EditError(f"mask_feature must be (B={b}, {res}, {res}, 1), got "
+                        f"{mask_feature.shape}")
+  images = _render(_ByIdentity(G), syn, codes, noise, offset, mask_feature,
+                   feature_idx=int(feature_idx), params_axis=params_axis,
+                   noise_axis=noise_axis)
+  return images[:, 0] if single else images
+
+
+# --------------------------------------------------------------------------
+# Strings (configs, command lines)
+
+
+def parse_strengths(text):
+  """'-3,0,3' → [-3.0, 0.0, 3.0]."""
+  try:
+    values = [float(x) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    raise EditError(f"strengths must be comma-separated numbers, got "
+                    f"{text!r}") from None
+  if not values:
+    raise EditError("no strengths given")
+  return values
+
+
+def parse_layers(text):
+  """'' / 'all' → None;  '4:8' → (4, 8) half-open;  '0,2,5' → [0, 2, 5]."""
+  text = "" if text is None else str(text).strip()
+  try:
+    if text in ("", "all"):
+      return None
+    if ":" in text:
+      first, last = text.split(":")
+      return (int(first), int(last))
+    return [int(x) for x in text.split(",")]
+  except ValueError:
+    raise EditError(f"layers must be 'all', 'first:last' (half-open) or "
+                    f"'i,j,k', got {text!r}") from None
+
+
+def parse_ganspace_edits(text):
+  """'54,7,8,20; 46,4,5,-20' → two edits; '+' joins tuples into one edit.
+
+  Each tuple is component,first,last,strength with layers first:last.
+  """
+  edits = []
+  for part in str(text).split(";"):
+    if not part.strip():
+      continue
+    group = []
+    for tup in part.split("+"):
+      fields = [x.strip() for x in tup.split(",")]
+      try:
+        if len(fields) != 4:
+          raise ValueError
+        c, first, last = (int(x) for x in fields[:3])
+        group.append((c, first, last, float(fields[3])))
+      except ValueError:
+        raise EditError(f"a GANSpace edit is 'component,first,last,strength'"
+                        f", got {tup.strip()!r}") from None
+    edits.append(group[0] if len(group) == 1 else group)
+  if not edits:
+    raise EditError("no GANSpace edits given")
+  return edits
