@@ -37,7 +37,7 @@ standard deviations along v_c.
 import dataclasses
 import functools
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -244,9 +244,6 @@ def load_ganspace(path):
 # --------------------------------------------------------------------------
 # Editing codes
 
-Layers = Union[None, tuple, list, range, slice, np.ndarray]
-
-
 def layer_mask(layers, n_latent):
   """Boolean (n_latent,) mask of the edited layers.
 
@@ -342,11 +339,11 @@ def _ganspace_delta(codes, pcs, c, first, last, strength, mode):
 
 def _as_edit_group(edit):
   """One output edit: a (c, first, last, s) tuple or a list of them."""
-  if len(edit) == 4 and all(np.isscalar(x) for x in edit):
+  if len(edit) and np.isscalar(edit[0]):
     edit = [edit]
   group = []
   for e in edit:
-    if len(e) != 4 or not all(np.isscalar(x) for x in e):
+    if np.isscalar(e) or len(e) != 4 or not all(np.isscalar(x) for x in e):
       raise EditError(f"a GANSpace edit is (component, first, last, strength),"
                       f" got {e!r}")
     c, first, last, s = e
@@ -410,13 +407,17 @@ def _render(gen, params, codes, noise, offset, mask, *, feature_idx,
   G = gen.obj
 
   def one(p, c, n, o, m):
-    # c: (S, L, D), all strengths of one image in one synthesis batch.
+    # c: (S, L, D), the edits of one image. They are rendered one at a time
+    # (lax.map), not as a batch: a batched convolution rounds differently
+    # with the batch size, and then the α = 0 edit would differ from the
+    # inversion by ~1e-6 depending on which other strengths were asked for.
     if noise_axis == 0:
       n = [x[None] for x in n]
-    if o is None:
-      return G.synthesis(p, c, n)
-    return G.synthesis(p, c, n, feature_idx=feature_idx, offset=o[None],
-                       mask=None if m is None else m[None])
+    kw = {}
+    if o is not None:
+      kw = dict(feature_idx=feature_idx, offset=o[None],
+                mask=None if m is None else m[None])
+    return jax.lax.map(lambda code: G.synthesis(p, code[None], n, **kw)[0], c)
 
   return jax.vmap(one, in_axes=(params_axis, 0, noise_axis, 0, 0))(
       params, codes, noise, offset, mask)
@@ -440,6 +441,10 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
   f·mask + offset·(1 − mask) (None: f + offset).  noise: list of per-layer
   maps, each (1, r, r, 1) shared or (B, r, r, 1) per image; None = G.noise.
   Every edit of an image uses that image's params, offset, mask and noise.
+  Images are vmapped, edits rendered in turn, so an edit's image does not
+  depend on the other strengths of the call (α = 0 gives the inversion bit
+  for bit on CPU); a different set of images may change it by float
+  round-off (~1e-6), as per-image weights make a batched convolution.
   Returns (B, S, H, W, 3) or (B, H, W, 3), in [-1, 1] as the generator.
   """
   codes = jnp.asarray(codes)
@@ -454,7 +459,11 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
     raise EditError("params must be a generator params dict with a "
                     "'synthesis' entry (G.params or the refined params)")
   syn = {"synthesis": params["synthesis"]}
-  const = params["synthesis"]["input"]["input"]  # (1, C, 4, 4) per copy
+  try:
+    const = params["synthesis"]["input"]["input"]  # (1, C, 4, 4) per copy
+  except (KeyError, TypeError):
+    raise EditError("params['synthesis'] is not StyleGAN2 synthesis params "
+                    "(no input/input constant)") from None
   if np.ndim(const) == 4:
     params_axis = None
   elif np.ndim(const) == 5:
@@ -483,6 +492,10 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
       raise EditError("mask_feature needs an offset (the mask blends the "
                       "feature with the offset)")
   else:
+    if not 0 <= feature_idx < G.config["num_layers"]:
+      raise EditError(f"feature_idx must be in [0, {G.config['num_layers']}) "
+                      f"for this {G.config['size']}² generator, got "
+                      f"{feature_idx}")
     res = feature_resolution(feature_idx)
     offset = jnp.asarray(offset)
     if offset.ndim != 4 or offset.shape[:3] != (b, res, res):
