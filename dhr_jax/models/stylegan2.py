@@ -15,6 +15,7 @@ generator, DHR's default). The hook can return that map and/or replace it with
 that edits features (DHR, weight-only, feature-only) goes through it.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -227,6 +228,16 @@ def noise_shapes(config):
           for i in range(config["num_layers"])]
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _random_noise(key, shapes):
+  # One draw sliced into maps: a random-number kernel per shape would each
+  # take long to compile on CPU.
+  sizes = [int(np.prod(s)) for s in shapes]
+  flat = jax.random.normal(key, (sum(sizes),))
+  ends = np.cumsum(sizes)
+  return [flat[e - n:e].reshape(s) for e, n, s in zip(ends, sizes, shapes)]
+
+
 @dataclasses.dataclass
 class Generator:
   """A generator: config + weights + fixed noise, with pure apply functions.
@@ -293,8 +304,7 @@ class Generator:
 
   def make_noise(self, key):
     """Fresh N(0, 1) noise maps with the checkpoint's shapes."""
-    keys = jax.random.split(key, self.config["num_layers"])
-    return [jax.random.normal(k, s) for k, s in zip(keys, noise_shapes(self.config))]
+    return _random_noise(key, tuple(noise_shapes(self.config)))
 
   def mean_latent(self, key, n=4096):
     """Mean of mapping(z) over n random z: the usual W-space average."""
@@ -311,18 +321,37 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
   """
   config = generator_config(size, style_dim, n_mlp, channels, lr_mlp)
   g = Generator(config, None, None)
-  k_map, k_syn, k_noise = jax.random.split(key, 3)
-  # jit: eager Flax init dispatches every op separately and takes seconds.
-  mp = jax.jit(g._mapping.init)(k_map, jnp.zeros((1, style_dim)))["params"]
+  k_init, k_noise, k_avg = jax.random.split(key, 3)
   noise = g.make_noise(k_noise)
-  sp = jax.jit(g._synthesis.init)(
-      k_syn, jnp.zeros((1, config["n_latent"], style_dim)), noise)["params"]
-  sp = jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.full_like(x, noise_strength)
-      if getattr(p[-2], "key", None) == "noise" else x, sp)
-  params = {"mapping": mp, "synthesis": sp}
+  # Shapes by tracing only, values by the official init rules in numpy:
+  # running Flax's init would compile a whole forward pass just to draw
+  # random numbers, which costs seconds per test.
+  shapes = {
+      "mapping": jax.eval_shape(g._mapping.init, k_init,
+                                jnp.zeros((1, style_dim)))["params"],
+      "synthesis": jax.eval_shape(
+          g._synthesis.init, k_init,
+          jnp.zeros((1, config["n_latent"], style_dim)), noise)["params"],
+  }
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(k_init)).ravel())
+
+  def draw(path, leaf):
+    names = [k.key for k in path]
+    if names[-2:] == ["noise", "weight"]:
+      value = np.full(leaf.shape, noise_strength)
+    elif names[-2:] == ["modulation", "bias"]:
+      value = np.ones(leaf.shape)
+    elif names[-1] == "bias":
+      value = np.zeros(leaf.shape)
+    elif names[0] == "mapping":
+      value = rng.standard_normal(leaf.shape) / lr_mlp
+    else:
+      value = rng.standard_normal(leaf.shape)
+    return jnp.asarray(value, jnp.float32)
+
+  params = jax.tree_util.tree_map_with_path(draw, shapes)
   g = Generator(config, params, noise)
-  g.latent_avg = jax.jit(g.mean_latent)(jax.random.fold_in(key, 1))
+  g.latent_avg = jax.jit(g.mean_latent)(k_avg)
   return g
 
 
