@@ -23,6 +23,9 @@ _EXPORTS = {
     "hybrid_refine": "dhr_jax.refine",
     "edit_codes": "dhr_jax.editing",
     "render": "dhr_jax.editing",
+    "ganspace_edit": "dhr_jax.editing",
+    "load_direction": "dhr_jax.editing",
+    "load_ganspace": "dhr_jax.editing",
 }
 _RENAMED = {"load_lpips": "load"}
 
