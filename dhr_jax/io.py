@@ -252,3 +252,93 @@ def check_writable(directory):
     raise WorkdirError(f"workdir {directory} is not writable ({e.strerror or e});"
                        " choose another --workdir") from None
   return directory
+
+
+# --------------------------------------------------------------------------
+# Pictures of intermediate results
+
+
+def superpixel_picture(image_uint8, labels, boundaries=None,
+                       color=(255, 255, 0), min_side=256):
+  """Every superpixel filled with its mean colour; on images of at least
+  `min_side` pixels also its boundaries in `color` (on small images the
+  boundaries would cover most pixels)."""
+  image = np.asarray(image_uint8, np.float64)
+  labels = np.asarray(labels)
+  flat = labels.ravel()
+  count = np.maximum(np.bincount(flat), 1)
+  means = np.stack([np.bincount(flat, weights=image[..., c].ravel()) / count
+                    for c in range(image.shape[-1])], axis=-1)
+  out = np.clip(np.floor(means[labels] + 0.5), 0, 255).astype(np.uint8)
+  if boundaries is not None and min(labels.shape) >= min_side:
+    out[np.asarray(boundaries, bool)] = color
+  return out
+
+
+# One colour per CelebAMask-HQ class (background black), fixed so pictures
+# of different runs compare.
+PARSING_PALETTE = np.array([
+    [0, 0, 0], [204, 0, 0], [76, 153, 0], [204, 204, 0], [51, 51, 255],
+    [204, 0, 204], [0, 255, 255], [255, 204, 204], [102, 51, 0],
+    [255, 0, 0], [102, 204, 0], [255, 255, 0], [0, 0, 153], [0, 0, 204],
+    [255, 51, 153], [0, 204, 204], [0, 51, 0], [255, 153, 51],
+    [0, 204, 0]], np.uint8)
+
+
+def parsing_picture(probs):
+  """(H, W, C) class probabilities → colour-coded argmax (H, W, 3) uint8."""
+  labels = np.argmax(np.asarray(probs), axis=-1)
+  return PARSING_PALETTE[labels % len(PARSING_PALETTE)]
+
+
+def error_picture(error_map):
+  """(H, W[, 1]) LPIPS error map → gray uint8 scaled by the image's maximum."""
+  e = np.asarray(error_map, np.float32)
+  if e.ndim == 3:
+    e = e[..., 0]
+  top = float(e.max()) if e.size and np.isfinite(e.max()) else 0.0
+  if top > 0:
+    e = e / top
+  return np.clip(np.floor(e * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Workdir layout: OUT/<name>/... with a completion marker written last
+
+MARKER = "done.json"
+# Names of run-level entries of the workdir that an image folder must not take.
+RESERVED = ("metrics.csv", "summary.json", "inputs")
+
+
+def output_name(name):
+  """The folder name of an image (run-level names get a suffix)."""
+  return name + "_img" if name in RESERVED or name.startswith(".") else name
+
+
+def read_marker(image_dir):
+  """The completion marker of an image folder, or None when it is missing,
+  unreadable, or a file it lists is gone (the outputs are not complete)."""
+  path = os.path.join(image_dir, MARKER)
+  try:
+    with open(path) as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return None
+  files = marker.get("files")
+  if not isinstance(files, list):
+    return None
+  for rel in files:
+    if not os.path.exists(os.path.join(image_dir, rel)):
+      return None
+  return marker
+
+
+def write_csv(path, rows, columns):
+  """Writes dict rows as CSV (floats with 6 significant digits), atomically."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.6g}"
+    return str(v).replace(",", "_")
+  lines = [",".join(columns)]
+  lines += [",".join(cell(r.get(c, "")) for c in columns) for r in rows]
+  return write_text(path, "\n".join(lines) + "\n")

@@ -173,3 +173,34 @@ def test_grid_and_mask():
   assert g.shape == (4, 14, 3)
   np.testing.assert_array_equal(g[:, 4], 255)
   np.testing.assert_array_equal(g[:, 5:9], 7)
+
+
+def test_superpixel_picture_fills_mean_colours():
+  img = np.zeros((4, 4, 3), np.uint8)
+  img[:, :2] = [10, 20, 30]
+  img[:, 2:] = [100, 0, 0]
+  img[0, 0] = [30, 40, 50]
+  labels = np.array([[1, 1, 2, 2]] * 4)
+  pic = io.superpixel_picture(img, labels)
+  np.testing.assert_array_equal(pic[1, 0], [13, 23, 33])  # (7·10 + 30)/8 rounded
+  np.testing.assert_array_equal(pic[3, 3], [100, 0, 0])
+  big = np.zeros((256, 256, 3), np.uint8)
+  lab = np.ones((256, 256), int)
+  bnd = np.zeros((256, 256), bool)
+  bnd[5, 5] = True
+  pic = io.superpixel_picture(big, lab, bnd)
+  np.testing.assert_array_equal(pic[5, 5], [255, 255, 0])
+  assert pic[5, 6].sum() == 0
+  assert io.superpixel_picture(img, labels, np.ones((4, 4), bool))[0, 0, 2] != 0
+
+
+def test_error_and_parsing_pictures():
+  e = np.array([[0.0, 1.0], [2.0, 4.0]])
+  np.testing.assert_array_equal(io.error_picture(e), [[0, 64], [128, 255]])
+  probs = np.zeros((1, 2, 19))
+  probs[0, 0, 2] = 1.0   # face
+  probs[0, 1, 0] = 1.0   # background
+  pic = io.parsing_picture(probs)
+  np.testing.assert_array_equal(pic[0, 0], io.PARSING_PALETTE[2])
+  np.testing.assert_array_equal(pic[0, 1], [0, 0, 0])
+  assert len({tuple(c) for c in io.PARSING_PALETTE}) == 19

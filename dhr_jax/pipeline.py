@@ -1,0 +1,528 @@
+"""DHR over a batch of images: embed → DSS → refine → edits → metrics.
+
+Pure functions of arrays (no file reading or writing; `run.py` and
+`dhr_jax.io` do that). One batch goes through
+
+  1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
+     error maps, SLIC superpixels, thresholds (and a parser if there is one);
+  2. embedding: W+ codes from the e4e encoder, or by optimisation (the
+     coarse inversion, optionally continued in W or W+);
+  3. hybrid refinement of the generator weights (in-domain) and a feature
+     offset (out-of-domain);
+  4. edits of the refined inversion (InterFaceGAN / GANSpace / a seeded
+     random direction), rendered with the refined weights, offset and mask;
+  5. metrics against the input (MSE, PSNR, LPIPS-Alex, LPIPS-VGG, mask
+     fractions) and, for synthetic inputs, against the known ground truth.
+
+Stages 1-3 run batched (vmapped inside each stage); with a mesh the batch axis
+is sharded over its devices. Randomness comes from one key per image derived
+from the run seed and the image *name*, and every per-image computation is
+independent of the others, so an image gets the same result whatever batch
+or batch position it lands in (resume relies on this).
+"""
+import dataclasses
+import functools
+import hashlib
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhr_jax import editing
+from dhr_jax import embedding as embedding_lib
+from dhr_jax import refine as refine_lib
+from dhr_jax import segmentation
+from dhr_jax.models.stylegan2 import Generator
+
+EMBEDDINGS = ("e4e", "optim")
+METRICS = ("mse", "psnr", "lpips_alex", "lpips_vgg", "in_domain",
+           "out_of_domain")
+GT_METRICS = ("gt_recall", "gt_iou", "gt_rest_in", "psnr_in_embed",
+              "psnr_in", "psnr_out_embed", "psnr_out")
+
+
+class PipelineError(ValueError):
+  """The configuration cannot run (unknown method, missing model, ...)."""
+
+
+# --------------------------------------------------------------------------
+# Models and keys
+
+
+@dataclasses.dataclass(eq=False)
+class Models:
+  """Everything a batch needs besides the images.
+
+  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
+  (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
+  w_stats: (mean, spread) of W for the optimisation-based inversions;
+  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch') or None.
+  """
+  G: Generator
+  lpips_vgg: Any
+  lpips_alex: Any
+  encoder: Any = None
+  parser: Any = None
+  w_stats: Any = None
+  mesh: Any = None
+
+  @property
+  def n_devices(self):
+    return 1 if self.mesh is None else self.mesh.devices.size
+
+
+def make_mesh(devices=None):
+  """A 1-D mesh named 'batch' over `devices` (default: all), or None for one."""
+  devices = jax.devices() if devices is None else list(devices)
+  if len(devices) < 2:
+    return None
+  return jax.sharding.Mesh(np.asarray(devices), ("batch",))
+
+
+def _replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _batched(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+
+def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
+                   seed=0, n_mean_latent=10000, mesh=None):
+  """Bundles the models; replicates their weights over `mesh` if given.
+
+  w_stats (the W mean the optimisations start from, and its spread) are
+  computed once here from the run seed, so every image starts alike.
+  """
+  if mesh is not None:
+    rep = _replicated(mesh)
+    put = lambda tree: jax.device_put(tree, rep)
+    G = Generator(G.config, put(G.params), put(list(G.noise)),
+                  None if G.latent_avg is None else put(G.latent_avg))
+    lpips_vgg = dataclasses.replace(lpips_vgg, params=put(lpips_vgg.params))
+    lpips_alex = dataclasses.replace(lpips_alex, params=put(lpips_alex.params))
+    if encoder is not None:
+      encoder = dataclasses.replace(encoder, params=put(encoder.params),
+                                    latent_avg=put(encoder.latent_avg))
+    if parser is not None:
+      parser = dataclasses.replace(parser, params=put(parser.params))
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
+  w_stats = embedding_lib.latent_stats(G, key, n_mean_latent)
+  if mesh is not None:
+    w_stats = jax.device_put(w_stats, _replicated(mesh))
+  return Models(G=G, lpips_vgg=lpips_vgg, lpips_alex=lpips_alex,
+                encoder=encoder, parser=parser, w_stats=w_stats, mesh=mesh)
+
+
+def image_key(seed, name, stage):
+  """PRNG key of one image and stage, from the run seed and the image name.
+
+  Not from the batch position: a resumed run (or another batch size) gives
+  every image the same randomness.
+  """
+  digest = hashlib.sha256(f"{name}\0{stage}".encode("utf-8")).digest()
+  words = np.frombuffer(digest[:8], np.uint32)
+  key = jax.random.PRNGKey(seed)
+  for w in words:
+    key = jax.random.fold_in(key, int(w))
+  return np.asarray(key)
+
+
+def image_keys(seed, names, stage):
+  return np.stack([image_key(seed, n, stage) for n in names])
+
+
+# --------------------------------------------------------------------------
+# Edits
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSpec:
+  """One named edit: `fn(codes (B, L, D)) → (B, S, L, D)`, with one output
+  label per edited code (used as the file name `edits/<label>.png`)."""
+  name: str
+  labels: tuple
+  fn: Callable = dataclasses.field(compare=False)
+
+
+def format_strength(s):
+  """3.0 → '3', -1.5 → '-1.5' (file-name friendly, stable)."""
+  return f"{float(s):g}"
+
+
+def interfacegan(name, direction, strengths, layers=None):
+  """InterFaceGAN edit w + α·n for every α (see `editing.edit_codes`)."""
+  strengths = tuple(float(s) for s in strengths)
+  direction = np.asarray(direction, np.float32)
+  return EditSpec(
+      name, tuple(f"{name}_{format_strength(s)}" for s in strengths),
+      lambda codes: editing.edit_codes(codes, direction, strengths, layers))
+
+
+def ganspace(name, pcs, edits, mode="add"):
+  """GANSpace layer-wise edits (see `editing.ganspace_edit`); one output per
+  edit, labelled `<name>_<component>_<first>-<last>_<strength>`."""
+  labels = []
+  for e in edits:
+    group = [e] if np.isscalar(e[0]) else list(e)
+    labels.append(name + "_" + "+".join(
+        f"{int(c)}_{int(a)}-{int(b)}_{format_strength(s)}"
+        for c, a, b, s in group))
+  edits = list(edits)
+  return EditSpec(name, tuple(labels),
+                  lambda codes: editing.ganspace_edit(codes, pcs, edits, mode))
+
+
+def random_direction(seed, style_dim):
+  """A seeded random unit direction in W (the demo's stand-in attribute)."""
+  n = np.random.RandomState(seed).standard_normal(style_dim)
+  return (n / np.linalg.norm(n)).astype(np.float32)
+
+
+def to_host(refined):
+  """A `refine.Refined` with numpy arrays: rendering it during a run and
+  after loading it from disk then runs one program on identical inputs."""
+  to_np = lambda t: jax.tree_util.tree_map(np.asarray, t)
+  return refined._replace(params=to_np(refined.params),
+                          codes=np.asarray(refined.codes),
+                          offset=np.asarray(refined.offset),
+                          mask_feature=np.asarray(refined.mask_feature),
+                          noise=[np.asarray(n) for n in refined.noise])
+
+
+def render_edits(G, refined, edits):
+  """{label: (H, W, 3) float image} of every edit of ONE refined inversion.
+
+  refined: a `refine.Refined` (batch of one), from `RefineResult.select` or
+  `refine.load_refined`; both give bit-identical params, so editing during
+  a run and re-editing a saved workdir render the same images.
+  """
+  if not edits:
+    return {}
+  codes = jnp.concatenate([e.fn(refined.codes) for e in edits], axis=1)
+  labels = [l for e in edits for l in e.labels]
+  if codes.shape[1] != len(labels):
+    raise PipelineError(f"edits produced {codes.shape[1]} codes for "
+                        f"{len(labels)} labels")
+  images = editing.render(G, refined.params, codes, offset=refined.offset,
+                          mask_feature=refined.mask_feature,
+                          feature_idx=refined.feature_idx,
+                          noise=refined.noise)
+  images = np.asarray(images[0])
+  return {l: images[j] for j, l in enumerate(labels)}
+
+
+# --------------------------------------------------------------------------
+# Metrics
+
+
+def psnr(mse):
+  """PSNR in dB for images in [0, 1]."""
+  return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_distance(net):
+  from dhr_jax.lpips import LPIPS
+  return jax.jit(lambda params, x, y: LPIPS(net, None).distance(params, x, y))
+
+
+def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
+  """Per-image metrics of a batch as a list of dicts.
+
+  image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
+  saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
+  """
+  x = np.clip(np.asarray(image, np.float32), -1.0, 1.0)
+  y = np.asarray(target, np.float32)
+  mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
+  xa, ya = jnp.asarray(x), jnp.asarray(y)
+  alex = np.asarray(_jit_distance(lpips_alex.net)(lpips_alex.params, xa, ya))
+  vgg = np.asarray(_jit_distance(lpips_vgg.net)(lpips_vgg.params, xa, ya))
+  inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
+  return [dict(mse=float(mse[i]), psnr=psnr(mse[i]),
+               lpips_alex=float(alex[i]), lpips_vgg=float(vgg[i]),
+               in_domain=float(inside[i]), out_of_domain=float(1 - inside[i]))
+          for i in range(x.shape[0])]
+
+
+def ground_truth_metrics(image, embedded, target, mask, gt_out):
+  """How well DSS and the refinement did on a synthetic image (one image).
+
+  gt_out: (H, W) bool, True on the pasted out-of-domain patch. Returns the
+  recall of the patch as out-of-domain, the IoU of the out-of-domain mask
+  with it, the fraction of the rest kept in-domain, and PSNR inside and
+  outside the patch for the embedding alone and after refinement.
+  """
+  out = np.asarray(mask)[..., 0] < 0.5
+  gt = np.asarray(gt_out, bool)
+
+  def region_psnr(x, region):
+    x = np.clip(np.asarray(x, np.float32), -1, 1)
+    d = ((x - np.asarray(target, np.float32)) / 2.0) ** 2
+    return psnr(float(np.mean(d[region])))
+
+  return dict(
+      gt_recall=float(np.mean(out[gt])),
+      gt_iou=float(np.sum(out & gt) / max(np.sum(out | gt), 1)),
+      gt_rest_in=float(np.mean(~out[~gt])),
+      psnr_in_embed=region_psnr(embedded, ~gt),
+      psnr_in=region_psnr(image, ~gt),
+      psnr_out_embed=region_psnr(embedded, gt),
+      psnr_out=region_psnr(image, gt))
+
+
+# --------------------------------------------------------------------------
+# Synthetic inputs (the demo)
+
+
+def synthetic_case(G, seed, index, patch_fraction=1 / 3):
+  """A generator image with a foreign patch at a known place.
+
+  G(w) for a seeded z, with a crop of the `skimage.data` astronaut (a real
+  photograph, far from what a small random generator draws) pasted over a
+  square of side patch_fraction·size at a seeded position. Returns
+  (target uint8 (H, W, 3), gt_out (H, W) bool). Deterministic in
+  (G, seed, index).
+  """
+  from PIL import Image
+  from skimage import data
+  rng = np.random.RandomState([seed, index])
+  size = G.config["size"]
+  z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
+  w = G.mapping(G.params, z)
+  clean = G.synthesis(G.params, jnp.repeat(w[:, None], G.n_latent, 1))
+  target = segmentation.to_uint8(clean)[0]
+  n = max(4, int(round(size * patch_fraction)))
+  y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
+  photo = data.astronaut()
+  top, left = rng.randint(0, 200), rng.randint(100, 200)
+  crop = Image.fromarray(photo[top:top + 260, left:left + 260]).resize(
+      (n, n), Image.LANCZOS)
+  target[y0:y0 + n, x0:x0 + n] = np.asarray(crop)
+  gt = np.zeros((size, size), bool)
+  gt[y0:y0 + n, x0:x0 + n] = True
+  return target, gt
+
+
+# --------------------------------------------------------------------------
+# One batch
+
+
+@dataclasses.dataclass
+class ImageResult:
+  """Everything computed for one image (numpy, batch axis removed).
+
+  ok / reason: False and why when the image failed (non-finite losses or
+  outputs); refined: `refine.Refined` for saving and re-editing.
+  """
+  name: str
+  ok: bool
+  reason: str
+  target: np.ndarray
+  embedding: np.ndarray
+  coarse: np.ndarray
+  mask: np.ndarray
+  superpixels: np.ndarray
+  boundaries: np.ndarray
+  parsing: Optional[np.ndarray]
+  error_map: np.ndarray
+  image: np.ndarray
+  refined: Any
+  edits: dict
+  metrics: dict
+  losses_in: np.ndarray
+  losses_out: np.ndarray
+
+
+def _pad(x, n):
+  x = np.asarray(x)
+  if x.shape[0] == n:
+    return x
+  reps = np.repeat(x[-1:], n - x.shape[0], axis=0)
+  return np.concatenate([x, reps], axis=0)
+
+
+def padded_size(count, batch_size, n_devices=1):
+  """batch_size rounded up to a multiple of the device count."""
+  b = int(batch_size) if batch_size else count
+  return -(-b // n_devices) * n_devices
+
+
+def embed(models, config, target, names, seed, coarse_codes=None):
+  """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
+
+  'e4e' encodes the images. 'optim' continues DSS's coarse W inversion
+  (`coarse_codes`, which already spent `dss.coarse_steps` steps from the
+  mean latent) for `config.steps` more steps in config.space; steps = 0
+  takes the coarse inversion itself as the embedding.
+  """
+  method = config.method
+  G = models.G
+  if method == "e4e":
+    if models.encoder is None:
+      raise PipelineError("embedding.method='e4e' needs the e4e encoder "
+                          "(model.checkpoint: the converted e4e bundle)")
+    enc = models.encoder
+    if (enc.config["n_latent"], enc.config["style_dim"]) != (
+        G.n_latent, G.config["style_dim"]):
+      raise PipelineError(
+          f"the encoder predicts {enc.config['n_latent']}×"
+          f"{enc.config['style_dim']} codes but the generator takes "
+          f"{G.n_latent}×{G.config['style_dim']}; use the generator of the "
+          "same e4e bundle")
+    codes = enc.encode(enc.params, target)
+    return codes, _synthesize(G, codes)
+  if method == "optim":
+    if coarse_codes is None:
+      raise PipelineError("embedding.method='optim' continues the coarse "
+                          "inversion; pass its codes")
+    if config.space not in ("w", "w+"):
+      raise PipelineError(f"embedding.space must be 'w' or 'w+', got "
+                          f"{config.space!r}")
+    codes = coarse_codes
+    if int(config.steps) > 0:
+      keys = image_keys(seed, names, "embedding")
+      if models.mesh is not None:
+        keys = jax.device_put(keys, _batched(models.mesh))
+      init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
+      res = embedding_lib.optimize_latent(
+          G, target, models.lpips_vgg, key=keys, steps=int(config.steps),
+          space=config.space, lr=float(config.lr),
+          mse_lambda=float(config.mse_lambda), w_stats=models.w_stats,
+          init=init)
+      codes = res.codes
+    # Refinement renders with the generator's fixed noise, not the noise
+    # maps the optimisation tuned, so the embedding is shown the same way.
+    return codes, _synthesize(G, codes)
+  raise PipelineError(f"embedding.method must be one of {EMBEDDINGS}, got "
+                      f"{method!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_synthesis(config_json):
+  import json
+  G = Generator(json.loads(config_json), None, None)
+  return jax.jit(lambda params, codes, noise: G.synthesis(params, codes,
+                                                          noise))
+
+
+def _synthesize(G, codes):
+  import json
+  return _jit_synthesis(json.dumps(G.config, sort_keys=True))(
+      G.params, codes, list(G.noise))
+
+
+def _finite(*arrays):
+  return all(bool(np.all(np.isfinite(np.asarray(a)))) for a in arrays)
+
+
+def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
+              refine_fn=None):
+  """Runs the pipeline on one batch.
+
+  Args:
+    models: `Models`.
+    config: the run config (fields embedding, dss, refine, seed,
+      batch_size).
+    target: (n, H, W, 3) float images in [-1, 1] at the generator size,
+      n ≤ batch_size; the batch is padded to batch_size (rounded up to a
+      multiple of the device count) by repeating the last image, and the
+      padding is dropped from the results.
+    names: n image names (they seed the per-image randomness).
+    edits: `EditSpec`s rendered for every image.
+    ground_truth: optional {name: (H, W) bool out-of-domain patch}.
+    refine_fn: `refine.hybrid_refine` or a stand-in with its signature.
+
+  Returns:
+    ([ImageResult] for the n real images, {stage: seconds}).
+  """
+  refine_fn = refine_fn or refine_lib.hybrid_refine
+  G = models.G
+  n = len(names)
+  size = G.config["size"]
+  target = np.asarray(target, np.float32)
+  if target.shape != (n, size, size, 3):
+    raise PipelineError(f"target must be ({n}, {size}, {size}, 3), got "
+                        f"{target.shape}")
+  b = padded_size(n, config.batch_size, models.n_devices)
+  if n > b:
+    raise PipelineError(f"{n} images for a batch of {b}")
+  padded_names = list(names) + [names[-1]] * (b - n)
+  x = _pad(target, b)
+  if models.mesh is not None:
+    x = jax.device_put(x, _batched(models.mesh))
+  else:
+    x = jnp.asarray(x)
+  seed = int(config.seed)
+  times = {}
+
+  t = time.perf_counter()
+  coarse_keys = image_keys(seed, padded_names, "coarse")
+  if models.mesh is not None:
+    coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
+  dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
+      dict(config.dss))
+  inv = embedding_lib.coarse_inversion(
+      G, x, models.lpips_vgg, key=coarse_keys,
+      steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
+  dss = segmentation.domain_specific_segmentation(
+      x, coarse=inv.image, coarse_codes=inv.codes,
+      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config)
+  times["dss"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  codes, embedded = embed(models, config.embedding, x, padded_names, seed,
+                          coarse_codes=inv.codes)
+  embedded = np.asarray(embedded)
+  times["embed"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  mask = dss.mask
+  if models.mesh is not None:
+    mask = jax.device_put(mask, _batched(models.mesh))
+  rc = config.refine
+  result = refine_fn(
+      G, codes, x, mask, feature_idx=int(rc.feature_idx),
+      feature_steps=int(rc.feature_steps), weight_steps=int(rc.weight_steps),
+      weight_lr=float(rc.weight_lr), feature_lr=float(rc.feature_lr),
+      l2_lambda=float(rc.l2_lambda), lpips_lambda=float(rc.lpips_lambda),
+      mode=rc.mode, lpips_alex=models.lpips_alex)
+  image = np.asarray(result.image)
+  losses_in = np.asarray(result.losses_in)
+  losses_out = np.asarray(result.losses_out)
+  times["refine"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
+                          models.lpips_vgg)
+  times["metrics"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  codes = np.asarray(codes)
+  out = []
+  for i, name in enumerate(names):
+    ok = _finite(losses_in[i], losses_out[i], image[i], codes[i])
+    reason = "" if ok else (
+        "non-finite loss or output (NaN/inf) during embedding or refinement")
+    refined = to_host(result.select(i)) if ok else None
+    rendered = render_edits(G, refined, edits) if ok else {}
+    if ok and not _finite(*rendered.values()):
+      ok, reason = False, "an edit rendered non-finite values (NaN/inf)"
+    m = dict(metrics[i])
+    if ground_truth is not None and name in ground_truth:
+      m.update(ground_truth_metrics(image[i], embedded[i], target[i],
+                                    dss.mask[i], ground_truth[name]))
+    out.append(ImageResult(
+        name=name, ok=ok, reason=reason, target=target[i],
+        embedding=embedded[i], coarse=np.asarray(dss.coarse[i]),
+        mask=np.asarray(dss.mask[i]), superpixels=dss.superpixels[i],
+        boundaries=dss.boundaries[i],
+        parsing=None if dss.parsing is None else dss.parsing[i],
+        error_map=np.asarray(dss.error_map[i]), image=image[i],
+        refined=refined, edits=rendered, metrics=m,
+        losses_in=losses_in[i], losses_out=losses_out[i]))
+  times["edit"] = time.perf_counter() - t
+  return out, times
