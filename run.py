@@ -535,7 +535,8 @@ def edit(config, workdir):
   entries = []
   for name in sorted(os.listdir(workdir)):
     directory = os.path.join(workdir, name)
-    marker = io.read_marker(directory) if os.path.isdir(directory) else None
+    marker = (io.read_marker(directory, optional=("edits/", "grid.png"))
+              if os.path.isdir(directory) else None)
     if marker is not None:
       entries.append((marker["name"], directory, marker))
   if not entries:

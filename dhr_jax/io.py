@@ -315,9 +315,13 @@ def output_name(name):
   return name + "_img" if name in RESERVED or name.startswith(".") else name
 
 
-def read_marker(image_dir):
+def read_marker(image_dir, optional=()):
   """The completion marker of an image folder, or None when it is missing,
-  unreadable, or a file it lists is gone (the outputs are not complete)."""
+  unreadable, or a file it lists is gone (the outputs are not complete).
+
+  optional: prefixes of listed files that may be missing (re-editing only
+  needs the refined state and the pictures the grid is made of).
+  """
   path = os.path.join(image_dir, MARKER)
   try:
     with open(path) as f:
@@ -328,6 +332,8 @@ def read_marker(image_dir):
   if not isinstance(files, list):
     return None
   for rel in files:
+    if rel.startswith(tuple(optional)):
+      continue
     if not os.path.exists(os.path.join(image_dir, rel)):
       return None
   return marker

@@ -415,6 +415,53 @@ def _synthesize(G, codes):
       G.params, codes, list(G.noise))
 
 
+def _refine(models, refine_fn, codes, x, mask, kwargs):
+  """refine_fn on the batch; with a mesh, each device refines its shard.
+
+  Every image's refinement is independent, so the batch is split with
+  `shard_map` and each device runs the vmapped refinement on its own images
+  (the weights, noise and LPIPS replicated). Leaving it to the automatic
+  partitioner instead fails: per-image weights make the generator's
+  convolutions grouped ones, which it cannot split along the batch.
+  """
+  G = models.G
+  if models.mesh is None:
+    return refine_fn(G, codes, x, mask, lpips_alex=models.lpips_alex,
+                     **kwargs)
+  fn = _sharded_refine(models, refine_fn, tuple(sorted(kwargs.items())))
+  synthesis, offset, mask_feature, image, losses_in, losses_out = fn(
+      G.params["synthesis"], list(G.noise), models.lpips_alex.params, codes,
+      x, mask)
+  b = codes.shape[0]
+  mapping = jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(a, (b,) + a.shape), G.params["mapping"])
+  return refine_lib.RefineResult(
+      params={"mapping": mapping, "synthesis": synthesis}, offset=offset,
+      mask_feature=mask_feature, image=image, losses_in=losses_in,
+      losses_out=losses_out, codes=jnp.asarray(codes, jnp.float32),
+      feature_idx=int(kwargs["feature_idx"]), mode=kwargs["mode"],
+      noise=list(G.noise))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_refine(models, refine_fn, kwargs):
+  G, lpips_alex, kwargs = models.G, models.lpips_alex, dict(kwargs)
+  P = jax.sharding.PartitionSpec
+
+  def local(synthesis, noise, lpips_params, codes, x, mask):
+    g = Generator(G.config, {"mapping": G.params["mapping"],
+                             "synthesis": synthesis}, noise, G.latent_avg)
+    r = refine_fn(g, codes, x, mask, lpips_alex=dataclasses.replace(
+        lpips_alex, params=lpips_params), **kwargs)
+    return (r.params["synthesis"], r.offset, r.mask_feature, r.image,
+            r.losses_in, r.losses_out)
+
+  return jax.jit(jax.shard_map(
+      local, mesh=models.mesh,
+      in_specs=(P(), P(), P(), P("batch"), P("batch"), P("batch")),
+      out_specs=P("batch"), check_vma=False))
+
+
 def _finite(*arrays):
   return all(bool(np.all(np.isfinite(np.asarray(a)))) for a in arrays)
 
@@ -484,12 +531,11 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   if models.mesh is not None:
     mask = jax.device_put(mask, _batched(models.mesh))
   rc = config.refine
-  result = refine_fn(
-      G, codes, x, mask, feature_idx=int(rc.feature_idx),
-      feature_steps=int(rc.feature_steps), weight_steps=int(rc.weight_steps),
-      weight_lr=float(rc.weight_lr), feature_lr=float(rc.feature_lr),
-      l2_lambda=float(rc.l2_lambda), lpips_lambda=float(rc.lpips_lambda),
-      mode=rc.mode, lpips_alex=models.lpips_alex)
+  result = _refine(models, refine_fn, codes, x, mask, dict(
+      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
+      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
