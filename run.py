@@ -573,7 +573,9 @@ def edit(config, workdir):
 def _quiet_orbax(record):
   # orbax logs every checkpoint step at INFO; one refined/ per image would
   # bury the run's own messages.
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  import logging as std_logging  # absl's WARNING constant is not the level
+  return (record.levelno >= std_logging.WARNING
+          or "orbax" not in record.pathname)
 
 
 def main(argv):

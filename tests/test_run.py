@@ -470,3 +470,181 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
       if k not in ("name", "seconds"):
         assert abs(float(x[k]) - float(y[k])) <= 1e-5 * max(
             1.0, abs(float(x[k]))), (x["name"], k)
+
+
+@pytest.mark.slow  # two CLI processes (~3 min)
+def test_kill_9_after_first_batch_then_restart(setup, tmp_path):
+  """A real SIGKILL once the first batch is written, then a restart: the
+  same files and image bytes as the uninterrupted run."""
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, os.path.join(REPO, "run.py"),
+         "--workdir=" + workdir] + _cli_overrides(setup)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=env,
+                          cwd=str(tmp_path))
+  first = [os.path.join(workdir, n, "done.json") for n in GOOD[:2]]
+  deadline = time.time() + 600
+  try:
+    while not all(os.path.exists(f) for f in first):
+      assert proc.poll() is None, "the run ended before it could be killed"
+      assert time.time() < deadline
+      time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, "e_wide", "done.json"))
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                     cwd=str(tmp_path), timeout=900)
+  assert p.returncode == 1, p.stderr[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["skipped_complete"] >= 2
+  _assert_same_outputs(setup["workdir"], workdir)
+
+
+@pytest.mark.slow  # the demo itself, a few minutes
+def test_demo_command_under_five_minutes(tmp_path):
+  workdir = str(tmp_path / "demo")
+  t0 = time.time()
+  p = subprocess.run([sys.executable, os.path.join(REPO, "run.py"),
+                      "--config=" + os.path.join(REPO, "configs", "demo.py"),
+                      "--workdir=" + workdir], capture_output=True, text=True,
+                     cwd=str(tmp_path), timeout=900)
+  seconds = time.time() - t0
+  print(p.stdout[-3000:])
+  print(f"demo: {seconds:.0f} s")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert seconds < 300
+  _, rows = _metrics_rows(workdir)
+  assert len(rows) == 1
+  r = {k: float(v) for k, v in rows[0].items() if k != "name"}
+  # DSS finds the pasted photograph and keeps most of the rest in-domain;
+  # refinement improves both regions well beyond the embedding.
+  assert r["gt_recall"] >= 0.9 and r["gt_rest_in"] >= 0.8
+  assert r["psnr_in"] >= r["psnr_in_embed"] + 5
+  assert r["psnr_out"] >= r["psnr_out_embed"] + 5
+  d = os.path.join(workdir, "synthetic_0")
+  grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
+  assert grid.shape == (64, 5 * 64 + 4 * 2, 3)
+  for f in ("edits/random_-2.png", "edits/random_2.png", "superpixels.png",
+            "coarse.png", "error_map.png", "embedding.png"):
+    assert os.path.isfile(os.path.join(d, f))
+  assert "gt_recall" in p.stdout and "psnr_out_embed" in p.stdout
+
+
+# --------------------------------------------------------------------------
+# Small pieces (no pipeline run).
+
+
+def test_image_keys_follow_names_not_positions():
+  from dhr_jax import pipeline
+  a = pipeline.image_keys(0, ["x", "y", "z"], "coarse")
+  b = pipeline.image_keys(0, ["z", "x"], "coarse")
+  np.testing.assert_array_equal(a[0], b[1])
+  np.testing.assert_array_equal(a[2], b[0])
+  assert len({tuple(k) for k in a}) == 3
+  assert not np.array_equal(a[0], pipeline.image_keys(1, ["x"], "coarse")[0])
+  assert not np.array_equal(a[0], pipeline.image_keys(0, ["x"], "emb")[0])
+  assert pipeline.padded_size(1, 3, 2) == 4
+  assert pipeline.padded_size(2, 4, 1) == 4
+
+
+def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
+  """'optim' starts from DSS's coarse codes (W+ or W) with per-name keys;
+  steps = 0 takes them as they are."""
+  import jax.numpy as jnp
+  import ml_collections
+  from dhr_jax import embedding, pipeline
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(np.asarray([0, 1], np.uint32), size=8, style_dim=8,
+                     n_mlp=1, channels=8)
+  models = pipeline.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
+                           w_stats=("mean", "spread"))
+  coarse = jnp.asarray(np.random.RandomState(0).randn(2, G.n_latent, 8),
+                       jnp.float32)
+  calls = []
+
+  def fake(G_, target, lpips_vgg, **kw):
+    calls.append(kw)
+    codes = kw["init"] if kw["space"] == "w+" else jnp.repeat(
+        kw["init"][:, None], G.n_latent, 1)
+    return embedding.EmbeddingResult(codes=codes + 1, image=None, noise=[],
+                                     losses=None, terms={})
+  monkeypatch.setattr(embedding, "optimize_latent", fake)
+  x = jnp.zeros((2, 8, 8, 3))
+  c = ml_collections.ConfigDict(dict(method="optim", steps=0, space="w+",
+                                     lr=0.1, mse_lambda=0.0))
+  codes, image = pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  assert not calls
+  np.testing.assert_array_equal(codes, coarse)
+  np.testing.assert_allclose(
+      image, G.synthesis(G.params, coarse), atol=1e-5)
+  c.steps = 7
+  codes, _ = pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  np.testing.assert_array_equal(codes, coarse + 1)
+  kw = calls[-1]
+  assert kw["steps"] == 7 and kw["w_stats"] == ("mean", "spread")
+  np.testing.assert_array_equal(kw["init"], coarse)
+  np.testing.assert_array_equal(kw["key"],
+                                pipeline.image_keys(0, ["p", "q"],
+                                                    "embedding"))
+  c.space = "w"
+  pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  np.testing.assert_array_equal(calls[-1]["init"], coarse[:, 0])
+  c.method = "psp"
+  with pytest.raises(pipeline.PipelineError, match="e4e"):
+    pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+
+
+def test_build_edits_from_config(tmp_path):
+  import torch
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(np.asarray([0, 2], np.uint32), size=8, style_dim=8,
+                     n_mlp=1, channels=8)
+  n = np.random.RandomState(0).randn(8).astype(np.float32)
+  np.save(tmp_path / "age.npy", n)
+  torch.save(torch.from_numpy(n[None]), tmp_path / "pose.pt")
+  pcs = np.linalg.qr(np.random.RandomState(1).randn(8, 8))[0].T
+  np.savez(tmp_path / "pca.npz", components=pcs, std=np.arange(1, 9.0),
+           mean=np.zeros(8))
+  c = _dhr_config().edit
+  c.directions = f"age={tmp_path / 'age.npy'}, pose={tmp_path / 'pose.pt'}"
+  c.strengths = "-1,2.5"
+  c.layers = "0:2"
+  c.ganspace = str(tmp_path / "pca.npz")
+  c.ganspace_edits = "3,1,3,2; 0,0,1,-1+1,0,1,1"
+  c.random_direction_seed = 5
+  specs = run_lib.build_edits(c, G)
+  labels = [l for s in specs for l in s.labels]
+  assert labels == ["age_-1", "age_2.5", "pose_-1", "pose_2.5",
+                    "pca_3_1-3_2", "pca_0_0-1_-1+1_0-1_1", "random_-1",
+                    "random_2.5"]
+  codes = np.random.RandomState(2).randn(1, G.n_latent, 8).astype(np.float32)
+  age, pose = (np.asarray(s.fn(codes)) for s in specs[:2])
+  np.testing.assert_array_equal(age, pose)  # .npy and .pt: same direction
+  np.testing.assert_allclose(age[0, 1, :2] - codes[0, :2], 2.5 * n[None] *
+                             np.ones((2, 1)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(age[0, :, 2:], codes[:, None, 2:][0].repeat(
+      2, 0))
+  gs = np.asarray(specs[2].fn(codes))
+  np.testing.assert_allclose(gs[0, 0, 1:3] - codes[0, 1:3],
+                             np.tile(2 * 4.0 * pcs[3], (2, 1)), atol=1e-5)
+  rnd = np.asarray(specs[3].fn(codes))
+  step = (rnd[0, 1] - codes[0])[0] / 2.5
+  assert abs(np.linalg.norm(step) - 1) < 1e-5  # a seeded unit direction
+  c.directions = "age"
+  with pytest.raises(run_lib.UserError, match="name=path"):
+    run_lib.build_edits(c, G)
+  c.directions = f"a={tmp_path / 'age.npy'},a={tmp_path / 'age.npy'}"
+  c.ganspace, c.ganspace_edits, c.random_direction_seed = "", "", -1
+  with pytest.raises(run_lib.UserError, match="same name"):
+    run_lib.build_edits(c, G)
+  c.directions, c.ganspace_edits = "", "1,0,1,1"
+  with pytest.raises(run_lib.UserError, match="ganspace"):
+    run_lib.build_edits(c, G)
+  np.save(tmp_path / "wide.npy", np.ones(16, np.float32))
+  c.ganspace_edits, c.directions = "", f"w={tmp_path / 'wide.npy'}"
+  with pytest.raises(run_lib.UserError, match="does not fit"):
+    run_lib.build_edits(c, G)
