@@ -20,7 +20,6 @@ directions, without refining again:
 Exit status 0 when every image succeeded, 1 when some failed (one summary
 line on stderr, details in OUT/summary.json), 2 for unusable settings.
 """
-import contextlib
 import dataclasses
 import hashlib
 import json

@@ -5,12 +5,12 @@
 
 Needs the converted e4e bundle (encoder + the StyleGAN2 it was trained with):
 
-    python -m converters.e4e --src e4e_ffhq_encode.pt --dst checkpoints/e4e_ffhq
+    python -m converters.e4e --src e4e_ffhq_encode.pt --dst ckpt/e4e_ffhq
 
 and optionally the FaRL face parser for the class-wise thresholds:
 
     python -m converters.farl --src face_parsing.farl.celebm.main_ema_181500_jit.pt \
-        --dst checkpoints/farl
+        --dst ckpt/farl
 """
 import ml_collections
 
@@ -30,7 +30,7 @@ def get_config():
 
   config.model = ml_collections.ConfigDict(dict(
       # The e4e converter's bundle DIR (DIR/e4e + DIR/generator).
-      checkpoint="checkpoints/e4e_ffhq",
+      checkpoint="ckpt/e4e_ffhq",
       # Another generator checkpoint (converters.stylegan2); "" = the bundle's.
       generator="",
       # FaRL parser (converters.farl); "" = DSS with one threshold, no parsing.

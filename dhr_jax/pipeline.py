@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
