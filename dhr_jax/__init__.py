@@ -26,6 +26,9 @@ _EXPORTS = {
     "ganspace_edit": "dhr_jax.editing",
     "load_direction": "dhr_jax.editing",
     "load_ganspace": "dhr_jax.editing",
+    "save_refined": "dhr_jax.refine",
+    "load_refined": "dhr_jax.refine",
+    "run_batch": "dhr_jax.pipeline",
 }
 _RENAMED = {"load_lpips": "load"}
 
