@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhr_jax._static import ByIdentity
 from dhr_jax.models.stylegan2 import feature_resolution
 
 _TORCH_SUFFIXES = (".pt", ".pth")
@@ -384,22 +385,6 @@ def ganspace_edit(codes, pcs, edits, mode="add"):
 # Rendering
 
 
-class _ByIdentity:
-  """A generator as a jit-static argument, compared by identity.
-
-  Its weights are passed as traced arguments, never baked into the program.
-  """
-
-  def __init__(self, obj):
-    self.obj = obj
-
-  def __hash__(self):
-    return id(self.obj)
-
-  def __eq__(self, other):
-    return isinstance(other, _ByIdentity) and other.obj is self.obj
-
-
 @functools.partial(jax.jit, static_argnames=("gen", "feature_idx",
                                              "params_axis", "noise_axis"))
 def _render(gen, params, codes, noise, offset, mask, *, feature_idx,
@@ -506,7 +491,7 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
       if mask_feature.ndim != 4 or mask_feature.shape[:3] != (b, res, res):
         raise EditError(f"mask_feature must be (B={b}, {res}, {res}, 1), got "
                         f"{mask_feature.shape}")
-  images = _render(_ByIdentity(G), syn, codes, noise, offset, mask_feature,
+  images = _render(ByIdentity(G), syn, codes, noise, offset, mask_feature,
                    feature_idx=int(feature_idx), params_axis=params_axis,
                    noise_axis=noise_axis)
   return images[:, 0] if single else images

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dhr_jax._static import ByIdentity
+
 LOSS_RES = 256  # the projector compares images at most 256² (LPIPS-VGG scale)
 
 
@@ -52,24 +54,6 @@ class EmbeddingResult:
   noise: list
   losses: Any
   terms: dict
-
-
-class _ByIdentity:
-  """Wraps an object (generator, LPIPS) as a jit-static argument.
-
-  They are unhashable dataclasses holding arrays; comparing by identity lets
-  jax reuse the compiled loop for repeated calls with the same objects. Their
-  weights are passed separately as traced arguments, never baked in.
-  """
-
-  def __init__(self, obj):
-    self.obj = obj
-
-  def __hash__(self):
-    return id(self.obj)
-
-  def __eq__(self, other):
-    return isinstance(other, _ByIdentity) and other.obj is self.obj
 
 
 def latent_stats(G, key, n=10000):
@@ -281,7 +265,7 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
   lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
   strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
   codes, image, noise_maps, history = _embed_batch(
-      _ByIdentity(G), _ByIdentity(lpips_vgg), G.params, lpips_vgg.params,
+      ByIdentity(G), ByIdentity(lpips_vgg), G.params, lpips_vgg.params,
       targets, keys, init, lrs, strengths, jnp.float32(noise_regularize),
       jnp.float32(mse_lambda), space=space, loss_res=loss_res)
   losses, p, reg, mse = history
