@@ -5,6 +5,7 @@ linear layers, (out, in, kh, kw) for convolutions), so conversion is a plain
 renaming and the equalised-learning-rate scales are applied here, at run time,
 exactly as the official code does.
 """
+import functools
 import math
 
 import jax
@@ -62,24 +63,97 @@ def upsample_2x(x, kernel, pad):
   return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
 
 
-def conv2d(x, weight, padding):
-  """x NHWC, weight (out, in, kh, kw) as in PyTorch; cross-correlation."""
+def _conv2d(x, weight, padding):
   w = jnp.transpose(weight, (2, 3, 1, 0))
   return jax.lax.conv_general_dilated(
       x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=_NHWC)
 
 
+def _conv_transpose2d_stride2(x, weight):
+  k = weight.shape[-1]
+  w = jnp.transpose(weight[:, :, ::-1, ::-1], (2, 3, 1, 0))
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), [(k - 1, k - 1)] * 2, lhs_dilation=(2, 2),
+      dimension_numbers=_NHWC)
+
+
+def _tap_weight_grad(x, g, k, stride):
+  """dL/dW (out, in, k, k) of a k×k convolution as k² matrix products.
+
+  Tap (ty, tx) of the weight meets the input and the output gradient at a
+  fixed shift: stride 1 (padded input x): Σ x[:, h+ty, w+tx] ⊗ g[:, h, w];
+  stride 2 (transposed, unpadded x): Σ x[:, h, w] ⊗ g[:, 2h+ty, 2w+tx].
+  """
+  n, h, w = (g if stride == 1 else x).shape[:3]
+  taps = []
+  for ty in range(k):
+    for tx in range(k):
+      if stride == 1:
+        a, b = x[:, ty:ty + h, tx:tx + w], g
+      else:
+        a, b = x, g[:, ty:ty + 2 * h - 1:2, tx:tx + 2 * w - 1:2]
+      taps.append(jnp.einsum("nhwi,nhwo->oi", a, b))
+  return jnp.stack(taps, -1).reshape(taps[0].shape + (k, k))
+
+
+# XLA's CPU backward-filter convolution is slow: ~45× the forward for the
+# stride-2 transposed conv, and far slower again inside a while loop, which
+# is where refinement and embedding run (jax-ml/jax#12868). On CPU the
+# weight gradient is therefore taken as k² GEMMs (_tap_weight_grad); other
+# backends keep their own convolution gradient. Forward values and input
+# gradients are XLA's on every backend.
+
+
+def _weight_grad(conv, x, weight, g, tap_grad):
+  native = lambda x, g: jax.vjp(lambda w: conv(x, w), weight)[1](g)[0]
+  return jax.lax.platform_dependent(x, g, cpu=tap_grad, default=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x, weight, padding):
+  """x NHWC, weight (out, in, kh, kw) as in PyTorch; cross-correlation."""
+  return _conv2d(x, weight, padding)
+
+
+def _conv2d_fwd(x, weight, padding):
+  return _conv2d(x, weight, padding), (x, weight)
+
+
+def _conv2d_bwd(padding, res, g):
+  x, weight = res
+  conv = lambda x, w: _conv2d(x, w, padding)
+  dx = jax.vjp(lambda x: conv(x, weight), x)[1](g)[0]
+  p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  taps = lambda x, g: _tap_weight_grad(jnp.pad(x, p), g, weight.shape[-1], 1)
+  return dx, _weight_grad(conv, x, weight, g, taps)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@jax.custom_vjp
 def conv_transpose2d_stride2(x, weight):
   """PyTorch conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0).
 
   weight is (out, in, k, k). A strided transposed convolution is a plain
   convolution of the zero-dilated input with the spatially flipped kernel.
   """
-  k = weight.shape[-1]
-  w = jnp.transpose(weight[:, :, ::-1, ::-1], (2, 3, 1, 0))
-  return jax.lax.conv_general_dilated(
-      x, w, (1, 1), [(k - 1, k - 1)] * 2, lhs_dilation=(2, 2),
-      dimension_numbers=_NHWC)
+  return _conv_transpose2d_stride2(x, weight)
+
+
+def _conv_transpose_fwd(x, weight):
+  return _conv_transpose2d_stride2(x, weight), (x, weight)
+
+
+def _conv_transpose_bwd(res, g):
+  x, weight = res
+  conv = _conv_transpose2d_stride2
+  dx = jax.vjp(lambda x: conv(x, weight), x)[1](g)[0]
+  taps = lambda x, g: _tap_weight_grad(x, g, weight.shape[-1], 2)
+  return dx, _weight_grad(conv, x, weight, g, taps)
+
+
+conv_transpose2d_stride2.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
 
 
 def modulated_conv(x, style, weight, *, demodulate, upsample, blur_kernel):
