@@ -190,10 +190,11 @@ def _convert(args):
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
     g = load_generator(args.src)
     sd = to_torch_state_dict(g.params, g.noise)
-    out = {"g_ema": {k: torch.from_numpy(np.ascontiguousarray(v))
+    # Copies: arrays read back by orbax are read-only, torch wants writable.
+    out = {"g_ema": {k: torch.from_numpy(np.array(v))
                      for k, v in sd.items()}}
     if g.latent_avg is not None:
-      out["latent_avg"] = torch.from_numpy(np.asarray(g.latent_avg))
+      out["latent_avg"] = torch.from_numpy(np.array(g.latent_avg))
     torch.save(out, args.dst)
     return args.dst
   sd, latent_avg = read_source(args.src)
