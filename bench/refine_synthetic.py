@@ -98,7 +98,12 @@ def region_lpips(alex, x, y, region):
   return float(np.sum(maps * region) / np.sum(region))
 
 
-def main(argv=None):
+COLUMNS = ("psnr_in", "psnr_out", "lpips_in", "lpips_out", "weight_dev",
+           "weight_dev_rel", "edit_psnr", "edit_lpips", "patch_psnr")
+
+
+def run(argv=None):
+  """Runs the benchmark, prints its table and returns {mode: {column: mean}}."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--channels", type=int, default=64)
@@ -168,6 +173,7 @@ def main(argv=None):
             f"{'edit LPIPS':>10} {'patch PSNR':>10} | {'time s':>6}")
   print(header)
   print("-" * len(header))
+  results = {}
   for mode in args.modes.split(","):
     t0 = time.perf_counter()
     if mode == "none":
@@ -208,9 +214,15 @@ def main(argv=None):
           dev, dev / theta_norm, np.mean(e_psnr), np.mean(e_lpips),
           np.mean(e_patch)])
     v = np.mean(np.asarray(rows), axis=0)
+    results[mode] = dict(zip(COLUMNS, map(float, v)))
     print(f"{mode:>8} | {v[0]:7.2f} {v[1]:8.2f} | {v[2]:8.4f} {v[3]:9.4f} | "
           f"{v[4]:8.3f} {v[5]:8.2e} | {v[6]:9.2f} {v[7]:10.4f} {v[8]:10.2f} | "
           f"{elapsed:6.1f}", flush=True)
+  return results
+
+
+def main(argv=None):
+  run(argv)
   return 0
 
 
