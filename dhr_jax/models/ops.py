@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 SQRT2 = math.sqrt(2.0)
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -77,61 +78,73 @@ def _conv_transpose2d_stride2(x, weight):
       dimension_numbers=_NHWC)
 
 
-def _tap_weight_grad(x, g, k, stride):
-  """dL/dW (out, in, k, k) of a k×k convolution as k² matrix products.
+# XLA's CPU backward-filter convolution is slow: ~45× the forward for the
+# stride-2 transposed conv, and slower again inside a while loop, which is
+# where refinement runs (jax-ml/jax#12868). So on CPU the convolutions'
+# derivative in the weight is written as k² matrix products, one per tap,
+# whose transpose (the weight gradient) is k² GEMMs. A custom JVP rather
+# than a custom VJP keeps forward-mode (jax.jvp, jacfwd) working. Other
+# backends keep XLA's own derivative; forward values and input derivatives
+# are XLA's everywhere.
 
-  Tap (ty, tx) of the weight meets the input and the output gradient at a
-  fixed shift: stride 1 (padded input x): Σ x[:, h+ty, w+tx] ⊗ g[:, h, w];
-  stride 2 (transposed, unpadded x): Σ x[:, h, w] ⊗ g[:, 2h+ty, 2w+tx].
-  """
-  n, h, w = (g if stride == 1 else x).shape[:3]
-  taps = []
+
+def _conv2d_taps(x, weight, padding):
+  """_conv2d as Σ over taps of shifted x @ weight[:, :, ty, tx]ᵀ."""
+  k = weight.shape[-1]
+  p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  x = jnp.pad(x, p)
+  h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+  out = 0.0
   for ty in range(k):
     for tx in range(k):
-      if stride == 1:
-        a, b = x[:, ty:ty + h, tx:tx + w], g
-      else:
-        a, b = x, g[:, ty:ty + 2 * h - 1:2, tx:tx + 2 * w - 1:2]
-      taps.append(jnp.einsum("nhwi,nhwo->oi", a, b))
-  return jnp.stack(taps, -1).reshape(taps[0].shape + (k, k))
+      out = out + jnp.einsum("nhwi,oi->nhwo", x[:, ty:ty + h, tx:tx + w],
+                             weight[:, :, ty, tx])
+  return out
 
 
-# XLA's CPU backward-filter convolution is slow: ~45× the forward for the
-# stride-2 transposed conv, and far slower again inside a while loop, which
-# is where refinement and embedding run (jax-ml/jax#12868). On CPU the
-# weight gradient is therefore taken as k² GEMMs (_tap_weight_grad); other
-# backends keep their own convolution gradient. Forward values and input
-# gradients are XLA's on every backend.
+def _conv_transpose2d_taps(x, weight):
+  """_conv_transpose2d_stride2 as Σ over taps of x @ weight[:, :, ty, tx]ᵀ
+  spread onto every other pixel from (ty, tx) (interior padding)."""
+  k = weight.shape[-1]
+  zero = jnp.zeros((), x.dtype)
+  out = 0.0
+  for ty in range(k):
+    for tx in range(k):
+      v = jnp.einsum("nhwi,oi->nhwo", x, weight[:, :, ty, tx])
+      out = out + jax.lax.pad(v, zero, ((0, 0, 0), (ty, k - 1 - ty, 1),
+                                        (tx, k - 1 - tx, 1), (0, 0, 0)))
+  return out
 
 
-def _weight_grad(conv, x, weight, g, tap_grad):
-  native = lambda x, g: jax.vjp(lambda w: conv(x, w), weight)[1](g)[0]
-  return jax.lax.platform_dependent(x, g, cpu=tap_grad, default=native)
+def _tangent(conv, taps, x, weight, dx, dweight):
+  """conv's tangent; zero tangents (symbolic) cost nothing: the weights are
+  constants in refinement's offset-only steps, inputs in the first layer."""
+  parts = []
+  if not isinstance(dx, SymbolicZero):
+    parts.append(conv(dx, weight))
+  if not isinstance(dweight, SymbolicZero):
+    parts.append(jax.lax.platform_dependent(x, dweight, cpu=taps,
+                                            default=conv))
+  return sum(parts[1:], parts[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def conv2d(x, weight, padding):
   """x NHWC, weight (out, in, kh, kw) as in PyTorch; cross-correlation."""
   return _conv2d(x, weight, padding)
 
 
-def _conv2d_fwd(x, weight, padding):
-  return _conv2d(x, weight, padding), (x, weight)
-
-
-def _conv2d_bwd(padding, res, g):
-  x, weight = res
+def _conv2d_jvp(padding, primals, tangents):
+  (x, weight), (dx, dweight) = primals, tangents
   conv = lambda x, w: _conv2d(x, w, padding)
-  dx = jax.vjp(lambda x: conv(x, weight), x)[1](g)[0]
-  p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  taps = lambda x, g: _tap_weight_grad(jnp.pad(x, p), g, weight.shape[-1], 1)
-  return dx, _weight_grad(conv, x, weight, g, taps)
+  taps = lambda x, w: _conv2d_taps(x, w, padding)
+  return conv(x, weight), _tangent(conv, taps, x, weight, dx, dweight)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def conv_transpose2d_stride2(x, weight):
   """PyTorch conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0).
 
@@ -141,19 +154,14 @@ def conv_transpose2d_stride2(x, weight):
   return _conv_transpose2d_stride2(x, weight)
 
 
-def _conv_transpose_fwd(x, weight):
-  return _conv_transpose2d_stride2(x, weight), (x, weight)
-
-
-def _conv_transpose_bwd(res, g):
-  x, weight = res
+def _conv_transpose_jvp(primals, tangents):
+  (x, weight), (dx, dweight) = primals, tangents
   conv = _conv_transpose2d_stride2
-  dx = jax.vjp(lambda x: conv(x, weight), x)[1](g)[0]
-  taps = lambda x, g: _tap_weight_grad(x, g, weight.shape[-1], 2)
-  return dx, _weight_grad(conv, x, weight, g, taps)
+  return conv(x, weight), _tangent(conv, _conv_transpose2d_taps, x, weight,
+                                   dx, dweight)
 
 
-conv_transpose2d_stride2.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+conv_transpose2d_stride2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)
 
 
 def modulated_conv(x, style, weight, *, demodulate, upsample, blur_kernel):
