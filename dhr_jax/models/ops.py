@@ -117,8 +117,9 @@ def _conv_transpose2d_taps(x, weight):
 
 
 def _tangent(conv, taps, x, weight, dx, dweight):
-  """conv's tangent; zero tangents (symbolic) cost nothing: the weights are
-  constants in refinement's offset-only steps, inputs in the first layer."""
+  """conv's tangent. Zero (symbolic) tangents cost nothing: the weights are
+  constants when inverting (gradients for the codes only) and in
+  refinement's offset-only steps."""
   parts = []
   if not isinstance(dx, SymbolicZero):
     parts.append(conv(dx, weight))
