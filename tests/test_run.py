@@ -90,20 +90,21 @@ def _make_inputs(directory):
   return directory
 
 
+# The small pipeline every run here uses, in-process (_config) and through
+# the CLI (_cli_overrides): one list, so the two cannot drift apart.
+_SMALL = (("batch_size", 2), ("embedding.n_mean_latent", 500),
+          ("dss.coarse_steps", 3), ("dss.n_segments", 16),
+          ("refine.feature_idx", 3),  # the 8² feature of the 32² generator
+          ("refine.feature_steps", 4), ("refine.weight_steps", 2),
+          ("edit.random_direction_seed", 0), ("edit.strengths", "-1,1"),
+          ("save.intermediate", True))
+
+
 def _config(bundle, inputs):
   c = _dhr_config()
   c.model.checkpoint = bundle
   c.data.input = inputs
-  c.batch_size = 2
-  c.embedding.n_mean_latent = 500
-  c.dss.coarse_steps = 3
-  c.dss.n_segments = 16
-  c.refine.feature_idx = 3       # the 8² feature of the 32² generator
-  c.refine.feature_steps = 4
-  c.refine.weight_steps = 2
-  c.edit.random_direction_seed = 0
-  c.edit.strengths = "-1,1"
-  c.save.intermediate = True
+  c.update_from_flattened_dict(dict(_SMALL))
   return c
 
 
@@ -402,16 +403,11 @@ def test_cli_exit_status_and_one_line_errors(setup, tmp_path):
 
 
 def _cli_overrides(setup):
-  return [
+  return ([
       "--config=" + os.path.join(REPO, "configs", "dhr.py"),
       "--config.model.checkpoint=" + setup["bundle"],
-      "--config.data.input=" + setup["inputs"],
-      "--config.batch_size=2", "--config.embedding.n_mean_latent=500",
-      "--config.dss.coarse_steps=3", "--config.dss.n_segments=16",
-      "--config.refine.feature_idx=3", "--config.refine.feature_steps=4",
-      "--config.refine.weight_steps=2",
-      "--config.edit.random_direction_seed=0", "--config.edit.strengths=-1,1",
-      "--config.save.intermediate=True"]
+      "--config.data.input=" + setup["inputs"]]
+      + [f"--config.{key}={value}" for key, value in _SMALL])
 
 
 @pytest.mark.slow  # a second process compiling the whole pipeline (~2 min)
