@@ -24,6 +24,7 @@ Printed per (size, batch), as a markdown row:
     included) and, on an accelerator, its peak device memory.
 """
 import argparse
+import dataclasses
 import os
 import platform
 import resource
@@ -105,7 +106,6 @@ def step_seconds(spec, G, codes, target, mask, lpips_params, hyper, steps=2):
 
 
 def measure(size, batch, lpips_on, feature_idx):
-  import dataclasses
   from dhr_jax import refine
   G, codes, target, mask, net, lp, hyper = problem(size, batch, lpips_on)
   spec = refine.refine_spec(G, feature_idx, "hybrid", net)
