@@ -327,7 +327,9 @@ class _Reader(pickle.Unpickler):
 
 def is_pickle(path):
   """True for a raw pickle (NVIDIA's .pkl), False for torch.save files (zip
-  or legacy) and anything else."""
+  or legacy) and anything else, a missing file included."""
+  if not os.path.isfile(path):
+    return False
   with open(path, "rb") as f:
     head = f.read(len(_LEGACY_HEADER))
   return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
