@@ -17,7 +17,8 @@ own code:
   `torch.save` format) become numpy arrays; storage types map to numpy
   dtypes, and offsets and strides are checked against the storage size.
 - containers: `collections.OrderedDict` and `dnnlib.util.EasyDict` become
-  plain dicts, `builtins.set`/`frozenset` sets; numpy scalars
+  plain dicts, `builtins.set`/`frozenset` sets, `_codecs.encode(s,
+  'latin1')` bytes (old protocols); numpy scalars
   (`numpy.core.multiarray.scalar` with a numeric `numpy.dtype`) become plain
   Python numbers.
 
@@ -145,6 +146,13 @@ def _ordered_dict(items=()):
   return dict(items)
 
 
+def _codecs_encode(text, encoding):
+  """How protocol ≤ 2 pickles bytes: _codecs.encode(str, 'latin1')."""
+  if not isinstance(text, str) or encoding != "latin1":
+    raise RefusedPickle(f"_codecs.encode(..., {encoding!r})")
+  return text.encode("latin1")
+
+
 class _EasyDict(dict):
   """`dnnlib.util.EasyDict` (a dict with attribute access) as a dict; the
   pickle rebuilds it with NEWOBJ + SETITEMS (+ an empty BUILD)."""
@@ -267,11 +275,13 @@ def _load_from_bytes(data):
   """A storage saved by torch's legacy (non-zip) torch.save, as numpy."""
   if not isinstance(data, bytes):
     raise RefusedPickle("torch.storage._load_from_bytes of a non-bytes value")
+  if not data.startswith(_LEGACY_HEADER):
+    raise RefusedPickle("tensor bytes that are not a torch storage")
   f = io.BytesIO(data)
   storages = {}
-  if _StorageReader(f).load() != _LEGACY_MAGIC or \
-      _StorageReader(f).load() != _LEGACY_PROTOCOL:
-    raise RefusedPickle("tensor bytes that are not a torch storage")
+  _StorageReader(f).load()
+  if _StorageReader(f).load() != _LEGACY_PROTOCOL:
+    raise RefusedPickle("a torch storage of an unknown format version")
   info = _StorageReader(f).load()
   if not isinstance(info, dict) or info.get("little_endian") is not True:
     raise RefusedPickle("a big-endian tensor storage")
@@ -307,6 +317,9 @@ _GLOBALS = {
     ("dnnlib", "EasyDict"): _EasyDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,  # protocol ≤ 2 spelling
+    ("__builtin__", "frozenset"): frozenset,
+    ("_codecs", "encode"): _codecs_encode,
     ("numpy", "dtype"): _DType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
