@@ -222,6 +222,11 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False,
     raise RefusedPickle("a tensor with negative offset, size or stride")
   if 0 in size:
     return np.zeros(size, storage.array.dtype)
+  if np.prod(size, dtype=object) > storage.array.size:
+    # Only zero strides give a view more elements than its storage; a
+    # checkpoint never needs them, and they could ask for any amount of memory.
+    raise RefusedPickle(f"a tensor of shape {size} over a storage of "
+                        f"{storage.array.size} elements")
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.array.size:
     raise RefusedPickle(

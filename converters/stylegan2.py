@@ -194,7 +194,11 @@ def read_source(path, with_config=False):
     latent_avg = to_numpy({"x": latent_avg})["x"]
   if with_config:
     recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return sd, latent_avg, {k: recorded[k] for k in _RECORDED if k in recorded}
+    arch = {k: recorded[k] for k in _RECORDED if k in recorded}
+    for k, v in arch.items():
+      if not (isinstance(v, (int, float)) or (v is None and k == "conv_clamp")):
+        raise ConversionError(f"{path}: config[{k!r}] is {v!r}, not a number")
+    return sd, latent_avg, arch
   return sd, latent_avg
 
 

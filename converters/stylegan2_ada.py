@@ -15,9 +15,10 @@ against NVIDIA's code, layer by layer:
   fused_leaky_relu; `mapping.w_avg` is latent_avg, and truncation is the
   same lerp (`truncate(w, ψ, G.latent_avg)`).
 - affine: FullyConnectedLayer(bias_init=1) is the modulation EqualLinear.
-- SynthesisLayer: the weight carries no 1/√fan_in gain, which only demod
+- SynthesisLayer: the weight carries no 1/√fan_in gain, which demodulation
   divides out; NVIDIA adds its 1e-8 to Σ(w·s)² of the unscaled weight, ours
-  to the scaled one (relative effect ~1e-8 here, far below float32).
+  to the scaled one: a relative difference of (fan_in − 1)·1e-8 / (2Σ(w·s)²),
+  below float32 resolution unless the styles vanish.
   Noise `noise_const · noise_strength` is added after demodulation, then
   bias, lrelu, gain √2, then the clamp to ±conv_clamp.
 - conv0 (up=2): transposed stride-2 conv, then the [1,3,3,1] filter with
@@ -36,6 +37,7 @@ alias-free architecture), img_channels ≠ 3, z_dim ≠ w_dim, a resampling
 filter other than [1,3,3,1], layers with other activations/kernels.
 """
 import re
+import sys
 
 import numpy as np
 
@@ -147,6 +149,7 @@ def read_g_ema(data, src):
               "converts")
   clamps = {n: m.attrs.get("conv_clamp") for n, m in {**layers, **torgbs}.items()}
   conv_clamp = _only(clamps, "conv_clamp", src)
+  conv_clamp = None if conv_clamp is None else float(conv_clamp)
 
   nv = nvidia_pickle.state_dict(g)
   channels = {}
@@ -161,6 +164,10 @@ def read_g_ema(data, src):
     if not np.allclose(nv[name], _FILTER):
       _refuse(src, f"{name} is not the [1,3,3,1] filter; a generator with "
               "another resampling filter is not supported")
+  fp16 = [f"b{r}" for r, b in blocks.items() if b.attrs.get("use_fp16")]
+  if fp16:
+    print(f"note: {src}: blocks {', '.join(fp16)} ran in fp16 in NVIDIA's code; "
+          "they run in float32 here", file=sys.stderr)
   return (_to_rosinality(nv, res), nv.get("mapping.w_avg"),
           {"conv_clamp": conv_clamp, "lr_mlp": lr_mlp})
 

@@ -27,7 +27,7 @@ from converters import stylegan2 as conv
 from converters import stylegan2_ada
 from converters.common import ConversionError
 from dhr_jax import editing, refine
-from dhr_jax.models.stylegan2 import Generator, truncate
+from dhr_jax.models.stylegan2 import Generator
 
 PKL = os.path.join(GOLDEN, "stylegan2_ada_64.pkl")
 
@@ -100,7 +100,8 @@ def test_parity_with_nvidia(ada):
   ws = jnp.repeat(w[:, None], G.n_latent, axis=1)
   assert rel_l2(ws, a["ws_from_z"]) <= TOL
   # Truncation through the public API, with latent_avg = the file's w_avg.
-  assert rel_l2(truncate(w, 0.7, G.latent_avg)[:, None].repeat(G.n_latent, 1),
+  assert rel_l2(dhr_jax.truncate(w, 0.7, G.latent_avg)[:, None].repeat(
+      G.n_latent, 1),
                 a["ws_trunc07"]) <= TOL
   assert rel_l2(nchw(G(G.params, z)), a["image_from_z"]) <= TOL
   ws_in = jnp.asarray(a["ws_in"])
@@ -209,6 +210,10 @@ def _mixed_lr(g):
   g.modules["mapping"].modules["fc3"].attrs["bias_gain"] = 0.1
 
 
+def _grey(g):
+  g.attrs["img_channels"] = 1
+
+
 def _box_filter(g):
   conv0 = g.modules["synthesis"].modules["b8"].modules["conv0"]
   conv0.buffers["resample_filter"] = np.ones((4, 4), np.float32) / 16
@@ -220,6 +225,7 @@ def _box_filter(g):
     (_stylegan3, "a StyleGAN3 generator (synthesis.input + L*_ layers): a "
      "different, alias-free architecture"),
     (_mixed_lr, "the mapping lr_multiplier differs between layers"),
+    (_grey, "img_channels=1; only RGB generators convert"),
     (_box_filter, "synthesis.b8.conv0.resample_filter is not the [1,3,3,1] "
      "filter"),
 ])
@@ -228,6 +234,16 @@ def test_refuses_what_does_not_map(loaded, change, expect):
   change(data["G_ema"])
   with pytest.raises(ConversionError, match=re.escape(expect)):
     stylegan2_ada.read_g_ema(data, "x.pkl")
+
+
+def test_fp16_blocks_are_named_and_run_in_float32(loaded, capsys):
+  data = copy.deepcopy(loaded)
+  for r in (32, 64):
+    data["G_ema"].modules["synthesis"].modules[f"b{r}"].attrs["use_fp16"] = True
+  sd, _, arch = stylegan2_ada.read_g_ema(data, "x.pkl")
+  assert "blocks b32, b64 ran in fp16" in capsys.readouterr().err
+  assert sd["convs.7.conv.weight"].dtype == np.float32
+  assert arch == {"conv_clamp": 4.0, "lr_mlp": 0.01}
 
 
 def test_refuses_a_pickle_without_g_ema(tmp_path):
@@ -383,6 +399,7 @@ def _tensor_file(offset, size, stride):
     (3, (2,), (1,), None),       # past the end
     (0, (2, 2), (1, 3), None),   # stride past the end
     (0, (2,), (-1,), None),
+    (0, (8,), (0,), None),       # more elements than the storage holds
 ])
 def test_tensor_views_stay_inside_their_storage(tmp_path, offset, size,
                                                 stride, want):
