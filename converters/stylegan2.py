@@ -1,4 +1,4 @@
-"""StyleGAN2 checkpoint (rosinality .pt, or NVIDIA .pkl read without executing it) ⇄ dhr_jax generator.
+"""StyleGAN2 generator (rosinality .pt; NVIDIA .pkl, never executed) ⇄ dhr_jax.
 
     python -m converters.stylegan2 --src stylegan2-ffhq-config-f.pt --dst ckpt/ffhq
     python -m converters.stylegan2 --src network-snapshot.pkl --dst ckpt/ada

@@ -246,6 +246,16 @@ def test_fp16_blocks_are_named_and_run_in_float32(loaded, capsys):
   assert arch == {"conv_clamp": 4.0, "lr_mlp": 0.01}
 
 
+def test_pickles_and_torch_files_told_apart(tmp_path):
+  sd = {"style.1.weight": torch.zeros(2)}
+  torch.save(sd, tmp_path / "zip.pt")
+  torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+  assert not nvidia_pickle.is_pickle(str(tmp_path / "zip.pt"))
+  assert not nvidia_pickle.is_pickle(str(tmp_path / "legacy.pt"))
+  assert not nvidia_pickle.is_pickle(str(tmp_path / "missing.pkl"))
+  assert nvidia_pickle.is_pickle(PKL)
+
+
 def test_refuses_a_pickle_without_g_ema(tmp_path):
   with open(tmp_path / "d.pkl", "wb") as f:
     pickle.dump({"D": 1}, f)
