@@ -100,8 +100,8 @@ def test_parity_with_nvidia(ada):
   ws = jnp.repeat(w[:, None], G.n_latent, axis=1)
   assert rel_l2(ws, a["ws_from_z"]) <= TOL
   # Truncation through the public API, with latent_avg = the file's w_avg.
-  assert rel_l2(dhr_jax.truncate(w, 0.7, G.latent_avg)[:, None].repeat(
-      G.n_latent, 1),
+  w_t = dhr_jax.truncate(w, 0.7, G.latent_avg)
+  assert rel_l2(jnp.repeat(w_t[:, None], G.n_latent, axis=1),
                 a["ws_trunc07"]) <= TOL
   assert rel_l2(nchw(G(G.params, z)), a["image_from_z"]) <= TOL
   ws_in = jnp.asarray(a["ws_in"])
@@ -109,7 +109,8 @@ def test_parity_with_nvidia(ada):
   off = [jnp.zeros_like(n) for n in G.noise]
   assert rel_l2(nchw(G.synthesis(G.params, ws_in, off)),
                 a["image_nonoise"]) <= TOL
-  # The fixture exercises the clamp: without it the image is far off.
+  # The fixture exercises the clamp: without it the image is far off
+  # (measured: 8.0e-2).
   unclamped = Generator({**G.config, "conv_clamp": None}, G.params, G.noise)
   assert rel_l2(nchw(unclamped.synthesis(G.params, ws_in)),
                 a["image_from_ws"]) > 1e-2
@@ -160,22 +161,23 @@ def test_refine_and_edit_unchanged_downstream(ada):
   codes = jnp.asarray(a["ws_in"][:1])
   target = jnp.clip(G.synthesis(G.params, codes + 0.3), -1, 1)
   mask = jnp.zeros((1, 64, 64, 1)).at[:, 16:48, 16:48].set(1.0)
+  # Learning rates for these stand-in weights, whose activations sit at the
+  # small clamp (±4): DHR's defaults (tuned for trained nets) overshoot here.
   r = refine.hybrid_refine(G, codes, target, mask, feature_idx=5,
-                           feature_steps=2, weight_steps=1, lpips_lambda=0.0)
-  assert r.losses_in.shape == (1, 1) and r.losses_out.shape == (1, 2)
-  assert np.isfinite(np.asarray(r.losses_out)).all()
-  moved = [a for a, b in zip(jax.tree_util.tree_leaves(r.params["synthesis"]),
-                             jax.tree_util.tree_leaves(G.params["synthesis"]))
-           if not np.array_equal(a[0], b)]
-  assert moved  # the weight step changed the generator
+                           feature_steps=4, weight_steps=3, lpips_lambda=0.0,
+                           feature_lr=3e-3, weight_lr=1e-4)
+  # Measured: L_in 0.648 → 0.374 → 0.196, L_out 0.364 → 0.276 → 0.215 → 0.180.
+  assert np.all(np.diff(np.asarray(r.losses_in[0])) < 0)
+  assert np.all(np.diff(np.asarray(r.losses_out[0])) < 0)
   edited = editing.edit_codes(codes, jnp.ones(256), strengths=[0.0, 2.0])
   imgs = editing.render(G, r.params, edited, offset=r.offset,
                         mask_feature=r.mask_feature, feature_idx=5)
   assert imgs.shape == (1, 2, 64, 64, 3)
-  # α = 0 renders the refined inversion (render's doc: bit for bit on CPU,
-  # float round-off ~1e-6 elsewhere); α = 2 changes it.
+  # α = 0 renders the refined inversion up to float round-off between the
+  # loop's program and render's (measured max 1.2e-6); α = 2 changes it
+  # (measured mean 0.83).
   np.testing.assert_allclose(imgs[:, 0], r.image, atol=1e-5)
-  assert float(jnp.mean(jnp.abs(imgs[:, 1] - imgs[:, 0]))) > 1e-2
+  assert float(jnp.mean(jnp.abs(imgs[:, 1] - imgs[:, 0]))) > 1e-1
 
 
 # --------------------------------------------------------------------------
