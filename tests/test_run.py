@@ -595,6 +595,34 @@ def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
     pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
 
 
+def test_coarse_inversion_target_is_the_official_256_resize(monkeypatch):
+  """run_batch gives DSS's coarse inversion the input as the official data
+  set transform does (PIL bilinear to 256²), not the generator-size image."""
+  from dhr_jax import embedding, pipeline
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(np.asarray([0, 3], np.uint32), size=8, style_dim=8,
+                     n_mlp=1, channels=8)
+  models = pipeline.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
+                           w_stats=("mean", "spread"))
+
+  class Seen(Exception):
+    pass
+
+  def fake(G_, target, lpips_vgg, **kw):
+    raise Seen(np.asarray(target))
+  monkeypatch.setattr(embedding, "coarse_inversion", fake)
+  u = np.random.RandomState(0).randint(0, 256, (2, 8, 8, 3), np.uint8)
+  config = _dhr_config()
+  config.batch_size = 2
+  with pytest.raises(Seen) as seen:
+    pipeline.run_batch(models, config, u / 127.5 - 1.0, ["p", "q"])
+  target = seen.value.args[0]
+  assert target.shape == (2, 256, 256, 3)
+  for i in range(2):
+    want = Image.fromarray(u[i]).resize((256, 256), Image.BILINEAR)
+    np.testing.assert_array_equal(io.to_uint8(target[i]), np.asarray(want))
+
+
 def test_build_edits_from_config(tmp_path):
   import torch
   from dhr_jax.models.stylegan2 import init_generator
