@@ -249,6 +249,155 @@ def report_refine(f32, f64):
           f"  metrics {metric:.2e} (|Δ| / max(1, |m|))")
 
 
+# ---------------------------------------------- embedding and refine_tiny
+
+def embedding_values(tmp, x64):
+  """tests/test_embedding.py's two batching checks: W (16 steps) for images
+  (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
+  del tmp
+  from dhr_jax import lpips
+  from dhr_jax._static import ByIdentity
+  from dhr_jax.embedding import (_embed_batch, latent_stats, learning_rates,
+                                 noise_levels)
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=2,
+                     channels=32)
+  L = lpips.load("vgg")
+  targets = np.asarray(G(G.params, jax.random.normal(jax.random.PRNGKey(1),
+                                                     (3, 32))))
+  mean, std = (np.asarray(v) for v in latent_stats(G, jax.random.PRNGKey(2),
+                                                   2000))
+  keys_w = jax.random.split(jax.random.PRNGKey(3), 3)
+  keys_p = jax.random.split(jax.random.PRNGKey(4), 2)
+  _precision(x64)
+  dt = _dtype()
+  gen, lp = ByIdentity(G), ByIdentity(L)
+  g_params, l_params = _cast(G.params, dt), _cast(L.params, dt)
+
+  def run(idx, keys, space, steps, mse):
+    shape = (len(idx), 32) if space == "w" else (len(idx), G.n_latent, 32)
+    codes, image, _, hist = _embed_batch(
+        gen, lp, g_params, l_params, jnp.asarray(targets[idx], dt), keys,
+        jnp.broadcast_to(jnp.asarray(mean, dt), shape),
+        jnp.asarray(learning_rates(steps), dt),
+        jnp.asarray(noise_levels(steps) * std, dt), jnp.asarray(1e5, dt),
+        jnp.asarray(mse, dt), space=space, resize="interpolate")
+    return [np.asarray(x, np.float64) for x in (codes, image, hist[0])]
+
+  out = {}
+  for name, value in (("ab", run([0, 1], keys_w[:2], "w", 16, 0.0)),
+                      ("plus", run([0, 1], keys_p, "w+", 12, 1.0))):
+    for k, v in zip(("codes", "image", "losses"), value):
+      out[f"{name}_{k}"] = v
+  if not x64:
+    for k, v in zip(("codes", "image", "losses"),
+                    run([0, 2], keys_w[::2], "w", 16, 0.0)):
+      out["ac_" + k] = v
+    ones = [run([i], keys_p[i:i + 1], "w+", 12, 1.0) for i in range(2)]
+    for j, k in enumerate(("codes", "image", "losses")):
+      out["one_" + k] = np.concatenate([o[j] for o in ones])
+  return out
+
+
+def report_embedding(f32, f64):
+  def err(a, b, kind):
+    if kind == "codes":  # the tests' assert_allclose(rtol=r, atol=r) scale
+      return np.max(np.abs(a - b) / (1.0 + np.abs(b)))
+    if kind == "losses":
+      return np.max(np.abs(a - b) / np.abs(b))
+    return np.max(np.abs(a - b))
+
+  print("embedding: codes max |Δ|/(1+|b|), losses max rel, image max |Δ|")
+  rows = (("W, image 0 in batch (0,1) vs (0,2), f32", f32, "ab", 0, f32,
+           "ac", 0),
+          ("W, image 0, f32 vs f64", f32, "ab", 0, f64, "ab", 0),
+          ("W+, batch vs one by one, f32", f32, "plus", None, f32, "one",
+           None),
+          ("W+, batch f32 vs f64", f32, "plus", None, f64, "plus", None),
+          ("W+, one by one f32 vs f64", f32, "one", None, f64, "plus", None))
+  for label, da, a, ia, db, b, ib in rows:
+    vals = []
+    for k in ("codes", "losses", "image"):
+      x, y = da[f"{a}_{k}"], db[f"{b}_{k}"]
+      if ia is not None:
+        x, y = x[ia], y[ib]
+      vals.append(err(x, y, k))
+    print(f"  {label:42s} codes {vals[0]:.2e}  losses {vals[1]:.2e}  "
+          f"image {vals[2]:.2e}")
+
+
+def refine_tiny_values(tmp, x64):
+  """tests/test_refine.py::test_batched_equals_looped_single_image_steps:
+  the vmapped scan against one jitted step per Python call."""
+  del tmp
+  import test_refine
+  from dhr_jax import refine
+  G, codes, target, mask = test_refine._tiny()
+  codes, target, mask = (np.asarray(x) for x in (codes, target, mask))
+  _precision(x64)
+  dt = _dtype()
+  k = test_refine.K
+  spec = refine.refine_spec(G, k, "hybrid")
+  hyper = _cast(refine.make_hyper(3, 1e-2, 9e-2, 1.0, 0.0), dt)
+  params, noise = _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt)
+  p, o, _, image, l_in, l_out = refine._refine_batch(
+      spec, 6, 3, params, jnp.asarray(codes, dt), jnp.asarray(target, dt),
+      jnp.asarray(mask, dt), noise, None, hyper)
+  flat = lambda p: np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                   for x in jax.tree_util.tree_leaves(p)])
+  out = {"batch_params": np.stack([flat(jax.tree_util.tree_map(
+      lambda x: x[i], p)) for i in range(len(codes))]),
+         "batch_offset": np.asarray(o, np.float64),
+         "batch_image": np.asarray(image, np.float64),
+         "batch_losses": np.concatenate([np.asarray(l_in, np.float64),
+                                         np.asarray(l_out, np.float64)], 1)}
+  if x64:
+    return out
+  res = refine.feature_resolution(k)
+  rows = {"params": [], "offset": [], "image": [], "losses": []}
+  render = jax.jit(lambda p, c, o, m: G.synthesis(
+      {"synthesis": p}, c, feature_idx=k, offset=o, mask=m))
+  for i in range(len(codes)):
+    inputs = refine.RefineInputs(
+        jnp.asarray(codes[i:i + 1]), jnp.asarray(target[i:i + 1]),
+        jnp.asarray(mask[i:i + 1]),
+        refine.area_pool(jnp.asarray(mask[i:i + 1]), res), list(G.noise))
+    state = refine.init_state(spec, G.params["synthesis"], inputs.codes,
+                              inputs.noise)
+    losses = []
+    for _ in range(6):
+      state, (li, lo) = refine.hybrid_step(state, inputs, hyper, spec=spec)
+      losses.append((float(li), float(lo)))
+    losses = np.asarray(losses)
+    rows["losses"].append(np.concatenate([losses[:3, 0], losses[:, 1]]))
+    rows["params"].append(flat(state.params))
+    rows["offset"].append(np.asarray(state.offset[0], np.float64))
+    rows["image"].append(np.asarray(render(state.params, inputs.codes,
+                                           state.offset,
+                                           inputs.mask_feature)[0],
+                                    np.float64))
+  for key, v in rows.items():
+    out["loop_" + key] = np.stack(v)
+  return out
+
+
+def report_refine_tiny(f32, f64):
+  print("refine_tiny: worst relative L2 over images (image: max |Δ|)")
+  for label, da, a, db, b in (("f32 vmapped scan vs f32 step by step", f32,
+                               "batch", f32, "loop"),
+                              ("f32 vmapped scan vs f64", f32, "batch", f64,
+                               "batch"),
+                              ("f32 step by step vs f64", f32, "loop", f64,
+                               "batch")):
+    vals = []
+    for k in ("losses", "offset", "params", "image"):
+      x, y = da[f"{a}_{k}"], db[f"{b}_{k}"]
+      vals.append(np.max(np.abs(x - y)) if k == "image" else
+                  max(rel_l2(u, v) for u, v in zip(x, y)))
+    print(f"  {label:38s} losses {vals[0]:.2e}  offset {vals[1]:.2e}  "
+          f"weights {vals[2]:.2e}  image {vals[3]:.2e}")
+
+
 # ------------------------------------------------------------- primitives
 
 def _torch_nhwc(fn, x, dtype):
@@ -280,6 +429,16 @@ def _primitive_cases():
   cases["e4e.upsample_bilinear_aligned"] = (
       f32(e4e.upsample_bilinear_aligned(jnp.asarray(x), (9, 13))),
       _torch_nhwc(fn, x, np.float32), _torch_nhwc(fn, x, np.float64))
+  from PIL import Image
+  pil_inputs = {}
+  for size in (1024, 300, 128):
+    x = np.random.RandomState(size).uniform(-1, 1, (1, size, size, 3)).astype(
+        np.float32)
+    pil_inputs[size] = x
+    ref = np.stack([np.asarray(Image.fromarray(x[0, :, :, c], mode="F").resize(
+        (256, 256), Image.BILINEAR)) for c in range(3)], -1)[None]
+    cases[f"e4e.resize_for_encoder {size} vs PIL"] = (
+        f32(e4e.resize_for_encoder(jnp.asarray(x))), f32(ref), None)
   for n_in, n_out in [(1024, 448), (100, 37), (14, 112)]:
     x = np.random.RandomState(0).randn(2, n_in, n_in + 3, 4).astype(
         np.float32)
@@ -340,6 +499,10 @@ def _primitive_cases():
       :2] + (f32(want64[0]),)
   cases["ops.conv2d grad w (max rel)"] = cases["ops.conv2d grad w (max rel)"][
       :2] + (f32(want64[1]),)
+  for size, x in pil_inputs.items():
+    name = f"e4e.resize_for_encoder {size} vs PIL"
+    cases[name] = cases[name][:2] + (f32(e4e.resize_for_encoder(
+        jnp.asarray(x, jnp.float64))),)
   d64 = alex.distance(_cast(alex.params, jnp.float64),
                       jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
   cases["lpips alex distance (rel)"] = (cases["lpips alex distance (rel)"][0],
@@ -379,7 +542,9 @@ def report_primitives(f32, f64):
 
 PARTS = {"stylegan2_64": (stylegan2_64_values, report_stylegan2_64),
          "refine": (refine_values, report_refine),
-         "primitives": (primitives_values, report_primitives)}
+         "primitives": (primitives_values, report_primitives),
+         "embedding": (embedding_values, report_embedding),
+         "refine_tiny": (refine_tiny_values, report_refine_tiny)}
 
 
 def _evaluate(part, x64):

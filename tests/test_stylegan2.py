@@ -103,9 +103,10 @@ def _check_parity(G, manifest, arrays, pooled):
   #   64²:   grad_wplus  2.0e-4 + 4 × 1.9e-4 = 9.5e-4 → 1e-3
   #          grad_offset 2.1e-4 + 4 × 4.4e-4 = 2.0e-3 → 2e-3
   #   1024²: grad_wplus: the fixture is 6.1e-4 from a float64 evaluation and
-  #          our float32 one 1.01e-3 from the fixture (a float64 run at 1024²
-  #          takes hours here, so |f32 − f64| is taken as that 1.0e-3):
-  #          6.1e-4 + 4 × 1.0e-3 → 5e-3.
+  #          our float32 one 1.01e-3 from the fixture (an earlier session's
+  #          figures, issue #12; the bench does not redo 1024² in float64,
+  #          its 64² run already takes 18 min on 2 shared cores), so
+  #          |f32 − f64| is taken as 1.0e-3: 6.1e-4 + 4 × 1.0e-3 → 5e-3.
   assert rel_l2(g_wplus, arrays["grad_wplus"]) <= (5e-3 if pooled else 1e-3)
   if not pooled:
     assert rel_l2(nchw(g_offset), arrays["grad_offset"]) <= 2e-3
