@@ -132,6 +132,22 @@ def load_image(path, size):
   return np.asarray(rgb, np.float32) / 127.5 - 1.0
 
 
+def resize_target(images, size=256):
+  """(B, H, W, 3) images in [-1, 1] → (B, size, size, 3), as the official
+  DHR code's data set transform makes the target of its optimisation
+  embedding (`images_resize`: torchvision `Resize((256, 256))` on the PIL
+  image, i.e. PIL's bilinear resize of the uint8 picture, then /127.5 − 1).
+
+  The official code resizes the input file; here the image already loaded
+  at the generator's size is resized, which is the same picture when the
+  input is at the generator's size (FFHQ-aligned 1024² crops).
+  """
+  from PIL import Image
+  out = [np.asarray(Image.fromarray(u).resize((size, size), Image.BILINEAR),
+                    np.float32) for u in to_uint8(images)]
+  return np.stack(out) / 127.5 - 1.0
+
+
 # --------------------------------------------------------------------------
 # Outputs
 

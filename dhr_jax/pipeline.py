@@ -32,6 +32,7 @@ import numpy as np
 
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
+from dhr_jax import io
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
@@ -351,13 +352,15 @@ def padded_size(count, batch_size, n_devices=1):
   return -(-b // n_devices) * n_devices
 
 
-def embed(models, config, target, names, seed, coarse_codes=None):
+def embed(models, config, target, names, seed, coarse_codes=None,
+          loss_target=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
   'e4e' encodes the images. 'optim' continues DSS's coarse W inversion
   (`coarse_codes`, which already spent `dss.coarse_steps` steps from the
   mean latent) for `config.steps` more steps in config.space; steps = 0
-  takes the coarse inversion itself as the embedding.
+  takes the coarse inversion itself as the embedding. Its loss compares with
+  `loss_target` (default `io.resize_target(target)`, the official 256²).
   """
   method = config.method
   G = models.G
@@ -388,8 +391,10 @@ def embed(models, config, target, names, seed, coarse_codes=None):
       if models.mesh is not None:
         keys = jax.device_put(keys, _batched(models.mesh))
       init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
+      if loss_target is None:
+        loss_target = io.resize_target(target)
       res = embedding_lib.optimize_latent(
-          G, target, models.lpips_vgg, key=keys, steps=int(config.steps),
+          G, loss_target, models.lpips_vgg, key=keys, steps=int(config.steps),
           space=config.space, lr=float(config.lr),
           mse_lambda=float(config.mse_lambda), w_stats=models.w_stats,
           init=init)
@@ -499,8 +504,11 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     raise PipelineError(f"{n} images for a batch of {b}")
   padded_names = list(names) + [names[-1]] * (b - n)
   x = _pad(target, b)
+  # The optimisation embedding's target: the official code's 256² resize.
+  x_loss = io.resize_target(x)
   if models.mesh is not None:
     x = jax.device_put(x, _batched(models.mesh))
+    x_loss = jax.device_put(x_loss, _batched(models.mesh))
   else:
     x = jnp.asarray(x)
   seed = int(config.seed)
@@ -513,7 +521,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
       dict(config.dss))
   inv = embedding_lib.coarse_inversion(
-      G, x, models.lpips_vgg, key=coarse_keys,
+      G, x_loss, models.lpips_vgg, key=coarse_keys,
       steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
   dss = segmentation.domain_specific_segmentation(
       x, coarse=inv.image, coarse_codes=inv.codes,
@@ -522,7 +530,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
 
   t = time.perf_counter()
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
-                          coarse_codes=inv.codes)
+                          coarse_codes=inv.codes, loss_target=x_loss)
   embedded = np.asarray(embedded)
   times["embed"] = time.perf_counter() - t
 

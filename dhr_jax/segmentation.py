@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from dhr_jax import lpips as lpips_lib
+from dhr_jax.io import resize_target
 
 # CelebAMask-HQ 19-class parsing, in the order of the parser's channels.
 CELEBAMASK_LABELS = (
@@ -346,8 +347,9 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
       raise ValueError("domain_specific_segmentation needs G and key for the "
                        "coarse inversion, or a precomputed `coarse` image")
     from dhr_jax import embedding
-    inv = embedding.coarse_inversion(G, target, lpips_vgg, key=key,
-                                     steps=c.coarse_steps)
+    # The official coarse inversion's target: the input resized to 256².
+    inv = embedding.coarse_inversion(G, resize_target(target), lpips_vgg,
+                                     key=key, steps=c.coarse_steps)
     coarse, coarse_codes = inv.image, inv.codes
   coarse = jnp.asarray(coarse, jnp.float32)
   if coarse.shape != target.shape:
