@@ -3,12 +3,14 @@ r"""DHR over a folder of images: inversions, masks, edits and metrics.
     python run.py --config=configs/dhr.py --config.data.input=DIR --workdir=OUT
     python run.py --config=configs/demo.py --workdir=/tmp/demo   # no weights
 
-Writes, per image, OUT/<name>/ with inversion.png, mask.png, input.png,
-grid.png (input | inversion | mask | edits), edits/<edit>_<strength>.png,
-refined/ (weight delta, offset, mask, codes) and the marker done.json, which
-is written last; with --config.save.intermediate also embedding.png,
-coarse.png, superpixels.png, error_map.png (and parsing.png with a parser).
-Run level: OUT/metrics.csv and OUT/summary.json.
+Writes, per image, OUT/<name>/ with input.png, inversion.png, mask.png,
+grid.png (titled columns: input | inversion | mask | edits),
+edits/<edit>_<strength>.png, refined/ (read it back with
+dhr_jax.load_refined) and the marker done.json, which is written last; with
+--config.save.intermediate also embedding.png, coarse.png, superpixels.png,
+error_map.png (and parsing.png with a parser). Run level: OUT/metrics.csv,
+OUT/summary.json and OUT/index.html (every grid with its metrics); the demo
+also writes its inputs to OUT/inputs/. A run holds OUT/.lock while it writes.
 
 Re-running with the same workdir skips the images whose outputs are complete,
 so a killed run is resumed by starting it again. Editing again with other
@@ -20,11 +22,13 @@ directions, without refining again:
 Exit status 0 when every image succeeded, 1 when some failed (one summary
 line on stderr, details in OUT/summary.json), 2 for unusable settings.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -138,6 +142,12 @@ def load_models(config, mesh=None):
     except checkpoint.CheckpointError as e:
       raise UserError(f"{e} (convert with: "
                       f"{_E4E_CMD.format(path=m.checkpoint)})") from None
+    try:
+      pipeline.check_compatible(G, encoder)
+    except pipeline.PipelineError as e:
+      raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
+                      f"not fit model.checkpoint {m.checkpoint!r}: {e}"
+                      ) from None
   if m.parser:
     if not os.path.exists(m.parser):
       raise _missing(m.parser, "parser checkpoint",
@@ -208,6 +218,56 @@ def build_edits(edit_config, G):
 
 
 # --------------------------------------------------------------------------
+# Settings
+
+
+def _one_of(key, value, allowed):
+  if value not in allowed:
+    raise UserError(f"config.{key} must be one of "
+                    f"{', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _at_least(key, value, low):
+  if value < low:
+    raise UserError(f"config.{key} must be ≥ {low}; got {value}")
+
+
+def validate_config(config):
+  """Refuses unusable settings before anything is loaded or created."""
+  from dhr_jax import pipeline
+  from dhr_jax import refine
+  _at_least("batch_size", int(config.batch_size), 1)
+  e = config.embedding
+  _one_of("embedding.method", e.method, pipeline.EMBEDDINGS)
+  _one_of("embedding.space", e.space, ("w", "w+"))
+  _at_least("embedding.steps", int(e.steps), 0)
+  _at_least("embedding.n_mean_latent", int(e.n_mean_latent), 1)
+  _at_least("dss.coarse_steps", int(config.dss.coarse_steps), 1)
+  _at_least("dss.n_segments", int(config.dss.n_segments), 1)
+  r = config.refine
+  _one_of("refine.mode", r.mode, refine.MODES)
+  _at_least("refine.feature_steps", int(r.feature_steps), 1)
+  _at_least("refine.weight_steps", int(r.weight_steps), 0)
+  if int(r.weight_steps) > int(r.feature_steps):
+    raise UserError(
+        f"config.refine.weight_steps ({r.weight_steps}) must be ≤ "
+        f"config.refine.feature_steps ({r.feature_steps}): the weights are "
+        "refined during the first weight_steps of the feature steps")
+  _one_of("edit.ganspace_mode", config.edit.ganspace_mode, ("add", "set"))
+  if config.data.input == "synthetic" and "synthetic" not in config.data:
+    raise UserError("config.data.input='synthetic' needs config.data."
+                    "synthetic (see configs/demo.py)")
+
+
+def _check_feature_idx(config, G):
+  from dhr_jax import refine
+  try:
+    refine.refine_spec(G, int(config.refine.feature_idx), config.refine.mode)
+  except ValueError as e:
+    raise UserError(f"config.refine.feature_idx: {e}") from None
+
+
+# --------------------------------------------------------------------------
 # Inputs
 
 
@@ -259,30 +319,35 @@ def _write_png(directory, rel, array, files):
   files.append(rel)
 
 
-def _grid(input_u8, inversion_u8, mask_u8, edit_tiles):
+def _grid(input_u8, inversion_u8, mask_u8, edit_tiles, edit_names):
+  """grid.png: the columns titled, tiles scaled up for small generators."""
   from dhr_jax import io
-  return io.grid([input_u8, inversion_u8, mask_u8] + list(edit_tiles))
+  return io.titled_grid([input_u8, inversion_u8, mask_u8]
+                        + list(edit_tiles.values()),
+                        io.grid_titles(list(edit_tiles), edit_names))
 
 
 def _write_edits(directory, rendered, files):
-  """edits/<label>.png for every rendered edit; returns the uint8 tiles."""
+  """edits/<label>.png for every rendered edit → {label: uint8 tile}."""
   from dhr_jax import io
   edits_dir = os.path.join(directory, "edits")
   if os.path.isdir(edits_dir):
     shutil.rmtree(edits_dir)
-  tiles = []
+  tiles = {}
   for label, img in rendered.items():
     u8 = io.to_uint8(img)
     _write_png(directory, f"edits/{label}.png", u8, files)
-    tiles.append(u8)
+    tiles[label] = u8
   return tiles
 
 
-def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0):
+def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
+                edit_names=()):
   """All outputs of one successful image, the marker last.
 
   seconds_before: this image's share of the batch's compute time; the
-  marker records it plus the time spent writing.
+  marker records it plus the time spent writing. edit_names: the edits'
+  names, to title the grid's columns 'name strength'.
   """
   from dhr_jax import io
   from dhr_jax import refine
@@ -307,13 +372,14 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0):
     _write_png(directory, "coarse.png", io.to_uint8(r.coarse), files)
     _write_png(directory, "superpixels.png",
                io.superpixel_picture(inp, r.superpixels, r.boundaries), files)
-    _write_png(directory, "error_map.png", io.error_picture(r.error_map),
+    _write_png(directory, "error_map.png", io.error_figure(r.error_map),
                files)
     if r.parsing is not None:
       _write_png(directory, "parsing.png", io.parsing_picture(r.parsing),
                  files)
   tiles = _write_edits(directory, r.edits, files)
-  _write_png(directory, "grid.png", _grid(inp, inv, mask, tiles), files)
+  _write_png(directory, "grid.png", _grid(inp, inv, mask, tiles, edit_names),
+             files)
   seconds = seconds_before + time.perf_counter() - t0
   marker = dict(name=r.name, source=source, fingerprint=stamp,
                 metrics=dict(r.metrics, seconds=seconds),
@@ -369,43 +435,126 @@ def _short(reason, limit=160):
   return reason if len(reason) <= limit else reason[:limit - 1] + "…"
 
 
-def _print_table(rows, columns, file=sys.stdout):
+def _cell(v):
+  return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_table(rows, columns, file=None):
+  """Rows under their column names, each column as wide as its widest cell."""
   if not rows:
     return
-  widths = [max(len(c), 8) for c in columns]
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
-  for r in rows:
-    print("  ".join(fmt(r.get(c, "")).ljust(w)
-                    for c, w in zip(columns, widths)), file=file)
+  file = file or sys.stdout
+  cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells])
+            for i, c in enumerate(columns)]
+  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+        file=file)
+  for row in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(),
+          file=file)
+
+
+@contextlib.contextmanager
+def _lock(workdir):
+  """Holds the workdir's lock; another run holding it is a UserError."""
+  from dhr_jax import io
+  try:
+    lock = io.WorkdirLock(workdir).acquire()
+  except io.WorkdirBusy as e:
+    raise UserError(str(e)) from None
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+class _Progress:
+  """The images bar, with the running batch's stage beside it.
+
+  Stages come from `pipeline.run_batch`, the refinement steps from XLA's
+  callback thread; the bar is redrawn at most every `interval` seconds
+  (and on every stage change) so that the compiled loops never wait on it.
+  """
+
+  def __init__(self, total, initial, interval=0.5):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, initial=initial, unit="img", desc="DHR",
+                    dynamic_ncols=True)
+    self.batch = ""
+    self.stage = ""
+    self.interval = interval
+    self._shown = 0.0
+
+  def start_batch(self, index, count, names):
+    self.batch = f"batch {index}/{count} ({', '.join(names)})"
+
+  def __call__(self, stage):
+    head, _, count = stage.partition(" step ")
+    k, _, n = count.partition("/")
+    now = time.monotonic()
+    # Within a stage, steps are drawn at most every `interval`, except the
+    # first and the last.
+    if (head == self.stage.partition(" step ")[0] and k not in ("1", n)
+        and now - self._shown < self.interval):
+      return
+    self.stage, self._shown = stage, now
+    self.bar.set_postfix_str(f"{self.batch}: {stage}", refresh=True)
+
+  def update(self, n=1):
+    self.bar.update(n)
+
+  def close(self):
+    self.bar.set_postfix_str("", refresh=False)
+    self.bar.close()
 
 
 def run(config, workdir, *, refine_fn=None):
-  """Inverts, refines and edits every input of `config` into `workdir`."""
+  """Inverts, refines and edits every input of `config` into `workdir`.
+
+  Every setting, the inputs, the models and the workdir's parent are checked
+  before anything is created; the workdir is locked while the run writes.
+  """
   from dhr_jax import io
   from dhr_jax import pipeline
   t_start = time.time()
   workdir = os.path.abspath(workdir)
+  validate_config(config)
   try:
-    io.check_writable(workdir)  # before any compute
+    io.check_creatable(workdir)
   except io.WorkdirError as e:
     raise UserError(str(e)) from None
-  if int(config.batch_size) < 1:
-    raise UserError(f"config.batch_size must be ≥ 1, got {config.batch_size}")
-  if config.refine.mode not in ("hybrid", "weight", "feature"):
-    raise UserError(f"config.refine.mode must be hybrid, weight or feature, "
-                    f"got {config.refine.mode!r}")
-  gt = None
-  source = config.data.input
-  if source != "synthetic":
+  entries = None
+  if config.data.input != "synthetic":
     try:
-      entries = io.list_images(source)
+      entries = io.list_images(config.data.input)
     except io.ImageError as e:
       raise UserError(str(e)) from None
-  mesh = pipeline.make_mesh()
-  models = load_models(config, mesh)
+  with contextlib.ExitStack() as held:
+    # A workdir that exists may be another run's: refuse now, not after the
+    # models are loaded. A new one is locked as soon as it is made.
+    if os.path.isdir(workdir):
+      held.enter_context(_lock(workdir))
+    models = load_models(config, pipeline.make_mesh())
+    _check_feature_idx(config, models.G)
+    edits = build_edits(config.edit, models.G)
+    if not os.path.isdir(workdir):
+      try:
+        io.check_writable(workdir)
+      except io.WorkdirError as e:
+        raise UserError(str(e)) from None
+      held.enter_context(_lock(workdir))
+    return _run_batches(config, workdir, entries, models, edits, refine_fn,
+                        t_start)
+
+
+def _run_batches(config, workdir, entries, models, edits, refine_fn,
+                 t_start):
+  from dhr_jax import io
+  from dhr_jax import pipeline
   G = models.G
-  edits = build_edits(config.edit, G)
+  edit_names = [e.name for e in edits]
+  gt = None
+  source = config.data.input
   if source == "synthetic":
     source, gt = _synthetic_inputs(config, workdir, G)
     entries = io.list_images(source)
@@ -427,9 +576,8 @@ def run(config, workdir, *, refine_fn=None):
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
-  from tqdm import tqdm
-  progress = tqdm(total=len(entries), initial=skipped, unit="img",
-                  desc="DHR", dynamic_ncols=True)
+  progress = _Progress(len(entries), skipped)
+  n_batches = -(-len(entries) // b)
   # Batches are fixed slices of the sorted inputs, so a resumed run computes
   # every image in the same batch as an uninterrupted one.
   for start in range(0, len(entries), b):
@@ -449,11 +597,12 @@ def run(config, workdir, *, refine_fn=None):
         progress.update(1)
     if not any(n in todo for n in names):
       continue
+    progress.start_batch(start // b + 1, n_batches, todo)
     t0 = time.perf_counter()
     try:
       results, times = pipeline.run_batch(
           models, config, np.stack(images), names, edits=edits,
-          ground_truth=gt, refine_fn=refine_fn)
+          ground_truth=gt, refine_fn=refine_fn, progress=progress)
     except pipeline.PipelineError as e:
       raise UserError(str(e)) from None
     except Exception as e:  # one bad batch must not end the run
@@ -464,6 +613,7 @@ def run(config, workdir, *, refine_fn=None):
                              reason=_short(f"{type(e).__name__}: {e}")))
           progress.update(1)
       continue
+    progress("writing")
     share = (time.perf_counter() - t0) / len(names)
     for r in results:
       if r.name not in todo:
@@ -473,26 +623,48 @@ def run(config, workdir, *, refine_fn=None):
         failed.append(dict(name=r.name, file=dict(chunk)[r.name],
                            reason=r.reason))
       else:
-        write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share)
+        write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
+                    edit_names)
       progress.update(1)
-    progress.set_postfix({k: f"{v:.1f}s" for k, v in times.items()})
+    _write_index(workdir, entries, failed, stamp)
+    logging.info("batch %s: %s", ", ".join(todo),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
   progress.close()
   return _finish(config, workdir, entries, failed, skipped, t_start, "run")
 
 
-def _finish(config, workdir, entries, failed, skipped, t_start, mode):
-  """metrics.csv and summary.json from every complete image; the outcome."""
-  from dhr_jax import io
+def _columns(rows):
   from dhr_jax import pipeline
-  stamp = fingerprint(config)
+  columns = ["name"] + list(pipeline.METRICS) + ["seconds"]
+  return columns + [c for c in pipeline.GT_METRICS
+                    if any(c in r for r in rows)]
+
+
+def _rows(workdir, entries, stamp):
+  """A metrics row for every complete image of `entries`, in their order."""
+  from dhr_jax import io
   rows = []
   for name, _ in entries:
     marker = io.read_marker(os.path.join(workdir, io.output_name(name)))
     if marker is not None and marker.get("fingerprint") == stamp:
       rows.append(dict(name=name, **marker["metrics"]))
-  columns = ["name"] + list(pipeline.METRICS) + ["seconds"]
-  extra = [c for c in pipeline.GT_METRICS if any(c in r for r in rows)]
-  columns += extra
+  return rows
+
+
+def _write_index(workdir, entries, failed, stamp, rows=None):
+  from dhr_jax import io
+  rows = _rows(workdir, entries, stamp) if rows is None else rows
+  io.write_index(workdir, [dict(r, dir=io.output_name(r["name"]))
+                           for r in rows], _columns(rows), failed)
+
+
+def _finish(config, workdir, entries, failed, skipped, t_start, mode):
+  """metrics.csv, summary.json and index.html from every complete image;
+  the outcome."""
+  from dhr_jax import io
+  stamp = fingerprint(config)
+  rows = _rows(workdir, entries, stamp)
+  columns = _columns(rows)
   io.write_csv(os.path.join(workdir, "metrics.csv"), rows, columns)
   means = {c: float(np.mean([r[c] for r in rows]))
            for c in columns[1:] if rows and all(c in r for r in rows)}
@@ -503,46 +675,57 @@ def _finish(config, workdir, entries, failed, skipped, t_start, mode):
       versions=_versions(), devices=[str(d) for d in jax.devices()],
       seconds=time.time() - t_start, fingerprint=stamp)
   io.write_json(os.path.join(workdir, "summary.json"), summary)
+  _write_index(workdir, entries, failed, stamp, rows)
   if len(rows) <= 20:
-    _print_table(rows, columns)
-  print("mean   " + "  ".join(f"{k}={v:.4g}" for k, v in means.items()))
+    _print_table(rows + ([dict(name="mean", **means)] if len(rows) > 1
+                         else []), columns)
+  elif means:
+    print("mean  " + "  ".join(f"{k}={v:.4g}" for k, v in means.items()))
   if failed:
     return Outcome([r["name"] for r in rows], failed, skipped, 1,
                    _failure_line(len(entries), rows, failed))
   return Outcome([r["name"] for r in rows], [], skipped, 0,
                  f"DHR: {len(rows)} of {len(entries)} images done in "
-                 f"{workdir}")
+                 f"{workdir} (see index.html)")
 
 
 def edit(config, workdir):
   """Renders config.edit again for every finished image of `workdir`."""
+  from dhr_jax import io
+  workdir = os.path.abspath(workdir)
+  validate_config(config)
+  if not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} does not exist; run without "
+                    "--mode=edit first")
+  with _lock(workdir):
+    G = load_generator(config)
+    edits = build_edits(config.edit, G)
+    if not edits:
+      raise UserError("no edits configured: set --config.edit.directions="
+                      "name=path.npy, --config.edit.ganspace=... or "
+                      "--config.edit.random_direction_seed=0")
+    entries = []
+    for name in sorted(os.listdir(workdir)):
+      directory = os.path.join(workdir, name)
+      marker = (io.read_marker(directory, optional=("edits/", "grid.png"))
+                if os.path.isdir(directory) else None)
+      if marker is not None:
+        entries.append((marker["name"], directory, marker))
+    if not entries:
+      raise UserError(f"{workdir} holds no finished images (no "
+                      f"{io.MARKER}); run without --mode=edit first")
+    return _edit_entries(workdir, G, edits, entries)
+
+
+def _edit_entries(workdir, G, edits, entries):
   from dhr_jax import checkpoint
   from dhr_jax import io
   from dhr_jax import pipeline
   from dhr_jax import refine
-  t_start = time.time()
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist; run without "
-                    "--mode=edit first")
-  G = load_generator(config)
-  edits = build_edits(config.edit, G)
-  if not edits:
-    raise UserError("no edits configured: set --config.edit.directions="
-                    "name=path.npy, --config.edit.ganspace=... or "
-                    "--config.edit.random_direction_seed=0")
-  entries = []
-  for name in sorted(os.listdir(workdir)):
-    directory = os.path.join(workdir, name)
-    marker = (io.read_marker(directory, optional=("edits/", "grid.png"))
-              if os.path.isdir(directory) else None)
-    if marker is not None:
-      entries.append((marker["name"], directory, marker))
-  if not entries:
-    raise UserError(f"{workdir} holds no finished images (no {io.MARKER}); "
-                    "run without --mode=edit first")
-  failed = []
+  from PIL import Image
   from tqdm import tqdm
+  edit_names = [e.name for e in edits]
+  done, failed = [], []
   for name, directory, marker in tqdm(entries, unit="img", desc="edit"):
     try:
       refined = refine.load_refined(os.path.join(directory, "refined"), G)
@@ -553,20 +736,22 @@ def edit(config, workdir):
     files = [f for f in marker["files"]
              if not f.startswith("edits/") and f != "grid.png"]
     tiles = _write_edits(directory, rendered, files)
-    from PIL import Image
     read = lambda f: np.asarray(Image.open(os.path.join(directory, f)))
     _write_png(directory, "grid.png",
                _grid(read("input.png"), read("inversion.png"),
-                     read("mask.png"), tiles), files)
+                     read("mask.png"), tiles, edit_names), files)
     marker.update(edits=list(rendered), files=files)
     io.write_json(os.path.join(directory, io.MARKER), marker)
-  names = [(n, d) for n, d, _ in entries]
-  print(f"re-edited {len(entries) - len(failed)} image(s) in {workdir}")
+    done.append(name)
+  rows = [dict(name=n, dir=os.path.basename(d), **m["metrics"])
+          for n, d, m in entries if n in done]
+  io.write_index(workdir, rows, _columns(rows), failed)
   if failed:
-    return Outcome([n for n, _ in names], failed, 0, 1,
-                   _failure_line(len(entries), names, failed))
-  return Outcome([n for n, _ in names], [], 0, 0,
-                 f"DHR: re-edited {len(entries)} images in {workdir}")
+    return Outcome(done, failed, 0, 1,
+                   _failure_line(len(entries), done, failed))
+  return Outcome(done, [], 0, 0,
+                 f"DHR: re-edited {len(done)} of {len(entries)} images in "
+                 f"{workdir} (see index.html)")
 
 
 def _quiet_orbax(record):
@@ -577,10 +762,111 @@ def _quiet_orbax(record):
           or "orbax" not in record.pathname)
 
 
+# --------------------------------------------------------------------------
+# Command line
+
+
+def _config_path(argv):
+  """The --config file named in argv ('' when none), without ':args'; the
+  last one given wins, as in absl."""
+  path = ""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      path = arg.split("=", 1)[1]
+    elif arg in ("--config", "-config") and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path.split(":", 1)[0]
+
+
+def _load_config_file(path):
+  """`get_config()` of a config file, or a UserError saying why not."""
+  import importlib.util
+  if not os.path.isfile(path):
+    raise UserError(f"--config={path}: no such config file; use "
+                    "configs/dhr.py (the paper's settings), configs/demo.py "
+                    "(no weights) or a copy of one")
+  try:
+    spec = importlib.util.spec_from_file_location("_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as e:  # whatever a broken config file raises
+    raise UserError(f"--config={path}: cannot load it ({type(e).__name__}: "
+                    f"{_short(e)})") from None
+
+
+def _kind(value):
+  if isinstance(value, bool):
+    return "True or False"
+  if isinstance(value, int):
+    return "an integer"
+  if isinstance(value, float):
+    return "a number"
+  if isinstance(value, (tuple, list)):
+    return "a tuple, e.g. \"('a', 'b')\""
+  return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _override_error(config, argv, error):
+  """The first --config.KEY=VALUE of argv that `config` refuses, explained."""
+  import ml_collections
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key, _, value = arg[len("--config."):].partition("=")
+    node, walked = config, "config"
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        have = (", ".join(sorted(node.keys()))
+                if isinstance(node, ml_collections.ConfigDict) else
+                f"nothing (it is {_kind(node)})")
+        return (f"--config.{key}: no such setting; {walked} has {have}")
+      node, walked = node[part], f"{walked}.{part}"
+    if f"--config.{key}=" in str(error) or (
+        f"--config.{key} " in str(error)):
+      return (f"--config.{key}={value}: expected {_kind(node)} (the config "
+              f"has {node!r})")
+  return None
+
+
+def explain_flag_error(argv, error):
+  """One line for a refused command line (unknown key, wrong type, missing
+  config file, unknown flag): what was wrong and what is allowed."""
+  path = _config_path(argv)
+  if path or any(a.startswith("--config.") for a in argv):
+    try:
+      config = _load_config_file(path) if path else None
+    except UserError as e:
+      return str(e)
+    if config is not None:
+      line = _override_error(config, argv, error)
+      if line:
+        return line
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing with one `error:` line and exit 2 on bad flags
+  (absl would print a traceback or a FATAL line and exit 1)."""
+  try:
+    rest = flags.FLAGS(argv)
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()  # a config file that failed to load raises here
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
+          ValueError) as e:
+    print(f"error: {explain_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
 def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (settings are "
+          "--config.KEY=VALUE)", file=sys.stderr)
+    return 2
   config = _CONFIG.value
   if config is None:
     print("error: --config is required (e.g. --config=configs/dhr.py)",
@@ -602,4 +888,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, or a bare state dict.
 The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
 """
 import math
+import os
 import re
 import sys
 
@@ -20,7 +21,7 @@ from converters.common import (ConversionError, check_keys, cli_main,
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
-                                      noise_shapes)
+                                      load_generator, noise_shapes)
 
 _LISTS = ("style", "convs", "to_rgbs")
 _FIR = ops.fir_kernel(gain=4.0)
@@ -184,8 +185,6 @@ def read_source(path):
 def _convert(args):
   if args.to_torch:
     import torch
-    from dhr_jax.models.stylegan2 import load_generator
-    import os
     if os.path.exists(args.dst) and not args.overwrite:
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
     g = load_generator(args.src)
@@ -206,7 +205,8 @@ def main(argv=None):
   return cli_main(
       __doc__.splitlines()[0], _convert, argv,
       lambda p: p.add_argument("--to-torch", action="store_true",
-                               help="convert a dhr_jax checkpoint back to .pt"))
+                               help="convert a dhr_jax checkpoint back to .pt"),
+      dst_is_file=lambda args: args.to_torch)
 
 
 if __name__ == "__main__":

@@ -351,6 +351,18 @@ def padded_size(count, batch_size, n_devices=1):
   return -(-b // n_devices) * n_devices
 
 
+def check_compatible(G, encoder):
+  """Raises PipelineError unless the encoder's W+ codes fit the generator."""
+  got = (encoder.config["n_latent"], encoder.config["style_dim"])
+  want = (G.n_latent, G.config["style_dim"])
+  if got != want:
+    raise PipelineError(
+        f"the encoder predicts {got[0]}×{got[1]} W+ codes "
+        f"({encoder.config.get('size', '?')}² bundle) but the "
+        f"{G.config['size']}² generator takes {want[0]}×{want[1]}; use the "
+        "generator of the same e4e bundle (leave model.generator empty)")
+
+
 def embed(models, config, target, names, seed, coarse_codes=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
@@ -366,13 +378,7 @@ def embed(models, config, target, names, seed, coarse_codes=None):
       raise PipelineError("embedding.method='e4e' needs the e4e encoder "
                           "(model.checkpoint: the converted e4e bundle)")
     enc = models.encoder
-    if (enc.config["n_latent"], enc.config["style_dim"]) != (
-        G.n_latent, G.config["style_dim"]):
-      raise PipelineError(
-          f"the encoder predicts {enc.config['n_latent']}×"
-          f"{enc.config['style_dim']} codes but the generator takes "
-          f"{G.n_latent}×{G.config['style_dim']}; use the generator of the "
-          "same e4e bundle")
+    check_compatible(G, enc)
     codes = enc.encode(enc.params, target)
     return codes, _synthesize(G, codes)
   if method == "optim":
@@ -467,7 +473,7 @@ def _finite(*arrays):
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              refine_fn=None):
+              refine_fn=None, progress=None):
   """Runs the pipeline on one batch.
 
   Args:
@@ -482,6 +488,10 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     edits: `EditSpec`s rendered for every image.
     ground_truth: optional {name: (H, W) bool out-of-domain patch}.
     refine_fn: `refine.hybrid_refine` or a stand-in with its signature.
+    progress: optional `progress(stage)`, told the stage as it starts
+      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
+      'edits'); the refinement steps are reported from XLA's callback
+      thread while the compiled loop runs.
 
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
@@ -505,8 +515,10 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     x = jnp.asarray(x)
   seed = int(config.seed)
   times = {}
+  report = progress or (lambda stage: None)
 
   t = time.perf_counter()
+  report("segmentation")
   coarse_keys = image_keys(seed, padded_names, "coarse")
   if models.mesh is not None:
     coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
@@ -521,6 +533,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   times["dss"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("embedding")
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
                           coarse_codes=inv.codes)
   embedded = np.asarray(embedded)
@@ -531,22 +544,32 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   if models.mesh is not None:
     mask = jax.device_put(mask, _batched(models.mesh))
   rc = config.refine
-  result = _refine(models, refine_fn, codes, x, mask, dict(
-      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
-      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
-      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+  steps = int(rc.feature_steps)
+  report(f"refinement step 0/{steps}")
+  with refine_lib.on_step(
+      lambda k: report(f"refinement step {k}/{steps}")):
+    result = _refine(models, refine_fn, codes, x, mask, dict(
+        feature_idx=int(rc.feature_idx), feature_steps=steps,
+        weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+        feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+    # Dispatch is asynchronous: wait inside the block so that every step
+    # is reported while someone listens.
+    jax.block_until_ready((result.params, result.offset, result.image,
+                           result.losses_in, result.losses_out))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
   times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("metrics")
   metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
                           models.lpips_vgg)
   times["metrics"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("edits")
   codes = np.asarray(codes)
   out = []
   for i, name in enumerate(names):
