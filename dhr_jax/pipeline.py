@@ -546,8 +546,14 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   rc = config.refine
   steps = int(rc.feature_steps)
   report(f"refinement step 0/{steps}")
-  with refine_lib.on_step(
-      lambda k: report(f"refinement step {k}/{steps}")):
+  reached = [0]
+
+  def step_done(k):
+    # Under shard_map every device reports each step: count forward only.
+    if k > reached[0]:
+      reached[0] = k
+      report(f"refinement step {k}/{steps}")
+  with refine_lib.on_step(step_done):
     result = _refine(models, refine_fn, codes, x, mask, dict(
         feature_idx=int(rc.feature_idx), feature_steps=steps,
         weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
