@@ -205,9 +205,12 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
     assert Image.open(os.path.join(d, "inversion.png")).size == (32, 32)
     assert Image.open(os.path.join(d, "input.png")).mode == "RGB"
     grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-    assert grid.shape == (32, 5 * 32 + 4 * 2, 3)  # input|inv|mask|2 edits
+    # input|inv|mask|2 edits, 32² tiles scaled 8× under a title strip
+    strip = grid.shape[0] - 256
+    assert grid.shape[1:] == (5 * 256 + 4 * 2, 3) and strip > 0
     np.testing.assert_array_equal(
-        grid[:, :32], np.asarray(Image.open(os.path.join(d, "input.png"))))
+        grid[strip:, :256], np.asarray(Image.open(os.path.join(
+            d, "input.png"))).repeat(8, 0).repeat(8, 1))
     mask = np.asarray(Image.open(os.path.join(d, "mask.png")))
     assert set(np.unique(mask)) <= {0, 255}
     marker = json.load(open(os.path.join(d, "done.json")))
@@ -378,6 +381,12 @@ def test_user_errors_are_refused_early(setup, tmp_path, monkeypatch):
   config.edit.directions = "smile=" + str(tmp_path / "missing.npy")
   with pytest.raises(run_lib.UserError, match=r"missing\.npy"):
     run_lib.run(config, str(tmp_path / "out"))
+  # Refused runs create nothing: no workdir to re-edit.
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(run_lib.UserError, match="does not exist"):
+    run_lib.edit(_config(setup["bundle"], setup["inputs"]),
+                 str(tmp_path / "out"))
+  (tmp_path / "out").mkdir()
   with pytest.raises(run_lib.UserError, match="no finished images"):
     run_lib.edit(_config(setup["bundle"], setup["inputs"]),
                  str(tmp_path / "out"))
@@ -523,7 +532,7 @@ def test_demo_command_under_five_minutes(tmp_path):
   assert r["psnr_out"] >= r["psnr_out_embed"] + 5
   d = os.path.join(workdir, "synthetic_0")
   grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-  assert grid.shape == (64, 5 * 64 + 4 * 2, 3)
+  assert grid.shape[1:] == (5 * 256 + 4 * 2, 3)  # 64² tiles scaled 4×
   for f in ("edits/random_-2.png", "edits/random_2.png", "superpixels.png",
             "coarse.png", "error_map.png", "embedding.png"):
     assert os.path.isfile(os.path.join(d, f))
