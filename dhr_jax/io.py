@@ -22,6 +22,11 @@ import urllib.parse
 
 import numpy as np
 from absl import logging
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+from PIL import ImageOps
+from PIL import UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -99,7 +104,6 @@ def _safe_name(name):
 
 def _to_rgb(im):
   """Any PIL mode → RGB; transparency composited onto white."""
-  from PIL import Image
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     a = np.asarray(im, np.float64)
     top = 65535.0 if a.max() > 255 else 255.0
@@ -123,7 +127,6 @@ def load_image(path, size):
   Raises ImageError naming the file and the reason (unreadable, truncated,
   not an image, ...). Conversions and crops are logged, not errors.
   """
-  from PIL import Image, ImageOps, UnidentifiedImageError
   path = os.fspath(path)
   try:
     with Image.open(path) as im:
@@ -221,7 +224,6 @@ def _json_default(x):
 
 def png_bytes(array):
   """uint8 (H, W), (H, W, 1) or (H, W, 3) → PNG file bytes (deterministic)."""
-  from PIL import Image
   a = np.asarray(array)
   if a.dtype != np.uint8:
     raise ValueError(f"png_bytes wants uint8, got {a.dtype}")
@@ -377,7 +379,6 @@ _TEXT = (0, 0, 0)
 
 
 def _font():
-  from PIL import ImageFont
   return ImageFont.load_default()
 
 
@@ -412,7 +413,6 @@ def _fit(text, width, font):
 
 def title_strip(titles, widths, pad=2, value=255):
   """A white strip with each title centred over its column (uint8 RGB)."""
-  from PIL import Image, ImageDraw
   font = _font()
   left, top, right, bottom = font.getbbox("Ag(")
   height = bottom - top + 8
@@ -453,7 +453,6 @@ def grid_titles(edit_labels, edit_names=()):
 def error_figure(error_map, label="LPIPS", min_side=MIN_TILE):
   """The error map (`error_picture`, scaled up) with a colour bar on the
   right that gives its scale: black = 0, white = the map's maximum."""
-  from PIL import Image, ImageDraw
   e = np.asarray(error_map, np.float32)
   top = float(np.max(e)) if e.size and np.isfinite(np.max(e)) else 0.0
   picture = upscale(error_picture(e), min_side)

@@ -1,6 +1,6 @@
 """DHR over a batch of images: embed → DSS → refine → edits → metrics.
 
-Pure functions of arrays (no file reading or writing; `run.py` and
+Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
 `dhr_jax.io` do that). One batch goes through
 
   1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
@@ -23,15 +23,19 @@ or batch position it lands in (resume relies on this).
 import dataclasses
 import functools
 import hashlib
+import json
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+import skimage.data
 
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
+from dhr_jax import lpips
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
@@ -225,8 +229,8 @@ def psnr(mse):
 
 @functools.lru_cache(maxsize=None)
 def _jit_distance(net):
-  from dhr_jax.lpips import LPIPS
-  return jax.jit(lambda params, x, y: LPIPS(net, None).distance(params, x, y))
+  metric = lpips.LPIPS(net, None)
+  return jax.jit(lambda params, x, y: metric.distance(params, x, y))
 
 
 def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
@@ -287,8 +291,6 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   (target uint8 (H, W, 3), gt_out (H, W) bool). Deterministic in
   (G, seed, index).
   """
-  from PIL import Image
-  from skimage import data
   rng = np.random.RandomState([seed, index])
   size = G.config["size"]
   z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
@@ -297,7 +299,7 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   target = segmentation.to_uint8(clean)[0]
   n = max(4, int(round(size * patch_fraction)))
   y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
-  photo = data.astronaut()
+  photo = skimage.data.astronaut()
   top, left = rng.randint(0, 200), rng.randint(100, 200)
   crop = Image.fromarray(photo[top:top + 260, left:left + 260]).resize(
       (n, n), Image.LANCZOS)
@@ -409,20 +411,19 @@ def embed(models, config, target, names, seed, coarse_codes=None):
 
 @functools.lru_cache(maxsize=None)
 def _jit_synthesis(config_json):
-  import json
   G = Generator(json.loads(config_json), None, None)
   return jax.jit(lambda params, codes, noise: G.synthesis(params, codes,
                                                           noise))
 
 
 def _synthesize(G, codes):
-  import json
   return _jit_synthesis(json.dumps(G.config, sort_keys=True))(
       G.params, codes, list(G.noise))
 
 
-def _refine(models, refine_fn, codes, x, mask, kwargs):
-  """refine_fn on the batch; with a mesh, each device refines its shard.
+def _refine(models, codes, x, mask, kwargs):
+  """`refine.hybrid_refine` on the batch; with a mesh, each device refines
+  its shard.
 
   Every image's refinement is independent, so the batch is split with
   `shard_map` and each device runs the vmapped refinement on its own images
@@ -432,9 +433,9 @@ def _refine(models, refine_fn, codes, x, mask, kwargs):
   """
   G = models.G
   if models.mesh is None:
-    return refine_fn(G, codes, x, mask, lpips_alex=models.lpips_alex,
-                     **kwargs)
-  fn = _sharded_refine(models, refine_fn, tuple(sorted(kwargs.items())))
+    return refine_lib.hybrid_refine(G, codes, x, mask,
+                                    lpips_alex=models.lpips_alex, **kwargs)
+  fn = _sharded_refine(models, tuple(sorted(kwargs.items())))
   synthesis, offset, mask_feature, image, losses_in, losses_out = fn(
       G.params["synthesis"], list(G.noise), models.lpips_alex.params, codes,
       x, mask)
@@ -450,15 +451,15 @@ def _refine(models, refine_fn, codes, x, mask, kwargs):
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_refine(models, refine_fn, kwargs):
+def _sharded_refine(models, kwargs):
   G, lpips_alex, kwargs = models.G, models.lpips_alex, dict(kwargs)
   P = jax.sharding.PartitionSpec
 
   def local(synthesis, noise, lpips_params, codes, x, mask):
     g = Generator(G.config, {"mapping": G.params["mapping"],
                              "synthesis": synthesis}, noise, G.latent_avg)
-    r = refine_fn(g, codes, x, mask, lpips_alex=dataclasses.replace(
-        lpips_alex, params=lpips_params), **kwargs)
+    alex = dataclasses.replace(lpips_alex, params=lpips_params)
+    r = refine_lib.hybrid_refine(g, codes, x, mask, lpips_alex=alex, **kwargs)
     return (r.params["synthesis"], r.offset, r.mask_feature, r.image,
             r.losses_in, r.losses_out)
 
@@ -473,7 +474,7 @@ def _finite(*arrays):
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              refine_fn=None, progress=None):
+              progress=None):
   """Runs the pipeline on one batch.
 
   Args:
@@ -487,7 +488,6 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     names: n image names (they seed the per-image randomness).
     edits: `EditSpec`s rendered for every image.
     ground_truth: optional {name: (H, W) bool out-of-domain patch}.
-    refine_fn: `refine.hybrid_refine` or a stand-in with its signature.
     progress: optional `progress(stage)`, told the stage as it starts
       ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
       'edits'); the refinement steps are reported from XLA's callback
@@ -496,7 +496,6 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
   """
-  refine_fn = refine_fn or refine_lib.hybrid_refine
   G = models.G
   n = len(names)
   size = G.config["size"]
@@ -554,7 +553,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       reached[0] = k
       report(f"refinement step {k}/{steps}")
   with refine_lib.on_step(step_done):
-    result = _refine(models, refine_fn, codes, x, mask, dict(
+    result = _refine(models, codes, x, mask, dict(
         feature_idx=int(rc.feature_idx), feature_steps=steps,
         weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
         feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),

@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dhr_jax import io
+from dhr_jax import runner as run_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import run as run_lib  # noqa: E402  (run.py lives at the repo root)
-from dhr_jax import io  # noqa: E402
-
 DEMO = os.path.join(REPO, "configs", "demo.py")
 # The demo pipeline at 32² with a handful of steps, two synthetic images.
 _TINY = (("batch_size", 2), ("data.synthetic.count", 2),

@@ -4,7 +4,7 @@ The generator is a 32² StyleGAN2 with seeded random weights; the encoder has
 the released e4e layout with zero weights (so it predicts latent_avg for
 every image), both converted from a torch.save'd bundle by converters.e4e.
 Steps are cut to a handful so that the whole module runs in a few minutes;
-the runs share compiled functions through run.py's model cache.
+the runs share compiled functions through jit's caches.
 """
 import glob
 import importlib.util
@@ -23,9 +23,13 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import run as run_lib  # noqa: E402  (run.py lives at the repo root)
 from conftest import rel_l2  # noqa: E402
 from dhr_jax import io  # noqa: E402
+from dhr_jax import refine  # noqa: E402
+from dhr_jax import runner as run_lib  # noqa: E402
+
+# The refinement itself, for stand-ins that wrap it (monkeypatched in).
+_hybrid_refine = refine.hybrid_refine
 
 GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
@@ -245,7 +249,8 @@ def test_refined_state_renders_the_inversion(setup):
     assert np.abs(plain.astype(int) - saved).max() > 0
 
 
-def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
+def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
+                                                      monkeypatch):
   """Killed while writing the second batch (half an image folder on disk),
   then restarted: same files and bytes as the uninterrupted run."""
   workdir = str(tmp_path / "resumed")
@@ -253,15 +258,16 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   class Killed(BaseException):
     pass
 
-  def kill(path):
+  write_bytes = io.write_bytes
+
+  def kill(path, data):
+    write_bytes(path, data)
     if os.sep + "c_rgba" + os.sep in path and path.endswith("mask.png"):
       raise Killed()
-  run_lib.on_file_written = kill
-  try:
+  with monkeypatch.context() as m:
+    m.setattr(io, "write_bytes", kill)
     with pytest.raises(Killed):
       run_lib.run(setup["config"], workdir)
-  finally:
-    run_lib.on_file_written = None
   assert os.path.isfile(os.path.join(workdir, "b_gray", "done.json"))
   assert os.path.isfile(os.path.join(workdir, "c_rgba", "inversion.png"))
   assert not os.path.exists(os.path.join(workdir, "c_rgba", "done.json"))
@@ -270,10 +276,10 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   calls = []
 
   def counting_refine(*args, **kwargs):
-    from dhr_jax import refine
     calls.append(args[1].shape[0])
-    return refine.hybrid_refine(*args, **kwargs)
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=counting_refine)
+    return _hybrid_refine(*args, **kwargs)
+  monkeypatch.setattr(refine, "hybrid_refine", counting_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 2 and outcome.status == 1
   assert calls == [2, 2]  # batches (c, pad) and (e, pad); (a, b) skipped
   _assert_same_outputs(setup["workdir"], workdir)
@@ -281,12 +287,13 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   # Everything complete: a third run computes nothing.
   def no_refine(*args, **kwargs):
     raise AssertionError("a complete workdir must not be recomputed")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=no_refine)
+  monkeypatch.setattr(refine, "hybrid_refine", no_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 4 and outcome.done == list(GOOD)
   _assert_same_outputs(setup["workdir"], workdir)
 
 
-def test_reedit_matches_editing_during_the_run(setup, tmp_path):
+def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
   workdir = str(tmp_path / "copy")
   shutil.copytree(setup["workdir"], workdir)
   for name in GOOD:
@@ -321,17 +328,17 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path):
     marker = json.load(open(os.path.join(d, "done.json")))
     assert marker["edits"] == ["smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
-  outcome = run_lib.run(config, workdir, refine_fn=lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(refine, "hybrid_refine", lambda *a, **k: 1 / 0)
+  outcome = run_lib.run(config, workdir)
   assert outcome.skipped == 4
 
 
-def test_nan_marks_only_that_image_failed(setup, tmp_path):
+def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
   import dataclasses
-  from dhr_jax import refine
   batches = []
 
   def poisoned(*args, **kwargs):
-    result = refine.hybrid_refine(*args, **kwargs)
+    result = _hybrid_refine(*args, **kwargs)
     batches.append(1)
     if len(batches) == 1:  # b_gray: second image of the first batch
       losses = np.asarray(result.losses_out).copy()
@@ -339,7 +346,8 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path):
       result = dataclasses.replace(result, losses_out=losses)
     return result
   workdir = str(tmp_path / "nan")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=poisoned)
+  monkeypatch.setattr(refine, "hybrid_refine", poisoned)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["a_rgb", "c_rgba", "e_wide"]
   reasons = {f["name"]: f["reason"] for f in outcome.failed}
