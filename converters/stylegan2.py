@@ -14,6 +14,7 @@ and what is refused. `--to-torch` writes the rosinality layout, plus
 {'config': {'conv_clamp', 'lr_mlp'}} for what that layout cannot express.
 """
 import math
+import os
 import re
 import sys
 
@@ -27,7 +28,7 @@ from converters.common import (ConversionError, check_keys, cli_main,
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
-                                      noise_shapes)
+                                      load_generator, noise_shapes)
 
 _LISTS = ("style", "convs", "to_rgbs")
 # Config a .pt records beside 'g_ema' (--to-torch), with the defaults of a
@@ -205,8 +206,6 @@ def read_source(path, with_config=False):
 def _convert(args):
   if args.to_torch:
     import torch
-    from dhr_jax.models.stylegan2 import load_generator
-    import os
     if os.path.exists(args.dst) and not args.overwrite:
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
     g = load_generator(args.src)
@@ -247,7 +246,8 @@ def _args(parser):
 
 
 def main(argv=None):
-  return cli_main(__doc__.splitlines()[0], _convert, argv, _args)
+  return cli_main(__doc__.splitlines()[0], _convert, argv, _args,
+                  dst_is_file=lambda args: args.to_torch)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DHR over a batch of images: embed → DSS → refine → edits → metrics.
 
-Pure functions of arrays (no file reading or writing; `run.py` and
+Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
 `dhr_jax.io` do that). One batch goes through
 
   1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
@@ -23,16 +23,20 @@ or batch position it lands in (resume relies on this).
 import dataclasses
 import functools
 import hashlib
+import json
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+import skimage.data
 
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
 from dhr_jax import io
+from dhr_jax import lpips
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
@@ -226,8 +230,8 @@ def psnr(mse):
 
 @functools.lru_cache(maxsize=None)
 def _jit_distance(net):
-  from dhr_jax.lpips import LPIPS
-  return jax.jit(lambda params, x, y: LPIPS(net, None).distance(params, x, y))
+  metric = lpips.LPIPS(net, None)
+  return jax.jit(lambda params, x, y: metric.distance(params, x, y))
 
 
 def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
@@ -288,8 +292,6 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   (target uint8 (H, W, 3), gt_out (H, W) bool). Deterministic in
   (G, seed, index).
   """
-  from PIL import Image
-  from skimage import data
   rng = np.random.RandomState([seed, index])
   size = G.config["size"]
   z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
@@ -298,7 +300,7 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   target = segmentation.to_uint8(clean)[0]
   n = max(4, int(round(size * patch_fraction)))
   y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
-  photo = data.astronaut()
+  photo = skimage.data.astronaut()
   top, left = rng.randint(0, 200), rng.randint(100, 200)
   crop = Image.fromarray(photo[top:top + 260, left:left + 260]).resize(
       (n, n), Image.LANCZOS)
@@ -352,6 +354,18 @@ def padded_size(count, batch_size, n_devices=1):
   return -(-b // n_devices) * n_devices
 
 
+def check_compatible(G, encoder):
+  """Raises PipelineError unless the encoder's W+ codes fit the generator."""
+  got = (encoder.config["n_latent"], encoder.config["style_dim"])
+  want = (G.n_latent, G.config["style_dim"])
+  if got != want:
+    raise PipelineError(
+        f"the encoder predicts {got[0]}×{got[1]} W+ codes "
+        f"({encoder.config.get('size', '?')}² bundle) but the "
+        f"{G.config['size']}² generator takes {want[0]}×{want[1]}; use the "
+        "generator of the same e4e bundle (leave model.generator empty)")
+
+
 def embed(models, config, target, names, seed, coarse_codes=None,
           loss_target=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
@@ -369,13 +383,7 @@ def embed(models, config, target, names, seed, coarse_codes=None,
       raise PipelineError("embedding.method='e4e' needs the e4e encoder "
                           "(model.checkpoint: the converted e4e bundle)")
     enc = models.encoder
-    if (enc.config["n_latent"], enc.config["style_dim"]) != (
-        G.n_latent, G.config["style_dim"]):
-      raise PipelineError(
-          f"the encoder predicts {enc.config['n_latent']}×"
-          f"{enc.config['style_dim']} codes but the generator takes "
-          f"{G.n_latent}×{G.config['style_dim']}; use the generator of the "
-          "same e4e bundle")
+    check_compatible(G, enc)
     codes = enc.encode(enc.params, target)
     return codes, _synthesize(G, codes)
   if method == "optim":
@@ -408,20 +416,19 @@ def embed(models, config, target, names, seed, coarse_codes=None,
 
 @functools.lru_cache(maxsize=None)
 def _jit_synthesis(config_json):
-  import json
   G = Generator(json.loads(config_json), None, None)
   return jax.jit(lambda params, codes, noise: G.synthesis(params, codes,
                                                           noise))
 
 
 def _synthesize(G, codes):
-  import json
   return _jit_synthesis(json.dumps(G.config, sort_keys=True))(
       G.params, codes, list(G.noise))
 
 
-def _refine(models, refine_fn, codes, x, mask, kwargs):
-  """refine_fn on the batch; with a mesh, each device refines its shard.
+def _refine(models, codes, x, mask, kwargs):
+  """`refine.hybrid_refine` on the batch; with a mesh, each device refines
+  its shard.
 
   Every image's refinement is independent, so the batch is split with
   `shard_map` and each device runs the vmapped refinement on its own images
@@ -431,9 +438,9 @@ def _refine(models, refine_fn, codes, x, mask, kwargs):
   """
   G = models.G
   if models.mesh is None:
-    return refine_fn(G, codes, x, mask, lpips_alex=models.lpips_alex,
-                     **kwargs)
-  fn = _sharded_refine(models, refine_fn, tuple(sorted(kwargs.items())))
+    return refine_lib.hybrid_refine(G, codes, x, mask,
+                                    lpips_alex=models.lpips_alex, **kwargs)
+  fn = _sharded_refine(models, tuple(sorted(kwargs.items())))
   synthesis, offset, mask_feature, image, losses_in, losses_out = fn(
       G.params["synthesis"], list(G.noise), models.lpips_alex.params, codes,
       x, mask)
@@ -449,15 +456,15 @@ def _refine(models, refine_fn, codes, x, mask, kwargs):
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_refine(models, refine_fn, kwargs):
+def _sharded_refine(models, kwargs):
   G, lpips_alex, kwargs = models.G, models.lpips_alex, dict(kwargs)
   P = jax.sharding.PartitionSpec
 
   def local(synthesis, noise, lpips_params, codes, x, mask):
     g = Generator(G.config, {"mapping": G.params["mapping"],
                              "synthesis": synthesis}, noise, G.latent_avg)
-    r = refine_fn(g, codes, x, mask, lpips_alex=dataclasses.replace(
-        lpips_alex, params=lpips_params), **kwargs)
+    alex = dataclasses.replace(lpips_alex, params=lpips_params)
+    r = refine_lib.hybrid_refine(g, codes, x, mask, lpips_alex=alex, **kwargs)
     return (r.params["synthesis"], r.offset, r.mask_feature, r.image,
             r.losses_in, r.losses_out)
 
@@ -472,7 +479,7 @@ def _finite(*arrays):
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              refine_fn=None):
+              progress=None):
   """Runs the pipeline on one batch.
 
   Args:
@@ -486,12 +493,14 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     names: n image names (they seed the per-image randomness).
     edits: `EditSpec`s rendered for every image.
     ground_truth: optional {name: (H, W) bool out-of-domain patch}.
-    refine_fn: `refine.hybrid_refine` or a stand-in with its signature.
+    progress: optional `progress(stage)`, told the stage as it starts
+      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
+      'edits'); the refinement steps are reported from XLA's callback
+      thread while the compiled loop runs.
 
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
   """
-  refine_fn = refine_fn or refine_lib.hybrid_refine
   G = models.G
   n = len(names)
   size = G.config["size"]
@@ -513,8 +522,10 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     x = jnp.asarray(x)
   seed = int(config.seed)
   times = {}
+  report = progress or (lambda stage: None)
 
   t = time.perf_counter()
+  report("segmentation")
   coarse_keys = image_keys(seed, padded_names, "coarse")
   if models.mesh is not None:
     coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
@@ -529,6 +540,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   times["dss"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("embedding")
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
                           coarse_codes=inv.codes, loss_target=x_loss)
   embedded = np.asarray(embedded)
@@ -539,22 +551,38 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   if models.mesh is not None:
     mask = jax.device_put(mask, _batched(models.mesh))
   rc = config.refine
-  result = _refine(models, refine_fn, codes, x, mask, dict(
-      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
-      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
-      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+  steps = int(rc.feature_steps)
+  report(f"refinement step 0/{steps}")
+  reached = [0]
+
+  def step_done(k):
+    # Under shard_map every device reports each step: count forward only.
+    if k > reached[0]:
+      reached[0] = k
+      report(f"refinement step {k}/{steps}")
+  with refine_lib.on_step(step_done):
+    result = _refine(models, codes, x, mask, dict(
+        feature_idx=int(rc.feature_idx), feature_steps=steps,
+        weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+        feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+    # Dispatch is asynchronous: wait inside the block so that every step
+    # is reported while someone listens.
+    jax.block_until_ready((result.params, result.offset, result.image,
+                           result.losses_in, result.losses_out))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
   times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("metrics")
   metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
                           models.lpips_vgg)
   times["metrics"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("edits")
   codes = np.asarray(codes)
   out = []
   for i, name in enumerate(names):

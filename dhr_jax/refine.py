@@ -44,6 +44,7 @@ so a batch is one compiled program, cached per (architecture, shapes, mode,
 feature_idx, step counts); learning rates and loss weights are traced and
 changing them does not recompile.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -293,6 +294,31 @@ def hybrid_step(state, inputs, hyper, *, spec):
 # --------------------------------------------------------------------------
 # The loop, vmapped over images.
 
+# Who hears of every finished step (`on_step`). A registry, not an argument:
+# the compiled loop always reports (one host callback of a scalar per step,
+# nothing beside a step's forward and backward passes), so listening or not
+# runs the same program.
+_STEP_LISTENERS = []
+
+
+def _report_step(step):
+  for fn in tuple(_STEP_LISTENERS):
+    fn(int(step))
+
+
+@contextlib.contextmanager
+def on_step(fn):
+  """Calls `fn(k)` when refinements running inside the block finish step k.
+
+  Called from XLA's callback thread, once per step (per device under
+  shard_map); results are asynchronous, so block on them inside the block.
+  """
+  _STEP_LISTENERS.append(fn)
+  try:
+    yield
+  finally:
+    _STEP_LISTENERS.remove(fn)
+
 
 def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
                 mask, noise, lpips_params, hyper):
@@ -301,9 +327,13 @@ def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
                         area_pool(mask[None], res), noise, lpips_params)
   state = init_state(spec, params, inputs.codes, noise)
 
+  def step(state, spec):
+    state, losses = hybrid_step(state, inputs, hyper, spec=spec)
+    jax.debug.callback(_report_step, state.step)
+    return state, losses
+
   def steps(state, spec, n):
-    return jax.lax.scan(lambda s, _: hybrid_step(s, inputs, hyper, spec=spec),
-                        state, None, length=n)
+    return jax.lax.scan(lambda s, _: step(s, spec), state, None, length=n)
 
   # Two scans of the same step: the second is compiled without the weight
   # update, which the gate would discard anyway, so the weights' backward

@@ -4,7 +4,7 @@ The generator is a 32² StyleGAN2 with seeded random weights; the encoder has
 the released e4e layout with zero weights (so it predicts latent_avg for
 every image), both converted from a torch.save'd bundle by converters.e4e.
 Steps are cut to a handful so that the whole module runs in a few minutes;
-the runs share compiled functions through run.py's model cache.
+the runs share compiled functions through jit's caches.
 """
 import glob
 import importlib.util
@@ -23,9 +23,13 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import run as run_lib  # noqa: E402  (run.py lives at the repo root)
 from conftest import rel_l2  # noqa: E402
 from dhr_jax import io  # noqa: E402
+from dhr_jax import refine  # noqa: E402
+from dhr_jax import runner as run_lib  # noqa: E402
+
+# The refinement itself, for stand-ins that wrap it (monkeypatched in).
+_hybrid_refine = refine.hybrid_refine
 
 GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
@@ -208,9 +212,12 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
     assert Image.open(os.path.join(d, "inversion.png")).size == (32, 32)
     assert Image.open(os.path.join(d, "input.png")).mode == "RGB"
     grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-    assert grid.shape == (32, 5 * 32 + 4 * 2, 3)  # input|inv|mask|2 edits
+    # input|inv|mask|2 edits, 32² tiles scaled 8× under a title strip
+    strip = grid.shape[0] - 256
+    assert grid.shape[1:] == (5 * 256 + 4 * 2, 3) and strip > 0
     np.testing.assert_array_equal(
-        grid[:, :32], np.asarray(Image.open(os.path.join(d, "input.png"))))
+        grid[strip:, :256], np.asarray(Image.open(os.path.join(
+            d, "input.png"))).repeat(8, 0).repeat(8, 1))
     mask = np.asarray(Image.open(os.path.join(d, "mask.png")))
     assert set(np.unique(mask)) <= {0, 255}
     marker = json.load(open(os.path.join(d, "done.json")))
@@ -248,7 +255,8 @@ def test_refined_state_renders_the_inversion(setup):
     assert np.abs(plain.astype(int) - saved).max() > 0
 
 
-def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
+def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
+                                                      monkeypatch):
   """Killed while writing the second batch (half an image folder on disk),
   then restarted: same files and bytes as the uninterrupted run."""
   workdir = str(tmp_path / "resumed")
@@ -256,15 +264,16 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   class Killed(BaseException):
     pass
 
-  def kill(path):
+  write_bytes = io.write_bytes
+
+  def kill(path, data):
+    write_bytes(path, data)
     if os.sep + "c_rgba" + os.sep in path and path.endswith("mask.png"):
       raise Killed()
-  run_lib.on_file_written = kill
-  try:
+  with monkeypatch.context() as m:
+    m.setattr(io, "write_bytes", kill)
     with pytest.raises(Killed):
       run_lib.run(setup["config"], workdir)
-  finally:
-    run_lib.on_file_written = None
   assert os.path.isfile(os.path.join(workdir, "b_gray", "done.json"))
   assert os.path.isfile(os.path.join(workdir, "c_rgba", "inversion.png"))
   assert not os.path.exists(os.path.join(workdir, "c_rgba", "done.json"))
@@ -273,10 +282,10 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   calls = []
 
   def counting_refine(*args, **kwargs):
-    from dhr_jax import refine
     calls.append(args[1].shape[0])
-    return refine.hybrid_refine(*args, **kwargs)
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=counting_refine)
+    return _hybrid_refine(*args, **kwargs)
+  monkeypatch.setattr(refine, "hybrid_refine", counting_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 2 and outcome.status == 1
   assert calls == [2, 2]  # batches (c, pad) and (e, pad); (a, b) skipped
   _assert_same_outputs(setup["workdir"], workdir)
@@ -284,12 +293,13 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   # Everything complete: a third run computes nothing.
   def no_refine(*args, **kwargs):
     raise AssertionError("a complete workdir must not be recomputed")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=no_refine)
+  monkeypatch.setattr(refine, "hybrid_refine", no_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 4 and outcome.done == list(GOOD)
   _assert_same_outputs(setup["workdir"], workdir)
 
 
-def test_reedit_matches_editing_during_the_run(setup, tmp_path):
+def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
   workdir = str(tmp_path / "copy")
   shutil.copytree(setup["workdir"], workdir)
   for name in GOOD:
@@ -324,17 +334,17 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path):
     marker = json.load(open(os.path.join(d, "done.json")))
     assert marker["edits"] == ["smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
-  outcome = run_lib.run(config, workdir, refine_fn=lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(refine, "hybrid_refine", lambda *a, **k: 1 / 0)
+  outcome = run_lib.run(config, workdir)
   assert outcome.skipped == 4
 
 
-def test_nan_marks_only_that_image_failed(setup, tmp_path):
+def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
   import dataclasses
-  from dhr_jax import refine
   batches = []
 
   def poisoned(*args, **kwargs):
-    result = refine.hybrid_refine(*args, **kwargs)
+    result = _hybrid_refine(*args, **kwargs)
     batches.append(1)
     if len(batches) == 1:  # b_gray: second image of the first batch
       losses = np.asarray(result.losses_out).copy()
@@ -342,7 +352,8 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path):
       result = dataclasses.replace(result, losses_out=losses)
     return result
   workdir = str(tmp_path / "nan")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=poisoned)
+  monkeypatch.setattr(refine, "hybrid_refine", poisoned)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["a_rgb", "c_rgba", "e_wide"]
   reasons = {f["name"]: f["reason"] for f in outcome.failed}
@@ -384,6 +395,12 @@ def test_user_errors_are_refused_early(setup, tmp_path, monkeypatch):
   config.edit.directions = "smile=" + str(tmp_path / "missing.npy")
   with pytest.raises(run_lib.UserError, match=r"missing\.npy"):
     run_lib.run(config, str(tmp_path / "out"))
+  # Refused runs create nothing: no workdir to re-edit.
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(run_lib.UserError, match="does not exist"):
+    run_lib.edit(_config(setup["bundle"], setup["inputs"]),
+                 str(tmp_path / "out"))
+  (tmp_path / "out").mkdir()
   with pytest.raises(run_lib.UserError, match="no finished images"):
     run_lib.edit(_config(setup["bundle"], setup["inputs"]),
                  str(tmp_path / "out"))
@@ -530,7 +547,7 @@ def test_demo_command(tmp_path):
   assert r["psnr_out"] >= r["psnr_out_embed"] + 5
   d = os.path.join(workdir, "synthetic_0")
   grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-  assert grid.shape == (64, 5 * 64 + 4 * 2, 3)
+  assert grid.shape[1:] == (5 * 256 + 4 * 2, 3)  # 64² tiles scaled 4×
   for f in ("edits/random_-2.png", "edits/random_2.png", "superpixels.png",
             "coarse.png", "error_map.png", "embedding.png"):
     assert os.path.isfile(os.path.join(d, f))
