@@ -108,11 +108,12 @@ def nearest_indices(n_in, n_out):
   return np.minimum(idx, n_in - 1)
 
 
-def resize_nearest(x, size):
-  """(B, h, w, C) → (B, *size, C) picking pixels as torch 'nearest' does."""
-  rows = nearest_indices(x.shape[1], size[0])
-  cols = nearest_indices(x.shape[2], size[1])
-  return x[:, rows][:, :, cols]
+def resize_nearest(x, size, axes=(1, 2)):
+  """`x` resized along `axes` (default: H, W of NHWC) to `size`, picking
+  elements as torch 'nearest' does; numpy or jax arrays."""
+  rows = nearest_indices(x.shape[axes[0]], size[0])
+  cols = nearest_indices(x.shape[axes[1]], size[1])
+  return x.take(rows, axis=axes[0]).take(cols, axis=axes[1])
 
 
 def refinement_losses(image, target, mask, mask_feature, l2_lambda,

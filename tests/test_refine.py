@@ -238,6 +238,16 @@ def test_masked_mean_and_torch_nearest():
                                            size=(n_out, n_out)).numpy()
     got = refine.resize_nearest(nhwc(a), (n_out, n_out))
     np.testing.assert_array_equal(nchw(got), want, err_msg=(n_in, n_out))
+  # The same rule on the first two axes of a numpy label map (DSS resizes
+  # superpixel labels and LPIPS maps with it), non-square sizes included.
+  labels = np.random.RandomState(0).randint(1, 200, (64, 48))
+  for size in [(31, 23), (15, 11), (7, 48), (128, 97), (3, 1)]:
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(labels[None, None].astype(np.float32)),
+        size=size).numpy()[0, 0]
+    got = refine.resize_nearest(labels, size, axes=(0, 1))
+    assert isinstance(got, np.ndarray) and got.dtype == labels.dtype
+    np.testing.assert_array_equal(got, want, err_msg=size)
 
 
 def test_lpips_objective_matches_its_definition():
