@@ -207,10 +207,11 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
   saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
   """
-  x = np.clip(np.asarray(image, np.float32), -1.0, 1.0)
-  y = np.asarray(target, np.float32)
+  # LPIPS on the device arrays as given; only MSE needs host copies.
+  xa = jnp.clip(jnp.asarray(image, jnp.float32), -1.0, 1.0)
+  ya = jnp.asarray(target, jnp.float32)
+  x, y = np.asarray(xa), np.asarray(ya)
   mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
-  xa, ya = jnp.asarray(x), jnp.asarray(y)
   alex = np.asarray(lpips_alex.jit_distance(lpips_alex.params, xa, ya))
   vgg = np.asarray(lpips_vgg.jit_distance(lpips_vgg.params, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
@@ -500,8 +501,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
-                          models.lpips_vgg)
+  metrics = image_metrics(result.image[:n], x[:n], dss.mask[:n],
+                          models.lpips_alex, models.lpips_vgg)
   times["metrics"] = time.perf_counter() - t
 
   t = time.perf_counter()
