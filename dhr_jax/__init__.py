@@ -3,8 +3,9 @@
 Public API (imported lazily so `import dhr_jax` stays cheap):
   load_generator, load_encoder, load_parser   — converted checkpoints
   domain_specific_segmentation                — the in/out-of-domain mask
-  hybrid_refine                               — weight + feature refinement
+  hybrid_refine → Refinement                  — weight + feature refinement
   edit_codes, render                          — editing refined inversions
+  save_refined, load_refined                  — one refined image on disk
 """
 import importlib
 
@@ -22,6 +23,8 @@ _EXPORTS = {
     "coarse_inversion": "dhr_jax.embedding",
     "domain_specific_segmentation": "dhr_jax.segmentation",
     "hybrid_refine": "dhr_jax.refine",
+    "Refinement": "dhr_jax.refine",
+    "default_feature_idx": "dhr_jax.refine",
     "edit_codes": "dhr_jax.editing",
     "render": "dhr_jax.editing",
     "ganspace_edit": "dhr_jax.editing",

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dhr_jax._static import ByIdentity
+from dhr_jax.optim import adam
 
 # GANInverter's data set transform resizes every input to 256² for the
 # optimisation embedding's loss; rosinality's projector pools to at most 256².
@@ -158,16 +158,17 @@ def _to_loss_res(x, res):
                           antialias=True)
 
 
-def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
-               strengths, noise_weight, mse_weight, *, space, resize):
+def _embed_one(G, L, target, key, init, lrs, strengths, noise_weight,
+               mse_weight, *, space, resize):
   """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d)."""
-  G, L = gen.obj, lpips.obj
+  g_params, l_params = G.params, L.params
   n_latent = G.config["n_latent"]
   k_noise, k_steps = jax.random.split(key)
   noise_keys = jax.random.split(k_noise, len(G.noise))
   noise0 = [jax.random.normal(k, n.shape) for k, n in zip(noise_keys, G.noise)]
   target = target[None]
-  opt = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  # The learning rate of step t is lrs[t] (the projector's ramps).
+  opt = adam(lambda t: lrs[t])
   variables = (init[None], noise0)
 
   def render(latent, noise):
@@ -188,19 +189,17 @@ def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
 
   def step(carry, xs):
     variables, state = carry
-    lr, strength, k = xs
+    strength, k = xs
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables, k, strength)
-    updates, state = opt.update(grads, state)
-    variables = jax.tree_util.tree_map(lambda p, u: p - lr * u, variables,
-                                       updates)
-    latent, noise = variables
+    updates, state = opt.update(grads, state, variables)
+    latent, noise = optax.apply_updates(variables, updates)
     variables = (latent, [normalize_noise(n) for n in noise])
     return (variables, state), (loss,) + terms
 
   (variables, _), history = jax.lax.scan(
       step, (variables, opt.init(variables)),
-      (lrs, strengths, jax.random.split(k_steps, lrs.shape[0])))
+      (strengths, jax.random.split(k_steps, lrs.shape[0])))
   latent, noise = variables
   image = render(latent, noise)
   codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
@@ -208,14 +207,12 @@ def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
   return codes[0], image[0], [n[0] for n in noise], history
 
 
-@functools.partial(jax.jit, static_argnames=("gen", "lpips", "space",
-                                             "resize"))
-def _embed_batch(gen, lpips, g_params, l_params, targets, keys, inits, lrs,
-                 strengths, noise_weight, mse_weight, *, space, resize):
-  one = functools.partial(_embed_one, gen, lpips, space=space, resize=resize)
-  return jax.vmap(one, in_axes=(None, None, 0, 0, 0, None, None, None, None))(
-      g_params, l_params, targets, keys, inits, lrs, strengths, noise_weight,
-      mse_weight)
+@functools.partial(jax.jit, static_argnames=("space", "resize"))
+def _embed_batch(G, lpips, targets, keys, inits, lrs, strengths, noise_weight,
+                 mse_weight, *, space, resize):
+  one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
+  return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(
+      targets, keys, inits, lrs, strengths, noise_weight, mse_weight)
 
 
 def _is_key_batch(key):
@@ -300,9 +297,9 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
   lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
   strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
   codes, image, noise_maps, history = _embed_batch(
-      ByIdentity(G), ByIdentity(lpips_vgg), G.params, lpips_vgg.params,
-      targets, keys, init, lrs, strengths, jnp.float32(noise_regularize),
-      jnp.float32(mse_lambda), space=space, resize=resize)
+      G, lpips_vgg, targets, keys, init, lrs, strengths,
+      jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
+      resize=resize)
   losses, p, reg, mse = history
   return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),
                          losses=losses,

@@ -23,7 +23,6 @@ or batch position it lands in (resume relies on this).
 import dataclasses
 import functools
 import hashlib
-import json
 import time
 from typing import Any, Callable, Optional
 
@@ -36,7 +35,6 @@ import skimage.data
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
 from dhr_jax import io
-from dhr_jax import lpips
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
@@ -102,17 +100,9 @@ def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
   computed once here from the run seed, so every image starts alike.
   """
   if mesh is not None:
-    rep = _replicated(mesh)
-    put = lambda tree: jax.device_put(tree, rep)
-    G = Generator(G.config, put(G.params), put(list(G.noise)),
-                  None if G.latent_avg is None else put(G.latent_avg))
-    lpips_vgg = dataclasses.replace(lpips_vgg, params=put(lpips_vgg.params))
-    lpips_alex = dataclasses.replace(lpips_alex, params=put(lpips_alex.params))
-    if encoder is not None:
-      encoder = dataclasses.replace(encoder, params=put(encoder.params),
-                                    latent_avg=put(encoder.latent_avg))
-    if parser is not None:
-      parser = dataclasses.replace(parser, params=put(parser.params))
+    # Models are pytrees: their weights are replicated, configs untouched.
+    G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
+        (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
   w_stats = embedding_lib.latent_stats(G, key, n_mean_latent)
   if mesh is not None:
@@ -186,23 +176,13 @@ def random_direction(seed, style_dim):
   return (n / np.linalg.norm(n)).astype(np.float32)
 
 
-def to_host(refined):
-  """A `refine.Refined` with numpy arrays: rendering it during a run and
-  after loading it from disk then runs one program on identical inputs."""
-  to_np = lambda t: jax.tree_util.tree_map(np.asarray, t)
-  return refined._replace(params=to_np(refined.params),
-                          codes=np.asarray(refined.codes),
-                          offset=np.asarray(refined.offset),
-                          mask_feature=np.asarray(refined.mask_feature),
-                          noise=[np.asarray(n) for n in refined.noise])
-
-
 def render_edits(G, refined, edits):
   """{label: (H, W, 3) float image} of every edit of ONE refined inversion.
 
-  refined: a `refine.Refined` (batch of one), from `RefineResult.select` or
-  `refine.load_refined`; both give bit-identical params, so editing during
-  a run and re-editing a saved workdir render the same images.
+  refined: a `refine.Refinement` of one image, `result[i]` of the run's
+  refinement or `refine.load_refined`; both hold bit-identical arrays, so
+  editing during a run and re-editing a saved workdir render the same
+  images (one program, the same inputs).
   """
   if not edits:
     return {}
@@ -211,11 +191,7 @@ def render_edits(G, refined, edits):
   if codes.shape[1] != len(labels):
     raise PipelineError(f"edits produced {codes.shape[1]} codes for "
                         f"{len(labels)} labels")
-  images = editing.render(G, refined.params, codes, offset=refined.offset,
-                          mask_feature=refined.mask_feature,
-                          feature_idx=refined.feature_idx,
-                          noise=refined.noise)
-  images = np.asarray(images[0])
+  images = np.asarray(editing.render(G, refined, codes)[0])
   return {l: images[j] for j, l in enumerate(labels)}
 
 
@@ -228,24 +204,19 @@ def psnr(mse):
   return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_distance(net):
-  metric = lpips.LPIPS(net, None)
-  return jax.jit(lambda params, x, y: metric.distance(params, x, y))
-
-
 def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   """Per-image metrics of a batch as a list of dicts.
 
   image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
   saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
   """
-  x = np.clip(np.asarray(image, np.float32), -1.0, 1.0)
-  y = np.asarray(target, np.float32)
+  # LPIPS on the device arrays as given; only MSE needs host copies.
+  xa = jnp.clip(jnp.asarray(image, jnp.float32), -1.0, 1.0)
+  ya = jnp.asarray(target, jnp.float32)
+  x, y = np.asarray(xa), np.asarray(ya)
   mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
-  xa, ya = jnp.asarray(x), jnp.asarray(y)
-  alex = np.asarray(_jit_distance(lpips_alex.net)(lpips_alex.params, xa, ya))
-  vgg = np.asarray(_jit_distance(lpips_vgg.net)(lpips_vgg.params, xa, ya))
+  alex = np.asarray(lpips_alex.jit_distance(lpips_alex.params, xa, ya))
+  vgg = np.asarray(lpips_vgg.jit_distance(lpips_vgg.params, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
   return [dict(mse=float(mse[i]), psnr=psnr(mse[i]),
                lpips_alex=float(alex[i]), lpips_vgg=float(vgg[i]),
@@ -319,7 +290,8 @@ class ImageResult:
   """Everything computed for one image (numpy, batch axis removed).
 
   ok / reason: False and why when the image failed (non-finite losses or
-  outputs); refined: `refine.Refined` for saving and re-editing.
+  outputs); refined: a `refine.Refinement` of this image, for saving and
+  re-editing.
   """
   name: str
   ok: bool
@@ -414,16 +386,9 @@ def embed(models, config, target, names, seed, coarse_codes=None,
                       f"{method!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_synthesis(config_json):
-  G = Generator(json.loads(config_json), None, None)
-  return jax.jit(lambda params, codes, noise: G.synthesis(params, codes,
-                                                          noise))
-
-
+@jax.jit
 def _synthesize(G, codes):
-  return _jit_synthesis(json.dumps(G.config, sort_keys=True))(
-      G.params, codes, list(G.noise))
+  return G.synthesis(G.params, codes, G.noise)
 
 
 def _refine(models, codes, x, mask, kwargs):
@@ -440,38 +405,32 @@ def _refine(models, codes, x, mask, kwargs):
   if models.mesh is None:
     return refine_lib.hybrid_refine(G, codes, x, mask,
                                     lpips_alex=models.lpips_alex, **kwargs)
-  fn = _sharded_refine(models, tuple(sorted(kwargs.items())))
-  synthesis, offset, mask_feature, image, losses_in, losses_out = fn(
-      G.params["synthesis"], list(G.noise), models.lpips_alex.params, codes,
-      x, mask)
-  b = codes.shape[0]
-  mapping = jax.tree_util.tree_map(
-      lambda a: jnp.broadcast_to(a, (b,) + a.shape), G.params["mapping"])
-  return refine_lib.RefineResult(
-      params={"mapping": mapping, "synthesis": synthesis}, offset=offset,
-      mask_feature=mask_feature, image=image, losses_in=losses_in,
-      losses_out=losses_out, codes=jnp.asarray(codes, jnp.float32),
+  synthesis, offset, mask_feature, image, losses_in, losses_out = (
+      _sharded_refine(G, models.lpips_alex, codes, x, mask,
+                      mesh=models.mesh,
+                      kwargs=tuple(sorted(kwargs.items()))))
+  return refine_lib.Refinement(
+      synthesis=synthesis, mapping=G.params["mapping"],
+      codes=jnp.asarray(codes, jnp.float32), offset=offset,
+      mask_feature=mask_feature, noise=list(G.noise),
       feature_idx=int(kwargs["feature_idx"]), mode=kwargs["mode"],
-      noise=list(G.noise))
+      image=image, losses_in=losses_in, losses_out=losses_out)
 
 
-@functools.lru_cache(maxsize=16)
-def _sharded_refine(models, kwargs):
-  G, lpips_alex, kwargs = models.G, models.lpips_alex, dict(kwargs)
+@functools.partial(jax.jit, static_argnames=("mesh", "kwargs"))
+def _sharded_refine(G, lpips_alex, codes, x, mask, *, mesh, kwargs):
   P = jax.sharding.PartitionSpec
 
-  def local(synthesis, noise, lpips_params, codes, x, mask):
-    g = Generator(G.config, {"mapping": G.params["mapping"],
-                             "synthesis": synthesis}, noise, G.latent_avg)
-    alex = dataclasses.replace(lpips_alex, params=lpips_params)
-    r = refine_lib.hybrid_refine(g, codes, x, mask, lpips_alex=alex, **kwargs)
-    return (r.params["synthesis"], r.offset, r.mask_feature, r.image,
-            r.losses_in, r.losses_out)
+  def local(G, lpips_alex, codes, x, mask):
+    r = refine_lib.hybrid_refine(G, codes, x, mask, lpips_alex=lpips_alex,
+                                 **dict(kwargs))
+    return (r.synthesis, r.offset, r.mask_feature, r.image, r.losses_in,
+            r.losses_out)
 
-  return jax.jit(jax.shard_map(
-      local, mesh=models.mesh,
-      in_specs=(P(), P(), P(), P("batch"), P("batch"), P("batch")),
-      out_specs=P("batch"), check_vma=False))
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(), P("batch"), P("batch"), P("batch")),
+      out_specs=P("batch"), check_vma=False)(G, lpips_alex, codes, x, mask)
 
 
 def _finite(*arrays):
@@ -568,7 +527,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
         lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
     # Dispatch is asynchronous: wait inside the block so that every step
     # is reported while someone listens.
-    jax.block_until_ready((result.params, result.offset, result.image,
+    jax.block_until_ready((result.synthesis, result.offset, result.image,
                            result.losses_in, result.losses_out))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
@@ -577,8 +536,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
 
   t = time.perf_counter()
   report("metrics")
-  metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
-                          models.lpips_vgg)
+  metrics = image_metrics(result.image[:n], x[:n], dss.mask[:n],
+                          models.lpips_alex, models.lpips_vgg)
   times["metrics"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -589,7 +548,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     ok = _finite(losses_in[i], losses_out[i], image[i], codes[i])
     reason = "" if ok else (
         "non-finite loss or output (NaN/inf) during embedding or refinement")
-    refined = to_host(result.select(i)) if ok else None
+    refined = result[i] if ok else None
     rendered = render_edits(G, refined, edits) if ok else {}
     if ok and not _finite(*rendered.values()):
       ok, reason = False, "an edit rendered non-finite values (NaN/inf)"

@@ -637,7 +637,7 @@ def _edit_entries(workdir, G, edits, entries):
     except (checkpoint.CheckpointError, OSError, KeyError, ValueError) as e:
       failed.append(dict(name=name, file=directory, reason=_short(e)))
       continue
-    rendered = pipeline.render_edits(G, pipeline.to_host(refined), edits)
+    rendered = pipeline.render_edits(G, refined, edits)
     files = [f for f in marker["files"]
              if not f.startswith("edits/") and f != "grid.png"]
     tiles = _write_edits(directory, rendered, files)

@@ -304,7 +304,9 @@ TINY = dict(farl.DEFAULT_CONFIG, width=32, layers=4, heads=2,
             output_indices=(0, 1, 2, 3), channels=16)
 
 
-def test_tiny_parser_loads_and_parses(tmp_path):
+def tiny_parser(directory):
+  """Writes the TINY parser with seeded weights as a converted checkpoint
+  (checkpoint.save, as converters.farl does); returns its JSON config."""
   cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
   net = farl.network_from_config(cfg)
   shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0),
@@ -326,7 +328,12 @@ def test_tiny_parser_loads_and_parses(tmp_path):
       n = 0.1 * n
     return n.astype(np.float32)
   params = jax.tree_util.tree_map_with_path(fill, shapes)
-  checkpoint.save(tmp_path / "farl", params, farl.KIND, cfg)
+  checkpoint.save(directory, params, farl.KIND, cfg)
+  return cfg
+
+
+def test_tiny_parser_loads_and_parses(tmp_path):
+  tiny_parser(tmp_path / "farl")
   p = farl.load_parser(tmp_path)  # a bundle holding farl/
   imgs = jax.random.uniform(jax.random.PRNGKey(2), (2, 64, 64, 3),
                             minval=-1.0, maxval=1.0)

@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from conftest import rel_l2  # noqa: E402
+from dhr_jax import editing  # noqa: E402
 from dhr_jax import io  # noqa: E402
 from dhr_jax import refine  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
@@ -245,7 +246,7 @@ def test_refined_state_renders_the_inversion(setup):
     d = os.path.join(setup["workdir"], name)
     r = refine.load_refined(os.path.join(d, "refined"), G)
     assert r.feature_idx == 3 and r.mode == "hybrid"
-    img = io.to_uint8(np.asarray(r.synthesize(G))[0])
+    img = io.to_uint8(np.asarray(editing.render(G, r))[0])
     saved = np.asarray(Image.open(os.path.join(d, "inversion.png")))
     # Another program renders the same state: float32 forward differences
     # (~1e-6, bench/float_precision.py) can only flip a rounding to uint8.
@@ -468,8 +469,8 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
     worst["state"] = max(worst["state"], rel_l2(flat(rb), flat(ra)))
     worst["state_max"] = max(worst["state_max"],
                              float(np.abs(flat(rb) - flat(ra)).max()))
-    worst["image"] = max(worst["image"], rel_l2(rb.synthesize(G),
-                                                ra.synthesize(G)))
+    worst["image"] = max(worst["image"], rel_l2(editing.render(G, rb),
+                                                editing.render(G, ra)))
     for f in ("mask.png", "inversion.png", "edits/random_1.png"):
       a = np.asarray(Image.open(os.path.join(ref, name, f)), int)
       b = np.asarray(Image.open(os.path.join(workdir, name, f)), int)

@@ -12,15 +12,18 @@ The encoder is never trained here, so BatchNorm is folded into a frozen affine
 map of its running statistics, and the statistics live in the same `params`
 tree as the weights (one pytree in, W+ codes out).
 """
-import dataclasses
 import functools
 import math
 from typing import Any
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dhr_jax import checkpoint
+from dhr_jax.models.frozen import freeze
 
 INPUT_SIZE = 256  # e4e is trained on 256² crops; its style heads assume it.
 STYLE_DIM = 512
@@ -215,29 +218,34 @@ def resize_for_encoder(images, size=INPUT_SIZE):
                           antialias=True)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _encode(model, params, images, latent_avg):
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode(config, params, images, latent_avg):
+  model = Encoder4Editing(n_styles=config["n_latent"])
   codes = model.apply({"params": params}, resize_for_encoder(images))
   if latent_avg is not None:
     codes = codes + latent_avg
   return codes
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Encoder:
-  """A loaded e4e encoder.
+  """A loaded e4e encoder, as a pytree (params and latent_avg are leaves,
+  the config static), so it can be passed to jitted functions.
 
   Attributes:
     params: pytree of the Flax module's parameters (BatchNorm statistics
       included).
-    config: dict with size (generator resolution), n_latent, style_dim,
-      input_size, num_layers, mode.
+    config: read-only dict with size (generator resolution), n_latent,
+      style_dim, input_size, num_layers, mode.
     latent_avg: (n_latent, style_dim) average latent the raw codes are
       offsets from.
   """
   params: Any
-  config: dict
+  config: dict = struct.field(pytree_node=False)
   latent_avg: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, "config", freeze(self.config))
 
   @property
   def model(self):
@@ -256,7 +264,7 @@ class Encoder:
       raise ValueError(
           f"encode expects NHWC RGB images (B, H, W, 3), got {images.shape}")
     avg = jnp.asarray(self.latent_avg) if add_latent_avg else None
-    return _encode(self.model, params, images, avg)
+    return _encode(self.config, params, images, avg)
 
 
 def init_encoder(key, size=1024):
@@ -288,7 +296,6 @@ def load_encoder(path):
   Convert the released PyTorch file first:
   `python -m converters.e4e --src e4e_ffhq_encode.pt --dst DIR`.
   """
-  from dhr_jax import checkpoint
   directory = checkpoint.find(path, "e4e")
   tree, config = checkpoint.load(directory, "e4e")
   if set(tree) != {"params", "latent_avg"}:

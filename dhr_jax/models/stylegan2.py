@@ -22,18 +22,19 @@ Its z normalisation (normalize_2nd_moment) is PixelNorm, its w_avg is
 `latent_avg`; converters/stylegan2_ada.py maps its weights. Layers NVIDIA
 runs in fp16 (num_fp16_res) run in float32 here.
 """
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
+from dhr_jax.models.frozen import freeze
 
 KIND = "generator"
 OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128,
@@ -277,25 +278,39 @@ def _random_noise(key, shapes):
   return [flat[e - n:e].reshape(s) for e, n, s in zip(ends, sizes, shapes)]
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Generator:
-  """A generator: config + weights + fixed noise, with pure apply functions.
+  """A generator as a pytree: weights and fixed noise are its leaves, the
+  architecture config its static part.
 
   `mapping` and `synthesis` take params explicitly so they can be jitted,
-  differentiated and vmapped over params (each image its own copy).
+  differentiated and vmapped over params (each image its own copy). The
+  generator itself can be a jit argument: `jax.jit(lambda G, w:
+  G.synthesis(G.params, w))(G, w)` traces once per architecture (config)
+  and array shapes, and reuses the program for other weights or noise.
+  `config` is a read-only dict (`FrozenConfig`); build a changed generator
+  with `G.replace(params=...)`.
   """
-  config: dict
+  config: dict = struct.field(pytree_node=False)
   params: Any
   noise: list
   latent_avg: Optional[jnp.ndarray] = None
 
   def __post_init__(self):
+    # Also runs when jax rebuilds the pytree; freeze() is a no-op then.
+    object.__setattr__(self, "config", freeze(self.config))
+
+  @property
+  def _mapping(self):
     c = self.config
-    self._mapping = Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
-    self._synthesis = Synthesis(
-        tuple(c["channels"][str(2 ** i)]
-              for i in range(2, int(math.log2(c["size"])) + 1)),
-        c.get("conv_clamp"))
+    return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
+
+  @property
+  def _synthesis(self):
+    c = self.config
+    return Synthesis(tuple(c["channels"][str(2 ** i)]
+                           for i in range(2, int(math.log2(c["size"])) + 1)),
+                     c.get("conv_clamp"))
 
   @property
   def n_latent(self):
@@ -392,8 +407,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   g = Generator(config, params, noise)
-  g.latent_avg = jax.jit(g.mean_latent)(k_avg)
-  return g
+  return g.replace(latent_avg=jax.jit(g.mean_latent)(k_avg))
 
 
 def load_generator(path):
