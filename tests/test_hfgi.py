@@ -91,12 +91,12 @@ def models(converted):
 # --------------------------------------------------------------------------
 # Parity with the official HFGI code.
 
-# Measured (tests/test_hfgi.py's pipeline run in float64 with the same
-# weights vs the fixture's float32 outputs): relative L2 of 2e-6 (res_aligned)
-# to 5e-6 (scale/shift, image, edited) — the fixture's own float32 error.
-# Our float32 run differs from it by the same order, so 1e-4 leaves a 20×
-# margin for other CPUs while any real mistake (a wrong layer, resize or
-# index) shows up as > 1e-2.
+# Measured by running this pipeline in float64 (jax_enable_x64, same
+# weights): the fixture's own float32 error is 3.4e-6 (res_aligned_edit) to
+# 4.9e-6 (edited) relative L2, ours (float32 vs float64) 2.6e-6 to 3.2e-6,
+# and the two float32 runs differ by 4.1e-6 to 5.8e-6. 1e-4 leaves a >15×
+# margin for other CPUs; a real mistake (wrong layer, resize or feature
+# index) is > 1e-2.
 TOL = 1e-4
 
 
@@ -328,6 +328,7 @@ def test_resize_bilinear_matches_torch(src, dst, align_corners):
       align_corners=align_corners).numpy().transpose(0, 2, 3, 1)
   ours = ops.resize_bilinear_torch(jnp.asarray(x, jnp.float32), dst,
                                    align_corners)
-  # Each output is a convex combination of at most 4 inputs (|x| ≤ 5 here),
-  # computed in float32 against torch's float64: measured ≤ 1.2e-6.
+  # Against torch in float64 (|x| ≤ 4.5): ours in float32 measured ≤ 4.3e-7
+  # off, torch's own float32 up to 1.0e-5 (it rounds the source positions
+  # when shrinking), so 5e-6 is ~10× our error and any wrong tap is > 1e-2.
   np.testing.assert_allclose(np.asarray(ours), ref, atol=5e-6)
