@@ -535,7 +535,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
       weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
       feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
+      mse_norm=str(rc.get("mse_norm", "pixel"))))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
