@@ -97,7 +97,8 @@ def _upsample_to(x, like):
 
 
 class ResidualAligner(nn.Module):
-  """ADA: (B, 256, 256, 6) concat(residual, image) → aligned residual (B, 256, 256, 3)."""
+  """ADA: concat(residual, image) (B, 256, 256, 6) → aligned residual
+  (B, 256, 256, 3)."""
 
   @nn.compact
   def __call__(self, x):
