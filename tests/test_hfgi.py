@@ -332,3 +332,30 @@ def test_resize_bilinear_matches_torch(src, dst, align_corners):
   # off, torch's own float32 up to 1.0e-5 (it rounds the source positions
   # when shrinking), so 5e-6 is ~10× our error and any wrong tap is > 1e-2.
   np.testing.assert_allclose(np.asarray(ours), ref, atol=5e-6)
+
+
+def test_ganinverter_reader_ddp_prefix_and_strays(tmp_path, weights):
+  """An encoder saved from DistributedDataParallel ('encoder.module.*')
+  reads as the plain one; stray entries in ['encoder'] are refused."""
+  src = _save_ganinverter(tmp_path / "plain.pt", weights)
+  plain, avg, opts = e4e_converter.read_bundle(src, hfgi_converter.PARTS)
+  ckpt = torch.load(src, weights_only=True)
+  ckpt["encoder"] = {("encoder.module." + k[len("encoder."):]
+                      if k.startswith("encoder.") else k): v
+                     for k, v in ckpt["encoder"].items()}
+  torch.save(ckpt, tmp_path / "ddp.pt")
+  ddp, _, _ = e4e_converter.read_bundle(str(tmp_path / "ddp.pt"),
+                                        hfgi_converter.PARTS)
+  assert set(ddp) == set(plain) == {"encoder", "decoder", "grid_align",
+                                    "residue"}
+  assert set(ddp["encoder"]) == set(plain["encoder"]) == set(
+      weights["encoder"])
+  np.testing.assert_array_equal(np.asarray(avg), weights["latent_avg"])
+  assert opts["resolution"] == 64
+  ckpt["encoder"]["discriminator.w"] = torch.zeros(1)
+  torch.save(ckpt, tmp_path / "stray.pt")
+  with pytest.raises(e4e_converter.ConversionError,
+                     match=r"other than encoder\.\* and latent_avg: "
+                           r"discriminator\.w"):
+    e4e_converter.read_bundle(str(tmp_path / "stray.pt"),
+                              hfgi_converter.PARTS)
