@@ -63,6 +63,7 @@ def get_config():
       weight_lr=1.5e-3,
       l2_lambda=1.0,
       lpips_lambda=1.0,
+      mse_norm="pixel",          # MSE over masked pixels ('element': PTI)
   ))
 
   # Edits rendered for every image (and by --mode=edit on a finished run).

@@ -4,8 +4,10 @@
     python -m converters.stylegan2 --src network-snapshot.pkl --dst ckpt/ada
     python -m converters.stylegan2 --to-torch --src ckpt/refined --dst refined.pt
 
-Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a pSp/e4e
-bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, or a bare state dict.
+Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a
+pSp/e4e/HFGI bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, a
+GANInverter checkpoint {'decoder': state_dict, 'encoder': {'latent_avg',
+...}?, ...}, or a bare state dict.
 The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
 An NVIDIA stylegan2-ada-pytorch pickle is read by converters/nvidia_pickle.py
 (nothing in the file is executed or imported; NVIDIA's code is not needed)
@@ -184,13 +186,19 @@ def read_source(path, with_config=False):
   elif "state_dict" in ckpt and any(k.startswith("decoder.")
                                     for k in ckpt["state_dict"]):
     sd = to_numpy(ckpt["state_dict"], prefix="decoder.")
+  elif isinstance(ckpt.get("decoder"), dict):
+    # GANInverter: one dict per network, latent_avg kept by the encoder.
+    sd = to_numpy(ckpt["decoder"])
+    enc = ckpt.get("encoder")
+    latent_avg = enc.get("latent_avg") if isinstance(enc, dict) else None
   elif "style.1.weight" in ckpt:
     sd, latent_avg = to_numpy(ckpt), None
   else:
     raise ConversionError(
         f"{path}: found neither 'g_ema' nor a 'state_dict' with 'decoder.*' "
-        f"keys (top-level keys: {sorted(ckpt)[:8]}); pass a rosinality "
-        "StyleGAN2 or an e4e/pSp checkpoint.")
+        f"keys nor GANInverter's 'decoder' (top-level keys: "
+        f"{sorted(ckpt)[:8]}); pass a rosinality StyleGAN2, an e4e/pSp/HFGI "
+        "or a GANInverter checkpoint.")
   if latent_avg is not None:
     latent_avg = to_numpy({"x": latent_avg})["x"]
   if with_config:

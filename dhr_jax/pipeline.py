@@ -524,7 +524,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
         feature_idx=int(rc.feature_idx), feature_steps=steps,
         weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
         feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
+        mse_norm=str(rc.mse_norm)))
     # Dispatch is asynchronous: wait inside the block so that every step
     # is reported while someone listens.
     jax.block_until_ready((result.synthesis, result.offset, result.image,

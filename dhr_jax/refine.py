@@ -74,6 +74,7 @@ from dhr_jax.models.stylegan2 import (Generator, feature_resolution,
 from dhr_jax.optim import adam
 
 MODES = ("hybrid", "weight", "feature")
+MSE_NORMS = ("pixel", "element")
 KIND = "refined"
 
 
@@ -118,14 +119,19 @@ def resize_nearest(x, size, axes=(1, 2)):
 
 
 def refinement_losses(image, target, mask, mask_feature, l2_lambda,
-                      lpips_lambda, lpips_params=None, lpips_net=None):
+                      lpips_lambda, lpips_params=None, lpips_net=None,
+                      mse_norm="pixel"):
   """(L_in, L_out) of one image batch (the official objective, see module doc).
 
   mask: full-resolution (binary) mask; mask_feature: its soft version at the
   feature resolution, which masks the LPIPS maps. LPIPS is left out
-  entirely when `lpips_net` is None.
+  entirely when `lpips_net` is None. mse_norm: 'pixel' divides the masked
+  squared error by the masked pixel count (DHR), 'element' by the element
+  count, channels included (PTI's F.mse_loss when m = 1).
   """
   se = (image - target) ** 2
+  if mse_norm == "element":
+    se = se / se.shape[-1]
   loss_in = l2_lambda * masked_mean(se, mask)
   loss_out = l2_lambda * masked_mean(se, 1.0 - mask)
   if lpips_net is not None:
@@ -159,6 +165,7 @@ class RefineSpec:
   mode: str = "hybrid"
   lpips_net: Optional[str] = None
   weights_frozen: bool = False
+  mse_norm: str = "pixel"
 
   @property
   def train_weights(self):
@@ -169,15 +176,19 @@ class RefineSpec:
     return self.mode != "weight"
 
 
-def refine_spec(G, feature_idx, mode="hybrid", lpips_net=None):
+def refine_spec(G, feature_idx, mode="hybrid", lpips_net=None,
+                mse_norm="pixel"):
   """The RefineSpec of generator G (see `hybrid_step`)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mse_norm not in MSE_NORMS:
+    raise ValueError(f"mse_norm must be one of {MSE_NORMS}, got {mse_norm!r}")
   n = G.config["num_layers"]
   if not 0 <= int(feature_idx) < n:
     raise ValueError(f"feature_idx must be in [0, {n}) for a "
                      f"{G.config['size']}² generator, got {feature_idx}")
-  return RefineSpec(G.config, int(feature_idx), mode, lpips_net)
+  return RefineSpec(G.config, int(feature_idx), mode, lpips_net,
+                    mse_norm=mse_norm)
 
 
 def _generator(spec):
@@ -265,7 +276,7 @@ def hybrid_step(state, inputs, hyper, *, spec):
       lambda x: refinement_losses(x, inputs.target, inputs.mask,
                                   inputs.mask_feature, hyper.l2_lambda,
                                   hyper.lpips_lambda, inputs.lpips_params,
-                                  spec.lpips_net), image)
+                                  spec.lpips_net, spec.mse_norm), image)
   one, zero = jnp.ones_like(loss_in), jnp.zeros_like(loss_in)
 
   offset, opt_offset = state.offset, state.opt_offset
@@ -457,7 +468,8 @@ def default_feature_idx(size):
 def hybrid_refine(G, codes, target, mask=None, *, noise=None,
                   feature_idx=None, feature_steps=100, weight_steps=50,
                   weight_lr=1.5e-3, feature_lr=9e-2, l2_lambda=1.0,
-                  lpips_lambda=1.0, mode="hybrid", lpips_alex=None):
+                  lpips_lambda=1.0, mode="hybrid", lpips_alex=None,
+                  mse_norm="pixel"):
   """Refines W+ inversions of `target` by DHR's hybrid modulation.
 
   Args:
@@ -480,6 +492,8 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
     mode: 'hybrid', 'weight' or 'feature' (see the module doc).
     lpips_alex: an LPIPS metric (`dhr_jax.lpips.load('alex')`), loaded
       when None and needed.
+    mse_norm: 'pixel' (DHR's masked mean, see the module doc) or 'element'
+      (a per-element mean: PTI's loss, configs/pti.py).
 
   Returns:
     A `Refinement` of the B images; `editing.render(G, result, codes)`
@@ -510,7 +524,7 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
     if lpips_alex is None:
       lpips_alex = lpips_lib.load("alex")
     lpips_net, lpips_params = lpips_alex.net, lpips_alex.params
-  spec = refine_spec(G, feature_idx, mode, lpips_net)
+  spec = refine_spec(G, feature_idx, mode, lpips_net, mse_norm)
   hyper = make_hyper(weight_lr, feature_lr, l2_lambda, lpips_lambda)
   params, offset, mask_feature, image, losses_in, losses_out = _refine_batch(
       spec, int(feature_steps), int(weight_steps), G.params["synthesis"],

@@ -20,7 +20,8 @@ import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from dhr_jax.models import ops
 
 from dhr_jax import checkpoint
 from dhr_jax.models.frozen import freeze
@@ -100,10 +101,12 @@ class SqueezeExcite(nn.Module):
 
 
 class BottleneckIRSE(nn.Module):
-  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut."""
+  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut;
+  with se=False the plain bottleneck_IR (HFGI's small networks)."""
   in_channels: int
   depth: int
   stride: int
+  se: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -122,7 +125,8 @@ class BottleneckIRSE(nn.Module):
     r = nn.Conv(self.depth, (3, 3), (s, s), padding=_pad1(), use_bias=False,
                 name="conv2")(r)
     r = FrozenBatchNorm(name="bn2")(r)
-    r = SqueezeExcite(name="se")(r)
+    if self.se:
+      r = SqueezeExcite(name="se")(r)
     return r + shortcut
 
 
@@ -145,25 +149,8 @@ class GradualStyleBlock(nn.Module):
 
 
 def upsample_bilinear_aligned(x, size):
-  """F.interpolate(x, size, mode='bilinear', align_corners=True), NHWC.
-
-  align_corners=True maps the corner samples onto each other, which
-  jax.image.resize (half-pixel centres) cannot express; a separable
-  interpolation matrix per axis does it exactly.
-  """
-  def matrix(n_in, n_out):
-    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in), np.float64)
-    m[np.arange(n_out), lo] += 1.0 - frac
-    m[np.arange(n_out), hi] += frac
-    return jnp.asarray(m, x.dtype)
-  mh = matrix(x.shape[1], size[0])
-  mw = matrix(x.shape[2], size[1])
-  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("pw,bowc->bopc", mw, x, precision=jax.lax.Precision.HIGHEST)
+  """F.interpolate(x, size, mode='bilinear', align_corners=True), NHWC."""
+  return ops.resize_bilinear_torch(x, size, align_corners=True)
 
 
 class Encoder4Editing(nn.Module):

@@ -11,8 +11,9 @@ params['mapping']['style_1']['weight']; shapes are the PyTorch ones.
 The feature hook: `feature_idx` k names the feature map entering the synthesis
 convolution that consumes latent k (k = 11 is the 128² map of a 1024²
 generator, DHR's default). The hook can return that map and/or replace it with
-`f·mask + offset·(1 − mask)` (`f + offset` without a mask). Every method
-that edits features (DHR, weight-only, feature-only) goes through it.
+`f·mask + offset·(1 − mask)` (`f + offset` without a mask), or apply any
+`feature_fn` (HFGI's f·(1 + scale) + shift). Every method that edits
+features (DHR, weight-only, feature-only, HFGI) goes through it.
 
 NVIDIA's stylegan2-ada-pytorch generator (architecture 'skip', unconditional)
 is the same function up to one difference, carried as config: `conv_clamp`
@@ -222,6 +223,11 @@ def feature_blend(offset, mask=None):
   return lambda f: f * mask + offset * (1.0 - mask)
 
 
+def feature_modulation(scale, shift):
+  """The HFGI hook: f ↦ f·(1 + scale) + shift (distortion consultation)."""
+  return lambda f: f * (1.0 + scale) + shift
+
+
 def truncate(w, psi, w_avg):
   """Truncation trick: w_avg + psi·(w − w_avg).
 
@@ -321,12 +327,14 @@ class Generator:
     return self._mapping.apply({"params": params["mapping"]}, z)
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
-                return_feature=False, offset=None, mask=None):
+                return_feature=False, offset=None, mask=None,
+                feature_fn=None):
     """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
 
     noise: list of NHWC maps (default: this generator's fixed noise).
     feature_idx: where the hook acts; with `offset` the feature there is
-    replaced by f·mask + offset·(1−mask) (f + offset when mask is None);
+    replaced by f·mask + offset·(1−mask) (f + offset when mask is None),
+    with `feature_fn` by feature_fn(f) (e.g. `feature_modulation`);
     with `return_feature` the feature before replacement is returned too.
     """
     if wplus.ndim != 3 or wplus.shape[1] != self.n_latent:
@@ -335,14 +343,17 @@ class Generator:
           f"got {wplus.shape}")
     noise = self.noise if noise is None else noise
     hook = None
+    if offset is not None:
+      if feature_fn is not None:
+        raise ValueError("give either offset (and mask) or feature_fn")
+      feature_fn = feature_blend(offset, mask)
     if feature_idx is not None:
       if not 0 <= feature_idx < self.config["num_layers"]:
         raise ValueError(f"feature_idx must be in [0, "
                          f"{self.config['num_layers']}), got {feature_idx}")
-      hook = (feature_idx,
-              feature_blend(offset, mask) if offset is not None else None)
-    elif offset is not None or return_feature:
-      raise ValueError("offset/return_feature need a feature_idx")
+      hook = (feature_idx, feature_fn)
+    elif feature_fn is not None or return_feature:
+      raise ValueError("offset/feature_fn/return_feature need a feature_idx")
     img, feat = self._synthesis.apply({"params": params["synthesis"]}, wplus,
                                       noise, hook)
     return (img, feat) if return_feature else img
