@@ -21,7 +21,10 @@ import importlib.util
 import os
 from typing import Any, Optional
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 from dhr_jax import alignment
 
@@ -146,20 +149,34 @@ def _shape(models, image, rect):
   return shape, np.array([(p.x, p.y) for p in shape.parts()], np.float64)
 
 
-def detect(models, image, *, upsample=1, min_score=MIN_SCORE, min_size=0):
+def detect(models, image, *, upsample=1, min_score=MIN_SCORE, min_size=0,
+           max_side=2048):
   """Faces of a uint8 RGB image, left to right.
 
   upsample: times dlib doubles the image before detecting (1 finds faces
   from about 40 px); min_score: the HOG score a detection needs (false
   boxes on textures score low, see MIN_SCORE); min_size: the smallest box
-  side in pixels.
+  side in pixels; max_side: larger photos are searched at this size
+  (Lanczos) and the boxes scaled back, the landmarks are predicted at full
+  resolution (upsampling a 12-megapixel photo for the HOG pyramid takes
+  long and finds no more large faces).
   """
   dlib = _dlib()
   img = _rgb_u8(image)
-  rects, scores, _ = models.detector.run(img, int(upsample), float(min_score))
+  h, w = img.shape[:2]
+  scale = 1.0
+  search = img
+  if max_side and max(h, w) > max_side:
+    scale = max(h, w) / max_side
+    search = np.asarray(Image.fromarray(img).resize(
+        (max(1, int(round(w / scale))), max(1, int(round(h / scale)))),
+        Image.LANCZOS))
+  rects, scores, _ = models.detector.run(search, int(upsample),
+                                         float(min_score))
   faces = []
   for rect, score in zip(rects, scores):
-    box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+    box = tuple(int(round(v * scale)) for v in (
+        rect.left(), rect.top(), rect.right(), rect.bottom()))
     if min(box[2] - box[0], box[3] - box[1]) < min_size:
       continue
     # dlib may return boxes reaching past the image; the predictor copes.
@@ -241,7 +258,6 @@ def ffhq_quad(landmarks68):
 def _pad_with_blur(img, pad, qsize):
   """The recipe's padding: reflect, blur towards the border, fade to the
   median colour (float32 throughout, rounded back to uint8)."""
-  from scipy import ndimage
   left, top, right, bottom = pad
   a = np.pad(img.astype(np.float32), ((top, bottom), (left, right), (0, 0)),
              "reflect")
@@ -277,7 +293,6 @@ def align(photo, landmarks68, output_size, *, transform_size=None,
   the exact footprint of the produced pixels in the photo, i.e. it includes
   the rounding of the downscaled photo's size.
   """
-  from PIL import Image
   photo = _rgb_u8(photo)
   output_size = int(output_size)
   transform_size = int(transform_size or 4 * output_size)
@@ -403,7 +418,6 @@ def paste(photo, image, quad, *, mask=None, feather=0.1):
 
   Returns (pasted (H, W, 3) uint8, weight (H, W) float32).
   """
-  import jax.numpy as jnp
   photo = _rgb_u8(photo)
   h, w = photo.shape[:2]
   img = _to_float255(image)

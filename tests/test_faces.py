@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import data
 
 from dhr_jax import alignment
@@ -66,6 +67,23 @@ def test_astronaut_real_face_is_chosen_not_the_patch(models):
                 (five[:, 1] < b))
   assert five[0, 0] < five[1, 0] and five[3, 0] < five[4, 0]
   assert max(five[0, 1], five[1, 1]) < five[2, 1] < min(five[3, 1], five[4, 1])
+
+
+def test_large_photos_are_searched_downscaled(models):
+  photo = data.astronaut()
+  big = np.asarray(Image.fromarray(photo).resize((1024, 1024), Image.LANCZOS))
+  (face,) = faces.detect(models, big, max_side=512)
+  doubled = tuple(2 * v for v in ASTRONAUT_FACE)
+  # Measured: box (350, 152, 530, 332), IoU 0.98 with the doubled box.
+  assert _iou(face.box, doubled) > 0.9
+  # Landmarks come from the full-resolution photo: measured within 1.5 px
+  # of the 512² photo's, doubled (pixel centres: 2 x + 0.5), and within
+  # 1.0 px of those found when the 1024² photo itself is searched
+  # (max_side=0; the predictor starts from a slightly different box).
+  small = faces.detect(models, photo)[0]
+  full = faces.detect(models, big, max_side=0)[0]
+  np.testing.assert_allclose(face.five, 2 * small.five + 0.5, atol=2.0)
+  np.testing.assert_allclose(face.five, full.five, atol=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +196,6 @@ def test_alignment_transform_is_exact_with_and_without_shrink(
 
 
 def _two_face_photo():
-  from PIL import Image
   # No second colour face photo ships with the installed packages (the
   # cameraman scores -0.11, a rejected detection), so the second face is
   # the astronaut mirrored and scaled to 3/4.
