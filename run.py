@@ -10,6 +10,12 @@ is written last; with --config.save.intermediate also embedding.png,
 coarse.png, superpixels.png, error_map.png (and parsing.png with a parser).
 Run level: OUT/metrics.csv and OUT/summary.json.
 
+With --config.data.align=True the inputs are raw photos: every face found
+(the largest, or all with --config.data.faces=all) is FFHQ-aligned and run
+as OUT/<photo>/face<k>/, and its inversion and edits are also pasted back
+into the photo (face<k>/pasted/, OUT/<photo>/pasted_all.png); see
+dhr_jax/photos.py.
+
 Re-running with the same workdir skips the images whose outputs are complete,
 so a killed run is resumed by starting it again. Editing again with other
 directions, without refining again:
@@ -159,6 +165,28 @@ def load_models(config, mesh=None):
   return models
 
 
+def _face_models(config):
+  """dlib's models when the `faces` extra is installed, else None; with
+  config.data.align they are required and the settings are checked."""
+  from dhr_jax import faces
+  from dhr_jax import photos
+  d = config.data
+  if d.align:
+    if d.input == "synthetic":
+      raise UserError("config.data.align=True aligns faces in photos: set "
+                      "--config.data.input=PHOTO_OR_DIR")
+    if d.faces not in ("largest", "all"):
+      raise UserError(f"config.data.faces must be 'largest' or 'all', got "
+                      f"{d.faces!r}")
+    if int(d.min_face_size) < 0:
+      raise UserError(f"config.data.min_face_size must be ≥ 0, got "
+                      f"{d.min_face_size}")
+  try:
+    return photos.face_models(required=bool(d.align))
+  except faces.FacesUnavailable as e:
+    raise UserError(f"config.data.align=True: {e}") from None
+
+
 def build_edits(edit_config, G):
   """config.edit → [EditSpec] (InterFaceGAN, GANSpace, random direction)."""
   from dhr_jax import editing
@@ -278,11 +306,13 @@ def _write_edits(directory, rendered, files):
   return tiles
 
 
-def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0):
+def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
+                notes=None):
   """All outputs of one successful image, the marker last.
 
   seconds_before: this image's share of the batch's compute time; the
-  marker records it plus the time spent writing.
+  marker records it plus the time spent writing. notes: more entries for
+  the marker (e.g. where the parser's landmarks came from).
   """
   from dhr_jax import io
   from dhr_jax import refine
@@ -317,7 +347,7 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0):
   seconds = seconds_before + time.perf_counter() - t0
   marker = dict(name=r.name, source=source, fingerprint=stamp,
                 metrics=dict(r.metrics, seconds=seconds),
-                edits=list(r.edits), files=files)
+                edits=list(r.edits), files=files, **(notes or {}))
   path = os.path.join(directory, io.MARKER)
   io.write_json(path, marker)
   if on_file_written is not None:
@@ -402,6 +432,7 @@ def run(config, workdir, *, refine_fn=None):
       entries = io.list_images(source)
     except io.ImageError as e:
       raise UserError(str(e)) from None
+  face_models = _face_models(config)
   mesh = pipeline.make_mesh()
   models = load_models(config, mesh)
   G = models.G
@@ -411,6 +442,14 @@ def run(config, workdir, *, refine_fn=None):
     entries = io.list_images(source)
   stamp = fingerprint(config)
   size = G.config["size"]
+  photo_entries, photo_failed = entries, []
+  if config.data.align:
+    from dhr_jax import photos
+    entries, photo_failed = photos.prepare(
+        photo_entries, workdir, size, face_models, config.data.faces,
+        min_size=int(config.data.min_face_size))
+    for f in photo_failed:
+      logging.warning("%s: %s", f["file"], f["reason"])
   b = pipeline.padded_size(None, config.batch_size, models.n_devices)
   if b != int(config.batch_size):
     logging.info("batch size %d rounded up to %d (a multiple of %d devices)",
@@ -422,7 +461,7 @@ def run(config, workdir, *, refine_fn=None):
     marker = io.read_marker(os.path.join(workdir, io.output_name(name)))
     return marker is not None and marker.get("fingerprint") == stamp
 
-  failed = []
+  failed = list(photo_failed)
   skipped = sum(complete(n) for n, _ in entries)
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
@@ -450,10 +489,15 @@ def run(config, workdir, *, refine_fn=None):
     if not any(n in todo for n in names):
       continue
     t0 = time.perf_counter()
+    landmarks, notes = None, {}
+    if models.parser is not None:
+      from dhr_jax import photos
+      landmarks, why = photos.parser_landmarks(face_models, np.stack(images))
+      notes = {n: dict(landmarks=w or "detected") for n, w in zip(names, why)}
     try:
       results, times = pipeline.run_batch(
           models, config, np.stack(images), names, edits=edits,
-          ground_truth=gt, refine_fn=refine_fn)
+          ground_truth=gt, refine_fn=refine_fn, landmarks=landmarks)
     except pipeline.PipelineError as e:
       raise UserError(str(e)) from None
     except Exception as e:  # one bad batch must not end the run
@@ -473,10 +517,23 @@ def run(config, workdir, *, refine_fn=None):
         failed.append(dict(name=r.name, file=dict(chunk)[r.name],
                            reason=r.reason))
       else:
-        write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share)
+        if face_models is not None:
+          from dhr_jax import photos
+          r.metrics.update(photos.identity_metrics(face_models, r.target,
+                                                   r.image, r.edits))
+        write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
+                    notes.get(r.name))
       progress.update(1)
     progress.set_postfix({k: f"{v:.1f}s" for k, v in times.items()})
   progress.close()
+  if config.data.align:
+    from dhr_jax import photos
+    failed_photos = {f["name"] for f in photo_failed}
+    for name, path in photo_entries:
+      if name not in failed_photos:
+        photos.paste_photo(workdir, name, path, stamp)
+    # Photos without a face count among the inputs of the outcome.
+    entries = entries + [(f["name"], f["file"]) for f in photo_failed]
   return _finish(config, workdir, entries, failed, skipped, t_start, "run")
 
 
@@ -492,7 +549,10 @@ def _finish(config, workdir, entries, failed, skipped, t_start, mode):
       rows.append(dict(name=name, **marker["metrics"]))
   columns = ["name"] + list(pipeline.METRICS) + ["seconds"]
   extra = [c for c in pipeline.GT_METRICS if any(c in r for r in rows)]
-  columns += extra
+  # id_dlib (the faces extra): inversion first, then each edit.
+  ids = sorted({c for r in rows for c in r if c.startswith("id_dlib")},
+               key=lambda c: (c != "id_dlib", c))
+  columns += extra + ids
   io.write_csv(os.path.join(workdir, "metrics.csv"), rows, columns)
   means = {c: float(np.mean([r[c] for r in rows]))
            for c in columns[1:] if rows and all(c in r for r in rows)}
@@ -532,12 +592,23 @@ def edit(config, workdir):
                     "name=path.npy, --config.edit.ganspace=... or "
                     "--config.edit.random_direction_seed=0")
   entries = []
+  photo_dirs = []
   for name in sorted(os.listdir(workdir)):
     directory = os.path.join(workdir, name)
-    marker = (io.read_marker(directory, optional=("edits/", "grid.png"))
-              if os.path.isdir(directory) else None)
-    if marker is not None:
-      entries.append((marker["name"], directory, marker))
+    if not os.path.isdir(directory):
+      continue
+    # Aligned photos keep their faces one level down (OUT/<photo>/face<k>).
+    candidates = [directory]
+    if os.path.isfile(os.path.join(directory, "faces.json")):
+      photo_dirs.append(directory)
+      candidates = [os.path.join(directory, f)
+                    for f in sorted(os.listdir(directory))
+                    if f.startswith("face") and
+                    os.path.isdir(os.path.join(directory, f))]
+    for d in candidates:
+      marker = io.read_marker(d, optional=("edits/", "grid.png"))
+      if marker is not None:
+        entries.append((marker["name"], d, marker))
   if not entries:
     raise UserError(f"{workdir} holds no finished images (no {io.MARKER}); "
                     "run without --mode=edit first")
@@ -560,6 +631,16 @@ def edit(config, workdir):
                      read("mask.png"), tiles), files)
     marker.update(edits=list(rendered), files=files)
     io.write_json(os.path.join(directory, io.MARKER), marker)
+  if photo_dirs:
+    from dhr_jax import photos
+    for directory in photo_dirs:
+      with open(os.path.join(directory, "faces.json")) as f:
+        source = json.load(f)["photo"]
+      try:
+        photos.paste_photo(workdir, os.path.basename(directory), source)
+      except io.ImageError as e:
+        failed.append(dict(name=os.path.basename(directory), file=source,
+                           reason=_short(e)))
   names = [(n, d) for n, d, _ in entries]
   print(f"re-edited {len(entries) - len(failed)} image(s) in {workdir}")
   if failed:

@@ -144,9 +144,9 @@ def _rgb_u8(image):
   return np.ascontiguousarray(a)
 
 
-def _shape(models, image, rect):
+def _landmarks(models, image, rect):
   shape = models.predictor(image, rect)
-  return shape, np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+  return np.array([(p.x, p.y) for p in shape.parts()], np.float64)
 
 
 def detect(models, image, *, upsample=1, min_score=MIN_SCORE, min_size=0,
@@ -180,7 +180,7 @@ def detect(models, image, *, upsample=1, min_score=MIN_SCORE, min_size=0,
     if min(box[2] - box[0], box[3] - box[1]) < min_size:
       continue
     # dlib may return boxes reaching past the image; the predictor copes.
-    _, lm = _shape(models, img, dlib.rectangle(*box))
+    lm = _landmarks(models, img, dlib.rectangle(*box))
     faces.append(Face(box=box, score=float(score), landmarks=lm))
   return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 

@@ -19,6 +19,7 @@ are done, so they are remade by every run and every re-edit.
 """
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -128,6 +129,8 @@ def paste_photo(workdir, name, path, stamp=None):
     quad = np.asarray(record["quad"])
     inversion = _read_png(os.path.join(d, "inversion.png"))
     pasted, _ = faces.paste(photo, inversion, quad)
+    # Edits of an earlier --mode=edit pass may be gone from edits/.
+    shutil.rmtree(os.path.join(d, "pasted"), ignore_errors=True)
     io.write_bytes(os.path.join(d, "pasted", "inversion.png"),
                    io.png_bytes(pasted))
     written.append(f"{sub}/pasted/inversion.png")

@@ -370,3 +370,89 @@ def test_parser_landmarks_and_identity_metrics(models, astronaut_aligned):
   assert m["id_dlib_shifted"] > 0.99
   assert m["id_dlib_grey"] < 0.9
   assert photos.identity_metrics(models, blank, x, {}) == {}
+
+
+# ------------------------------------------------------------ run.py, aligned
+
+
+def _run_module():
+  sys.path.insert(0, REPO)
+  import run as run_lib  # run.py lives at the repository root
+  return run_lib
+
+
+def _tiny_demo_config(inputs):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.input = inputs
+  c.data.align = True
+  c.data.faces = "all"
+  c.data.min_face_size = 32  # the mirrored face's box is 62 px
+  # The 64² stand-in, narrower, and a handful of steps: mechanics only.
+  c.update_from_flattened_dict({
+      "model.stand_in.channels": 16, "embedding.n_mean_latent": 500,
+      "dss.coarse_steps": 3, "dss.n_segments": 16, "refine.feature_steps": 4,
+      "refine.weight_steps": 2, "save.intermediate": False})
+  return c
+
+
+@pytest.mark.slow  # compiles the whole (tiny) pipeline: ~2-3 min here
+def test_run_aligns_inverts_and_pastes_every_face(tmp_path):
+  run_lib = _run_module()
+  inputs = tmp_path / "photos"
+  inputs.mkdir()
+  two = _two_face_photo()
+  Image.fromarray(two).save(inputs / "two.png")
+  Image.fromarray(data.coffee()).save(inputs / "coffee.png")  # no face
+  workdir = tmp_path / "out"
+  outcome = run_lib.run(_tiny_demo_config(str(inputs)), str(workdir))
+  # The photo without a face is a failed input, not a crash.
+  assert outcome.status == 1
+  assert [f["name"] for f in outcome.failed] == ["coffee"]
+  assert "no face found" in outcome.failed[0]["reason"]
+  assert sorted(outcome.done) == ["two/face0", "two/face1"]
+  for k in (0, 1):
+    d = workdir / "two" / f"face{k}"
+    for rel in ("inversion.png", "pasted/inversion.png",
+                "pasted/edits/random_-2.png", "pasted/edits/random_2.png"):
+      assert (d / rel).is_file(), rel
+    assert np.asarray(Image.open(d / "pasted" / "inversion.png")).shape == (
+        two.shape)
+  together = np.asarray(Image.open(workdir / "two" / "pasted_all.png"))
+  assert together.shape == two.shape
+  # Both faces changed, the corners (far from both) are the photo's.
+  for box in (ASTRONAUT_FACE, (695, 129, 757, 191)):
+    l, t, r, b = box
+    assert np.any(together[t:b, l:r] != two[t:b, l:r])
+  for y, x in ((0, 0), (511, 0), (0, 895), (511, 895)):
+    np.testing.assert_array_equal(together[y, x], two[y, x])
+  header = open(workdir / "metrics.csv").readline().strip().split(",")
+  assert {"id_dlib", "id_dlib_random_2"} <= set(header)
+  # Re-editing finds the faces one level down and pastes the new edits.
+  config = _tiny_demo_config(str(inputs))
+  config.edit.strengths = "3"
+  outcome = run_lib.edit(config, str(workdir))
+  assert outcome.status == 0 and len(outcome.done) == 2
+  pasted = sorted(os.listdir(workdir / "two" / "face1" / "pasted" / "edits"))
+  assert pasted == ["random_3.png"]
+
+
+def test_align_without_the_extra_is_a_one_line_error(tmp_path):
+  Image.fromarray(data.astronaut()).save(tmp_path / "a.png")
+  code = f"""
+import sys, runpy
+sys.modules['dlib'] = None
+sys.argv = ['run.py', '--config=configs/demo.py', '--workdir={tmp_path}/out',
+            '--config.data.input={tmp_path}/a.png', '--config.data.align=True']
+runpy.run_path('run.py', run_name='__main__')
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.data.align=True") and "faces" in last
+  assert "Traceback" not in out.stderr
