@@ -456,3 +456,38 @@ runpy.run_path('run.py', run_name='__main__')
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.data.align=True") and "faces" in last
   assert "Traceback" not in out.stderr
+
+
+def test_parser_frame_follows_each_images_own_landmarks(models,
+                                                        astronaut_aligned):
+  # The parser's face crop is placed by the landmarks DSS passes: with each
+  # image's own (detected) landmarks, a face shifted by 20 px inside the
+  # aligned square moves the parser's frame with it; the canonical template
+  # would leave it where an FFHQ-aligned face would be.
+  import jax.numpy as jnp
+  from dhr_jax import photos
+  from dhr_jax.models import farl
+  _, al = astronaut_aligned
+  x = al.image.astype(np.float32) / 127.5 - 1.0
+  moved = np.roll(x, 20, axis=1)
+  batch = np.stack([x, moved])
+  lm, notes = photos.parser_landmarks(models, batch)
+  assert notes == ["", ""]
+  yy, xx = np.mgrid[:64, :64]
+  # A "face" disc in the middle of the parser's frame.
+  disc = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 15 ** 2).astype(np.float32)
+  logits_fn = lambda crops: jnp.broadcast_to(
+      jnp.asarray(disc)[None, ..., None], (crops.shape[0], 64, 64, 1))
+
+  def centre_x(landmarks):
+    maps = np.asarray(farl.parse_logits(logits_fn, jnp.asarray(batch),
+                                        landmarks))[..., 0]
+    cols = np.arange(256)
+    return [float((m.sum(0) * cols).sum() / m.sum()) for m in maps]
+
+  own = centre_x(jnp.asarray(lm))
+  # Measured: the frame moves 20.1 px with the face (the detected nose and
+  # eyes move by exactly the roll, up to the predictor's ±1 px).
+  assert abs((own[1] - own[0]) - 20.0) < 2.0, own
+  fixed = centre_x(None)
+  assert abs(fixed[1] - fixed[0]) < 1e-3, fixed
