@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_generator": "dhr_jax.models.stylegan2",
     "init_generator": "dhr_jax.models.stylegan2",
     "Generator": "dhr_jax.models.stylegan2",
+    "truncate": "dhr_jax.models.stylegan2",
     "load_encoder": "dhr_jax.models.e4e",
     "load_parser": "dhr_jax.models.farl",
     "load_lpips": "dhr_jax.lpips",
