@@ -4,8 +4,10 @@
     python -m converters.stylegan2 --src network-snapshot.pkl --dst ckpt/ada
     python -m converters.stylegan2 --to-torch --src ckpt/refined --dst refined.pt
 
-Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a pSp/e4e
-bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, or a bare state dict.
+Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a
+pSp/e4e/HFGI bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, a
+GANInverter checkpoint {'decoder': state_dict, 'encoder': {'latent_avg',
+...}?, ...}, or a bare state dict.
 The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
 An NVIDIA stylegan2-ada-pytorch pickle is read by converters/nvidia_pickle.py
 (nothing in the file is executed or imported; NVIDIA's code is not needed)
@@ -14,6 +16,7 @@ and what is refused. `--to-torch` writes the rosinality layout, plus
 {'config': {'conv_clamp', 'lr_mlp'}} for what that layout cannot express.
 """
 import math
+import os
 import re
 import sys
 
@@ -27,7 +30,7 @@ from converters.common import (ConversionError, check_keys, cli_main,
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
-                                      noise_shapes)
+                                      load_generator, noise_shapes)
 
 _LISTS = ("style", "convs", "to_rgbs")
 # Config a .pt records beside 'g_ema' (--to-torch), with the defaults of a
@@ -183,13 +186,19 @@ def read_source(path, with_config=False):
   elif "state_dict" in ckpt and any(k.startswith("decoder.")
                                     for k in ckpt["state_dict"]):
     sd = to_numpy(ckpt["state_dict"], prefix="decoder.")
+  elif isinstance(ckpt.get("decoder"), dict):
+    # GANInverter: one dict per network, latent_avg kept by the encoder.
+    sd = to_numpy(ckpt["decoder"])
+    enc = ckpt.get("encoder")
+    latent_avg = enc.get("latent_avg") if isinstance(enc, dict) else None
   elif "style.1.weight" in ckpt:
     sd, latent_avg = to_numpy(ckpt), None
   else:
     raise ConversionError(
         f"{path}: found neither 'g_ema' nor a 'state_dict' with 'decoder.*' "
-        f"keys (top-level keys: {sorted(ckpt)[:8]}); pass a rosinality "
-        "StyleGAN2 or an e4e/pSp checkpoint.")
+        f"keys nor GANInverter's 'decoder' (top-level keys: "
+        f"{sorted(ckpt)[:8]}); pass a rosinality StyleGAN2, an e4e/pSp/HFGI "
+        "or a GANInverter checkpoint.")
   if latent_avg is not None:
     latent_avg = to_numpy({"x": latent_avg})["x"]
   if with_config:
@@ -205,8 +214,6 @@ def read_source(path, with_config=False):
 def _convert(args):
   if args.to_torch:
     import torch
-    from dhr_jax.models.stylegan2 import load_generator
-    import os
     if os.path.exists(args.dst) and not args.overwrite:
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
     g = load_generator(args.src)
@@ -247,7 +254,8 @@ def _args(parser):
 
 
 def main(argv=None):
-  return cli_main(__doc__.splitlines()[0], _convert, argv, _args)
+  return cli_main(__doc__.splitlines()[0], _convert, argv, _args,
+                  dst_is_file=lambda args: args.to_torch)
 
 
 if __name__ == "__main__":

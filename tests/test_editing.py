@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dhr_jax import editing
+from dhr_jax import refine
 from dhr_jax.editing import EditError
 from dhr_jax.models.stylegan2 import feature_resolution, init_generator
 
@@ -64,10 +65,23 @@ def _image_by_image(G, params, codes, noise, offset, mask):
 STRENGTHS, LAYERS = [0.0, 3.0], (1, 3)  # shared so tests reuse compilations
 
 
-def _kw(s, mode="dhr"):
-  return dict(offset=None if mode == "weight_only" else s["offset"],
-              mask_feature=s["mask"] if mode == "dhr" else None,
-              feature_idx=K, noise=s["noise"])
+def _refinement(s, mode="dhr", params=None, noise=None):
+  """The setup as a Refinement: per-image weights, offset, mask and noise;
+  'weight_only' has no offset (plain synthesis with the refined weights)."""
+  params = s["params"] if params is None else params
+  return refine.Refinement(
+      synthesis=params["synthesis"], mapping=s["G"].params["mapping"],
+      codes=s["codes"],
+      offset=None if mode == "weight_only" else s["offset"],
+      mask_feature=s["mask"] if mode == "dhr" else None,
+      noise=s["noise"] if noise is None else noise, feature_idx=K,
+      mode={"dhr": "hybrid", "feature_only": "feature",
+            "weight_only": "weight"}[mode])
+
+
+def _stacked(G):
+  """G's params copied for each of the two images."""
+  return jax.tree_util.tree_map(lambda x: np.stack([x, x]), G.params)
 
 
 def test_alpha_zero_reproduces_inversion(setup):
@@ -75,8 +89,9 @@ def test_alpha_zero_reproduces_inversion(setup):
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
   assert edited.shape == (2, 2) + s["codes"].shape[1:]
   np.testing.assert_array_equal(edited[:, 0], s["codes"])
-  images = editing.render(s["G"], s["params"], edited, **_kw(s))
-  inversion = editing.render(s["G"], s["params"], s["codes"], **_kw(s))
+  r = _refinement(s)
+  images = editing.render(s["G"], r, edited)
+  inversion = editing.render(s["G"], r)  # the refinement's own codes
   assert images.shape == (2, 2, 8, 8, 3) and inversion.shape == (2, 8, 8, 3)
   # bit for bit, although rendered in calls with 2 and 1 codes per image
   np.testing.assert_array_equal(images[:, 0], inversion)
@@ -87,22 +102,24 @@ def test_alpha_zero_reproduces_inversion(setup):
 def test_render_per_image_params_equals_image_by_image(setup, mode):
   s = setup
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  images = editing.render(s["G"], s["params"], edited, **_kw(s, mode))
-  kw = _kw(s, mode)
-  ref = _image_by_image(s["G"], s["params"], edited, s["noise"], kw["offset"],
-                        kw["mask_feature"])
+  r = _refinement(s, mode)
+  images = editing.render(s["G"], r, edited)
+  ref = _image_by_image(s["G"], s["params"], edited, s["noise"], r.offset,
+                        r.mask_feature)
   np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
   if mode == "dhr":  # each image used its own weights, not the shared ones
-    shared = editing.render(s["G"], s["G"].params, edited, **kw)
+    shared = editing.render(s["G"], _refinement(s, mode, _stacked(s["G"])),
+                            edited)
     assert float(jnp.abs(shared[1] - images[1]).max()) > 1e-2
 
 
-def test_render_shared_params_and_noise(setup):
+def test_render_shared_noise(setup):
   s = setup
   G = s["G"]
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  images = editing.render(G, G.params, edited, **dict(_kw(s), noise=None))
-  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), G.params)
+  stacked = _stacked(G)
+  images = editing.render(G, _refinement(s, params=stacked,
+                                         noise=list(G.noise)), edited)
   noise = [jnp.concatenate([n, n]) for n in G.noise]
   ref = _image_by_image(G, stacked, edited, noise, s["offset"], s["mask"])
   np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
@@ -113,12 +130,25 @@ def test_render_mask_polarity(setup):
   mask 0: the offset replaces it."""
   s = setup
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  plain = editing.render(s["G"], s["params"], edited, **_kw(s, "weight_only"))
+  plain = editing.render(s["G"], _refinement(s, "weight_only"), edited)
   for fill, same in ((1.0, True), (0.0, False)):
-    kw = dict(_kw(s), mask_feature=np.full_like(s["mask"], fill))
-    images = editing.render(s["G"], s["params"], edited, **kw)
+    r = _refinement(s).replace(mask_feature=np.full_like(s["mask"], fill))
+    images = editing.render(s["G"], r, edited)
     diff = float(jnp.abs(images - plain).max())
     assert diff < 1e-5 if same else diff > 1e-1, (fill, diff)
+
+
+def test_refinement_take_is_one_image(setup):
+  s = setup
+  r = _refinement(s)
+  both = editing.render(s["G"], r)
+  one = r[1]
+  assert len(one) == 1 and one.feature_idx == K and one.mode == "hybrid"
+  np.testing.assert_array_equal(one.offset, s["offset"][1:])
+  np.testing.assert_allclose(editing.render(s["G"], one)[0], both[1],
+                             atol=2e-5, rtol=0)
+  with pytest.raises(IndexError):
+    r.take(2)
 
 
 def test_edits_linear_in_alpha():
@@ -329,19 +359,21 @@ def test_bad_ganspace_files_give_clear_errors(tmp_path):
 
 def test_render_refuses_mismatched_inputs(setup):
   s = setup
-  G, codes = s["G"], s["codes"]
+  G, codes, r = s["G"], s["codes"], _refinement(s)
   with pytest.raises(EditError, match="mask_feature needs an offset"):
-    editing.render(G, G.params, codes, mask_feature=s["mask"], feature_idx=K)
+    editing.render(G, _refinement(s, "weight_only").replace(
+        mask_feature=s["mask"]))
   with pytest.raises(EditError, match=r"offset must be \(B=2, 8, 8, C\)"):
-    editing.render(G, G.params, codes, offset=s["offset"][:, :4],
-                   feature_idx=K)
+    editing.render(G, r.replace(offset=s["offset"][:, :4]))
   with pytest.raises(EditError, match=r"feature_idx must be in \[0, 3\)"):
-    editing.render(G, G.params, codes, offset=s["offset"], feature_idx=11)
+    editing.render(G, r.replace(feature_idx=11))
+  with pytest.raises(EditError, match=r"feature_idx must be in .* got None"):
+    editing.render(G, r.replace(feature_idx=None))
   with pytest.raises(EditError, match="leading axis of 3"):
-    editing.render(G, s["params"], jnp.concatenate([codes, codes[:1]]))
+    editing.render(G, r, jnp.concatenate([codes, codes[:1]]))
   with pytest.raises(EditError, match="noise maps"):
-    editing.render(G, G.params, codes,
-                   noise=[jnp.concatenate([n] * 3) for n in G.noise])
+    editing.render(G, r.replace(
+        noise=[jnp.concatenate([n] * 3) for n in G.noise]))
 
 
 def test_parse_helpers():

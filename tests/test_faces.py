@@ -375,12 +375,6 @@ def test_parser_landmarks_and_identity_metrics(models, astronaut_aligned):
 # ------------------------------------------------------------ run.py, aligned
 
 
-def _run_module():
-  sys.path.insert(0, REPO)
-  import run as run_lib  # run.py lives at the repository root
-  return run_lib
-
-
 def _tiny_demo_config(inputs):
   import importlib.util
   spec = importlib.util.spec_from_file_location(
@@ -402,14 +396,14 @@ def _tiny_demo_config(inputs):
 
 @pytest.mark.slow  # compiles the whole (tiny) pipeline: ~2-3 min here
 def test_run_aligns_inverts_and_pastes_every_face(tmp_path):
-  run_lib = _run_module()
+  from dhr_jax import runner
   inputs = tmp_path / "photos"
   inputs.mkdir()
   two = _two_face_photo()
   Image.fromarray(two).save(inputs / "two.png")
   Image.fromarray(data.coffee()).save(inputs / "coffee.png")  # no face
   workdir = tmp_path / "out"
-  outcome = run_lib.run(_tiny_demo_config(str(inputs)), str(workdir))
+  outcome = runner.run(_tiny_demo_config(str(inputs)), str(workdir))
   # The photo without a face is a failed input, not a crash.
   assert outcome.status == 1
   assert [f["name"] for f in outcome.failed] == ["coffee"]
@@ -435,7 +429,7 @@ def test_run_aligns_inverts_and_pastes_every_face(tmp_path):
   # Re-editing finds the faces one level down and pastes the new edits.
   config = _tiny_demo_config(str(inputs))
   config.edit.strengths = "3"
-  outcome = run_lib.edit(config, str(workdir))
+  outcome = runner.edit(config, str(workdir))
   assert outcome.status == 0 and len(outcome.done) == 2
   pasted = sorted(os.listdir(workdir / "two" / "face1" / "pasted" / "edits"))
   assert pasted == ["random_3.png"]

@@ -1,6 +1,8 @@
 """Hybrid Modulation Refinement: parity with the official DHR loop (golden
 fixture through a real .pt and our converter), vmap == per-image steps, the
 three modes and their degenerate masks, the LPIPS objective, save/load."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 import dhr_jax
 from conftest import rel_l2
 from converters import stylegan2 as conv
-from dhr_jax import checkpoint, refine
+from dhr_jax import checkpoint, editing, refine
 from dhr_jax.models.stylegan2 import feature_resolution, init_generator
 
 
@@ -106,7 +108,8 @@ def test_batched_equals_looped_single_image_steps(tiny):
   G, codes, target, mask = tiny
   r = _run(tiny)
   spec = refine.refine_spec(G, K, "hybrid")
-  hyper = refine.make_hyper(3, 1e-2, 9e-2, 1.0, 0.0)
+  frozen = dataclasses.replace(spec, weights_frozen=True)
+  hyper = refine.make_hyper(1e-2, 9e-2, 1.0, 0.0)
   res = feature_resolution(K)
   render = jax.jit(lambda p, c, o, m: G.synthesis(
       {"synthesis": p}, c, feature_idx=K, offset=o, mask=m))
@@ -117,9 +120,9 @@ def test_batched_equals_looped_single_image_steps(tiny):
     state = refine.init_state(spec, G.params["synthesis"], inputs.codes,
                               inputs.noise)
     losses, snapshots = [], []
-    for _ in range(6):  # the public jitted step, one Python call per step
-      state, (l_in, l_out) = refine.hybrid_step(state, inputs, hyper,
-                                                spec=spec)
+    for t in range(6):  # the public jitted step, one Python call per step
+      state, (l_in, l_out) = refine.hybrid_step(
+          state, inputs, hyper, spec=spec if t < 3 else frozen)
       losses.append((float(l_in), float(l_out)))
       snapshots.append(state)
     l_in, l_out = np.asarray(losses).T
@@ -182,9 +185,10 @@ def test_weight_mode_moves_only_weights(tiny):
   assert float(jnp.max(jnp.abs(w - G.params["synthesis"]["convs_1"]["conv"]
                                  ["weight"]))) > 1e-3
   # The offset is never seen: any offset renders the same image.
-  item = r.select(0)
-  other = item._replace(offset=item.offset + 3.0)
-  np.testing.assert_array_equal(item.synthesize(G), other.synthesize(G))
+  item = r[0]
+  other = item.replace(offset=item.offset + 3.0)
+  np.testing.assert_array_equal(editing.render(G, item),
+                                editing.render(G, other))
   # The same result as PTI-style refinement on the full mask in hybrid mode.
   h = refine.hybrid_refine(G, codes, target, jnp.ones_like(target[..., :1]),
                            feature_idx=K, feature_steps=6, weight_steps=3,
@@ -234,6 +238,16 @@ def test_masked_mean_and_torch_nearest():
                                            size=(n_out, n_out)).numpy()
     got = refine.resize_nearest(nhwc(a), (n_out, n_out))
     np.testing.assert_array_equal(nchw(got), want, err_msg=(n_in, n_out))
+  # The same rule on the first two axes of a numpy label map (DSS resizes
+  # superpixel labels and LPIPS maps with it), non-square sizes included.
+  labels = np.random.RandomState(0).randint(1, 200, (64, 48))
+  for size in [(31, 23), (15, 11), (7, 48), (128, 97), (3, 1)]:
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(labels[None, None].astype(np.float32)),
+        size=size).numpy()[0, 0]
+    got = refine.resize_nearest(labels, size, axes=(0, 1))
+    assert isinstance(got, np.ndarray) and got.dtype == labels.dtype
+    np.testing.assert_array_equal(got, want, err_msg=size)
 
 
 def test_lpips_objective_matches_its_definition():
@@ -329,7 +343,7 @@ def test_save_load_renders_identical_image(tiny, tmp_path):
     d = tmp_path / f"refined_{own_noise}"
     refine.save_refined(d, r, G, 1)
     got = refine.load_refined(d, G)
-    want = r.select(1)
+    want = r[1]
     for a, b in zip(jax.tree_util.tree_leaves(want.params),
                     jax.tree_util.tree_leaves(got.params)):
       np.testing.assert_array_equal(a, b)
@@ -337,17 +351,13 @@ def test_save_load_renders_identical_image(tiny, tmp_path):
       np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
       assert getattr(got, f).shape[0] == 1
     assert got.feature_idx == K and got.mode == "hybrid"
-    render = jax.jit(lambda p, c, o, m, n: G.synthesis(
-        p, c, n, feature_idx=K, offset=o, mask=m))
-    a = np.asarray(render(want.params, want.codes, want.offset,
-                          want.mask_feature, want.noise))
-    b = np.asarray(render(got.params, got.codes, got.offset,
-                          got.mask_feature, got.noise))
+    a = np.asarray(editing.render(G, want))
+    b = np.asarray(editing.render(G, got))
     assert a.tobytes() == b.tobytes()
     assert float(jnp.max(jnp.abs(b[0] - r.image[1]))) <= 1e-5
     if not own_noise:
-      assert not np.array_equal(a, np.asarray(render(
-          got.params, got.codes, got.offset, got.mask_feature, G.noise)))
+      assert not np.array_equal(a, np.asarray(editing.render(
+          G, got.replace(noise=list(G.noise)))))
   # Not over another generator's weights, nor over an existing directory.
   other = init_generator(jax.random.PRNGKey(5), size=16, style_dim=16,
                          n_mlp=1, channels=16)

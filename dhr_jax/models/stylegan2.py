@@ -11,8 +11,9 @@ params['mapping']['style_1']['weight']; shapes are the PyTorch ones.
 The feature hook: `feature_idx` k names the feature map entering the synthesis
 convolution that consumes latent k (k = 11 is the 128² map of a 1024²
 generator, DHR's default). The hook can return that map and/or replace it with
-`f·mask + offset·(1 − mask)` (`f + offset` without a mask). Every method
-that edits features (DHR, weight-only, feature-only) goes through it.
+`f·mask + offset·(1 − mask)` (`f + offset` without a mask), or apply any
+`feature_fn` (HFGI's f·(1 + scale) + shift). Every method that edits
+features (DHR, weight-only, feature-only, HFGI) goes through it.
 
 NVIDIA's stylegan2-ada-pytorch generator (architecture 'skip', unconditional)
 is the same function up to one difference, carried as config: `conv_clamp`
@@ -22,18 +23,19 @@ Its z normalisation (normalize_2nd_moment) is PixelNorm, its w_avg is
 `latent_avg`; converters/stylegan2_ada.py maps its weights. Layers NVIDIA
 runs in fp16 (num_fp16_res) run in float32 here.
 """
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
+from dhr_jax.models.frozen import freeze
 
 KIND = "generator"
 OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128,
@@ -221,6 +223,11 @@ def feature_blend(offset, mask=None):
   return lambda f: f * mask + offset * (1.0 - mask)
 
 
+def feature_modulation(scale, shift):
+  """The HFGI hook: f ↦ f·(1 + scale) + shift (distortion consultation)."""
+  return lambda f: f * (1.0 + scale) + shift
+
+
 def truncate(w, psi, w_avg):
   """Truncation trick: w_avg + psi·(w − w_avg).
 
@@ -277,25 +284,39 @@ def _random_noise(key, shapes):
   return [flat[e - n:e].reshape(s) for e, n, s in zip(ends, sizes, shapes)]
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Generator:
-  """A generator: config + weights + fixed noise, with pure apply functions.
+  """A generator as a pytree: weights and fixed noise are its leaves, the
+  architecture config its static part.
 
   `mapping` and `synthesis` take params explicitly so they can be jitted,
-  differentiated and vmapped over params (each image its own copy).
+  differentiated and vmapped over params (each image its own copy). The
+  generator itself can be a jit argument: `jax.jit(lambda G, w:
+  G.synthesis(G.params, w))(G, w)` traces once per architecture (config)
+  and array shapes, and reuses the program for other weights or noise.
+  `config` is a read-only dict (`FrozenConfig`); build a changed generator
+  with `G.replace(params=...)`.
   """
-  config: dict
+  config: dict = struct.field(pytree_node=False)
   params: Any
   noise: list
   latent_avg: Optional[jnp.ndarray] = None
 
   def __post_init__(self):
+    # Also runs when jax rebuilds the pytree; freeze() is a no-op then.
+    object.__setattr__(self, "config", freeze(self.config))
+
+  @property
+  def _mapping(self):
     c = self.config
-    self._mapping = Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
-    self._synthesis = Synthesis(
-        tuple(c["channels"][str(2 ** i)]
-              for i in range(2, int(math.log2(c["size"])) + 1)),
-        c.get("conv_clamp"))
+    return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
+
+  @property
+  def _synthesis(self):
+    c = self.config
+    return Synthesis(tuple(c["channels"][str(2 ** i)]
+                           for i in range(2, int(math.log2(c["size"])) + 1)),
+                     c.get("conv_clamp"))
 
   @property
   def n_latent(self):
@@ -306,12 +327,14 @@ class Generator:
     return self._mapping.apply({"params": params["mapping"]}, z)
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
-                return_feature=False, offset=None, mask=None):
+                return_feature=False, offset=None, mask=None,
+                feature_fn=None):
     """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
 
     noise: list of NHWC maps (default: this generator's fixed noise).
     feature_idx: where the hook acts; with `offset` the feature there is
-    replaced by f·mask + offset·(1−mask) (f + offset when mask is None);
+    replaced by f·mask + offset·(1−mask) (f + offset when mask is None),
+    with `feature_fn` by feature_fn(f) (e.g. `feature_modulation`);
     with `return_feature` the feature before replacement is returned too.
     """
     if wplus.ndim != 3 or wplus.shape[1] != self.n_latent:
@@ -320,14 +343,17 @@ class Generator:
           f"got {wplus.shape}")
     noise = self.noise if noise is None else noise
     hook = None
+    if offset is not None:
+      if feature_fn is not None:
+        raise ValueError("give either offset (and mask) or feature_fn")
+      feature_fn = feature_blend(offset, mask)
     if feature_idx is not None:
       if not 0 <= feature_idx < self.config["num_layers"]:
         raise ValueError(f"feature_idx must be in [0, "
                          f"{self.config['num_layers']}), got {feature_idx}")
-      hook = (feature_idx,
-              feature_blend(offset, mask) if offset is not None else None)
-    elif offset is not None or return_feature:
-      raise ValueError("offset/return_feature need a feature_idx")
+      hook = (feature_idx, feature_fn)
+    elif feature_fn is not None or return_feature:
+      raise ValueError("offset/feature_fn/return_feature need a feature_idx")
     img, feat = self._synthesis.apply({"params": params["synthesis"]}, wplus,
                                       noise, hook)
     return (img, feat) if return_feature else img
@@ -392,8 +418,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   g = Generator(config, params, noise)
-  g.latent_avg = jax.jit(g.mean_latent)(k_avg)
-  return g
+  return g.replace(latent_avg=jax.jit(g.mean_latent)(k_avg))
 
 
 def load_generator(path):
