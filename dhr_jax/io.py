@@ -121,13 +121,9 @@ def _to_rgb(im):
   return im.convert("RGB")
 
 
-def load_image(path, size):
-  """One image file → (size, size, 3) float32 in [-1, 1].
-
-  Raises ImageError naming the file and the reason (unreadable, truncated,
-  not an image, ...). Conversions and crops are logged, not errors.
-  """
-  path = os.fspath(path)
+def _open_rgb(path):
+  """One image file → an RGB PIL image, EXIF orientation applied; raises
+  ImageError naming the file and the reason."""
   try:
     with Image.open(path) as im:
       im.load()  # decode now: truncated files fail here, not later
@@ -142,6 +138,23 @@ def load_image(path, size):
                      f"{e})") from None
   if mode != "RGB":
     logging.info("%s: converted %s to RGB", path, mode)
+  return rgb
+
+
+def load_photo(path):
+  """One image file at its own resolution → (H, W, 3) uint8 RGB (for face
+  alignment and pasting back; conversions as in `load_image`)."""
+  return np.asarray(_open_rgb(os.fspath(path)))
+
+
+def load_image(path, size):
+  """One image file → (size, size, 3) float32 in [-1, 1].
+
+  Raises ImageError naming the file and the reason (unreadable, truncated,
+  not an image, ...). Conversions and crops are logged, not errors.
+  """
+  path = os.fspath(path)
+  rgb = _open_rgb(path)
   w, h = rgb.size
   if w != h:
     s = min(w, h)
