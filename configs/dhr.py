@@ -28,6 +28,13 @@ def get_config():
       # faces at any size (centre-cropped to a square, resized to the
       # generator's resolution).
       input="",
+      # Raw photos: find the faces (dlib, the `faces` extra), FFHQ-align
+      # each at the generator's resolution, run DHR on every face and paste
+      # the results back into the photo (OUT/<photo>/face<k>/pasted/,
+      # OUT/<photo>/pasted_all.png).
+      align=False,
+      faces="largest",    # 'largest' or 'all' detected faces
+      min_face_size=64,   # smallest face (detector box side) in photo pixels
   ))
 
   config.model = ml_collections.ConfigDict(dict(

@@ -121,13 +121,9 @@ def _to_rgb(im):
   return im.convert("RGB")
 
 
-def load_image(path, size):
-  """One image file → (size, size, 3) float32 in [-1, 1].
-
-  Raises ImageError naming the file and the reason (unreadable, truncated,
-  not an image, ...). Conversions and crops are logged, not errors.
-  """
-  path = os.fspath(path)
+def _open_rgb(path):
+  """One image file → an RGB PIL image, EXIF orientation applied; raises
+  ImageError naming the file and the reason."""
   try:
     with Image.open(path) as im:
       im.load()  # decode now: truncated files fail here, not later
@@ -142,6 +138,23 @@ def load_image(path, size):
                      f"{e})") from None
   if mode != "RGB":
     logging.info("%s: converted %s to RGB", path, mode)
+  return rgb
+
+
+def load_photo(path):
+  """One image file at its own resolution → (H, W, 3) uint8 RGB (for face
+  alignment and pasting back; conversions as in `load_image`)."""
+  return np.asarray(_open_rgb(os.fspath(path)))
+
+
+def load_image(path, size):
+  """One image file → (size, size, 3) float32 in [-1, 1].
+
+  Raises ImageError naming the file and the reason (unreadable, truncated,
+  not an image, ...). Conversions and crops are logged, not errors.
+  """
+  path = os.fspath(path)
+  rgb = _open_rgb(path)
   w, h = rgb.size
   if w != h:
     s = min(w, h)
@@ -392,6 +405,9 @@ class WorkdirLock:
 # that a 32² or 64² generator's outputs can be looked at.
 MIN_TILE = 256
 _TEXT = (0, 0, 0)
+# Tiles are framed in gray so that a white tile (an all in-domain mask)
+# still shows where it ends.
+_FRAME = 128
 
 
 def _font():
@@ -428,10 +444,11 @@ def _fit(text, width, font):
 
 
 def title_strip(titles, widths, pad=2, value=255):
-  """A white strip with each title centred over its column (uint8 RGB)."""
+  """A white strip with each title centred over its column and a gray line
+  under it (uint8 RGB)."""
   font = _font()
   left, top, right, bottom = font.getbbox("Ag(")
-  height = bottom - top + 8
+  height = bottom - top + 9
   total = sum(widths) + pad * (len(widths) - 1)
   strip = Image.new("RGB", (total, height), (value,) * 3)
   draw = ImageDraw.Draw(strip)
@@ -441,16 +458,18 @@ def title_strip(titles, widths, pad=2, value=255):
     draw.text((x + (w - font.getlength(text)) / 2, 4 - top), text,
               fill=_TEXT, font=font)
     x += w + pad
+  draw.line((0, height - 1, total - 1, height - 1), fill=(_FRAME,) * 3)
   return np.asarray(strip)
 
 
-def titled_grid(tiles, titles, pad=2, value=255, min_side=MIN_TILE):
-  """Tiles side by side (scaled up to `min_side`), a title above each."""
+def titled_grid(tiles, titles, pad=2, min_side=MIN_TILE):
+  """Tiles side by side (scaled up to `min_side`) `pad` gray pixels apart,
+  a title above each."""
   if len(tiles) != len(titles):
     raise ValueError(f"{len(tiles)} tiles but {len(titles)} titles")
   tiles = [upscale(_rgb(t), min_side) for t in tiles]
-  body = grid(tiles, pad=pad, value=value)
-  strip = title_strip(titles, [t.shape[1] for t in tiles], pad, value)
+  body = grid(tiles, pad=pad, value=_FRAME)
+  strip = title_strip(titles, [t.shape[1] for t in tiles], pad)
   return np.concatenate([strip, body], axis=0)
 
 

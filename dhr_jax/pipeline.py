@@ -438,7 +438,7 @@ def _finite(*arrays):
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              progress=None):
+              progress=None, landmarks=None):
   """Runs the pipeline on one batch.
 
   Args:
@@ -456,6 +456,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
       'edits'); the refinement steps are reported from XLA's callback
       thread while the compiled loop runs.
+    landmarks: optional (n, 5, 2) five landmarks per image for the parser
+      (`dhr_jax.photos.parser_landmarks`); None: the canonical FFHQ ones.
 
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
@@ -495,7 +497,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
   dss = segmentation.domain_specific_segmentation(
       x, coarse=inv.image, coarse_codes=inv.codes,
-      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config)
+      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
+      landmarks=None if landmarks is None else _pad(landmarks, b))
   times["dss"] = time.perf_counter() - t
 
   t = time.perf_counter()

@@ -3,7 +3,8 @@
 Everything between the parsed config and the exit status: settings checked
 and models loaded before anything is created, the workdir's layout
 (OUT/<name>/ per image, its done.json marker last, so a rerun resumes where
-a killed one stopped), the workdir lock, progress, metrics.csv /
+a killed one stopped; with config.data.align, OUT/<photo>/face<k>/ per face
+and the results pasted back into the photo, see `dhr_jax.photos`), the workdir lock, progress, metrics.csv /
 summary.json / index.html, and the edit pass (`--mode=edit`) that
 re-renders edits of a finished workdir from its saved refined/ states.
 
@@ -36,8 +37,10 @@ from tqdm import tqdm
 import dhr_jax
 from dhr_jax import checkpoint
 from dhr_jax import editing
+from dhr_jax import faces
 from dhr_jax import io
 from dhr_jax import lpips
+from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import refine
 from dhr_jax.models import e4e
@@ -225,6 +228,21 @@ def validate_config(config):
   if config.data.input == "synthetic" and "synthetic" not in config.data:
     raise UserError("config.data.input='synthetic' needs config.data."
                     "synthetic (see configs/demo.py)")
+  if config.data.get("align", False):
+    if config.data.input == "synthetic":
+      raise UserError("config.data.align=True aligns faces in photos: set "
+                      "--config.data.input=PHOTO_OR_DIR")
+    _one_of("data.faces", config.data.faces, ("largest", "all"))
+    _at_least("data.min_face_size", int(config.data.min_face_size), 0)
+
+
+def _face_models(config):
+  """dlib's models when the `faces` extra is installed, else None (then no
+  id_dlib metrics); config.data.align requires them."""
+  try:
+    return photos.face_models(required=bool(config.data.get("align", False)))
+  except faces.FacesUnavailable as e:
+    raise UserError(f"config.data.align=True: {e}") from None
 
 
 def _check_feature_idx(config, G):
@@ -297,12 +315,13 @@ def _write_edits(directory, rendered, files):
 
 
 def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
-                edit_names=()):
+                edit_names=(), notes=None):
   """All outputs of one successful image, the marker last.
 
   seconds_before: this image's share of the batch's compute time; the
   marker records it plus the time spent writing. edit_names: the edits'
-  names, to title the grid's columns 'name strength'.
+  names, to title the grid's columns 'name strength'. notes: more entries
+  for the marker (e.g. where the parser's landmarks came from).
   """
   t0 = time.perf_counter()
   directory = os.path.join(workdir, io.output_name(r.name))
@@ -334,7 +353,7 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
   seconds = seconds_before + time.perf_counter() - t0
   marker = dict(name=r.name, source=source, fingerprint=stamp,
                 metrics=dict(r.metrics, seconds=seconds),
-                edits=list(r.edits), files=files)
+                edits=list(r.edits), files=files, **(notes or {}))
   path = os.path.join(directory, io.MARKER)
   io.write_json(path, marker)
   return marker
@@ -471,6 +490,7 @@ def run(config, workdir, *, models=None, progress=None):
       entries = io.list_images(config.data.input)
     except io.ImageError as e:
       raise UserError(str(e)) from None
+  face_models = _face_models(config)
   with contextlib.ExitStack() as held:
     # A workdir that exists may be another run's: refuse now, not after the
     # models are loaded. A new one is locked as soon as it is made.
@@ -487,11 +507,11 @@ def run(config, workdir, *, models=None, progress=None):
         raise UserError(str(e)) from None
       held.enter_context(_lock(workdir))
     return _run_batches(config, workdir, entries, models, edits, t_start,
-                        progress)
+                        face_models, progress)
 
 
 def _run_batches(config, workdir, entries, models, edits, t_start,
-                 listener=None):
+                 face_models=None, listener=None):
   G = models.G
   edit_names = [e.name for e in edits]
   gt = None
@@ -501,6 +521,13 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     entries = io.list_images(source)
   stamp = fingerprint(config)
   size = G.config["size"]
+  photo_entries, photo_failed = entries, []
+  if config.data.get("align", False):
+    entries, photo_failed = photos.prepare(
+        photo_entries, workdir, size, face_models, config.data.faces,
+        min_size=int(config.data.min_face_size))
+    for f in photo_failed:
+      logging.warning("%s: %s", f["file"], f["reason"])
   b = pipeline.padded_size(None, config.batch_size, models.n_devices)
   if b != int(config.batch_size):
     logging.info("batch size %d rounded up to %d (a multiple of %d devices)",
@@ -512,7 +539,7 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     marker = io.read_marker(os.path.join(workdir, io.output_name(name)))
     return marker is not None and marker.get("fingerprint") == stamp
 
-  failed = []
+  failed = list(photo_failed)
   skipped = sum(complete(n) for n, _ in entries)
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
@@ -540,10 +567,14 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
       continue
     progress.start_batch(start // b + 1, n_batches, todo)
     t0 = time.perf_counter()
+    landmarks, notes = None, {}
+    if models.parser is not None:
+      landmarks, why = photos.parser_landmarks(face_models, np.stack(images))
+      notes = {n: dict(landmarks=w or "detected") for n, w in zip(names, why)}
     try:
       results, times = pipeline.run_batch(
           models, config, np.stack(images), names, edits=edits,
-          ground_truth=gt, progress=progress)
+          ground_truth=gt, progress=progress, landmarks=landmarks)
     except pipeline.PipelineError as e:
       raise UserError(str(e)) from None
     except Exception as e:  # one bad batch must not end the run
@@ -564,20 +595,33 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         failed.append(dict(name=r.name, file=dict(chunk)[r.name],
                            reason=r.reason))
       else:
+        if face_models is not None:
+          r.metrics.update(photos.identity_metrics(face_models, r.target,
+                                                   r.image, r.edits))
         write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
-                    edit_names)
+                    edit_names, notes.get(r.name))
       progress.update(1)
     _write_index(workdir, entries, failed, stamp)
     logging.info("batch %s: %s", ", ".join(todo),
                  ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
   progress.close()
+  if photo_entries is not entries:
+    failed_photos = {f["name"] for f in photo_failed}
+    for name, path in photo_entries:
+      if name not in failed_photos:
+        photos.paste_photo(workdir, name, path, stamp)
+    # Photos without a face count among the inputs of the outcome.
+    entries = entries + [(f["name"], f["file"]) for f in photo_failed]
   return _finish(config, workdir, entries, failed, skipped, t_start, "run")
 
 
 def _columns(rows):
   columns = ["name"] + list(pipeline.METRICS) + ["seconds"]
+  # id_dlib (the faces extra): inversion first, then each edit.
+  ids = sorted({c for r in rows for c in r if c.startswith("id_dlib")},
+               key=lambda c: (c != "id_dlib", c))
   return columns + [c for c in pipeline.GT_METRICS
-                    if any(c in r for r in rows)]
+                    if any(c in r for r in rows)] + ids
 
 
 def _rows(workdir, entries, stamp):
@@ -639,20 +683,37 @@ def edit(config, workdir):
       raise UserError("no edits configured: set --config.edit.directions="
                       "name=path.npy, --config.edit.ganspace=... or "
                       "--config.edit.random_direction_seed=0")
-    entries = []
-    for name in sorted(os.listdir(workdir)):
-      directory = os.path.join(workdir, name)
-      marker = (io.read_marker(directory, optional=("edits/", "grid.png"))
-                if os.path.isdir(directory) else None)
-      if marker is not None:
-        entries.append((marker["name"], directory, marker))
+    entries, photo_dirs = _finished(workdir)
     if not entries:
       raise UserError(f"{workdir} holds no finished images (no "
                       f"{io.MARKER}); run without --mode=edit first")
-    return _edit_entries(workdir, G, edits, entries)
+    return _edit_entries(workdir, G, edits, entries, photo_dirs)
 
 
-def _edit_entries(workdir, G, edits, entries):
+def _finished(workdir):
+  """[(name, folder, marker)] of every finished image of `workdir`, and the
+  folders of aligned photos (their faces are one level down,
+  OUT/<photo>/face<k>)."""
+  entries, photo_dirs = [], []
+  for name in sorted(os.listdir(workdir)):
+    directory = os.path.join(workdir, name)
+    if not os.path.isdir(directory):
+      continue
+    candidates = [directory]
+    if os.path.isfile(os.path.join(directory, photos.FACES_FILE)):
+      photo_dirs.append(directory)
+      candidates = [os.path.join(directory, f)
+                    for f in sorted(os.listdir(directory))
+                    if f.startswith("face") and
+                    os.path.isdir(os.path.join(directory, f))]
+    for d in candidates:
+      marker = io.read_marker(d, optional=("edits/", "grid.png"))
+      if marker is not None:
+        entries.append((marker["name"], d, marker))
+  return entries, photo_dirs
+
+
+def _edit_entries(workdir, G, edits, entries, photo_dirs=()):
   edit_names = [e.name for e in edits]
   done, failed = [], []
   for name, directory, marker in tqdm(entries, unit="img", desc="edit"):
@@ -672,7 +733,15 @@ def _edit_entries(workdir, G, edits, entries):
     marker.update(edits=list(rendered), files=files)
     io.write_json(os.path.join(directory, io.MARKER), marker)
     done.append(name)
-  rows = [dict(name=n, dir=os.path.basename(d), **m["metrics"])
+  for directory in photo_dirs:
+    with open(os.path.join(directory, photos.FACES_FILE)) as f:
+      source = json.load(f)["photo"]
+    try:
+      photos.paste_photo(workdir, os.path.basename(directory), source)
+    except io.ImageError as e:
+      failed.append(dict(name=os.path.basename(directory), file=source,
+                         reason=_short(e)))
+  rows = [dict(name=n, dir=os.path.relpath(d, workdir), **m["metrics"])
           for n, d, m in entries if n in done]
   io.write_index(workdir, rows, _columns(rows), failed)
   if failed:

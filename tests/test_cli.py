@@ -307,6 +307,9 @@ def test_grid_has_a_title_over_every_column(tiny):
   assert grid.shape[1] == 5 * 32 * k + 4 * pad and 8 <= strip <= 40
   np.testing.assert_array_equal(
       grid[strip:, :32 * k], inp.repeat(k, 0).repeat(k, 1))
+  # Gray frames, so that a white mask tile still shows where it ends.
+  np.testing.assert_array_equal(grid[strip:, 32 * k:32 * k + pad], 128)
+  np.testing.assert_array_equal(grid[strip - 1], 128)
   titles = [grid[:strip, i * (32 * k + pad):i * (32 * k + pad) + 32 * k]
             for i in range(5)]
   for t in titles:

@@ -106,6 +106,9 @@ def test_render_per_image_params_equals_image_by_image(setup, mode):
   images = editing.render(s["G"], r, edited)
   ref = _image_by_image(s["G"], s["params"], edited, s["noise"], r.offset,
                         r.mask_feature)
+  # Batched and image-by-image renders are two float32 programs; one
+  # generator forward pass is ~6e-7 (relative) from float64 (bench/
+  # float_precision.py), i.e. ≲ 2e-6 on values ≲ 3: 2e-5 leaves 5×.
   np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
   if mode == "dhr":  # each image used its own weights, not the shared ones
     shared = editing.render(s["G"], _refinement(s, mode, _stacked(s["G"])),
@@ -122,7 +125,7 @@ def test_render_shared_noise(setup):
                                          noise=list(G.noise)), edited)
   noise = [jnp.concatenate([n, n]) for n in G.noise]
   ref = _image_by_image(G, stacked, edited, noise, s["offset"], s["mask"])
-  np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)  # as above
 
 
 def test_render_mask_polarity(setup):
@@ -135,6 +138,7 @@ def test_render_mask_polarity(setup):
     r = _refinement(s).replace(mask_feature=np.full_like(s["mask"], fill))
     images = editing.render(s["G"], r, edited)
     diff = float(jnp.abs(images - plain).max())
+    # Same numbers through two programs (≲ 2e-6, as above) vs. a real change.
     assert diff < 1e-5 if same else diff > 1e-1, (fill, diff)
 
 
@@ -160,10 +164,12 @@ def test_edits_linear_in_alpha():
     edited = np.asarray(editing.edit_codes(codes, n, alphas))
     step = np.broadcast_to(n.reshape(-1, 16), (8, 16))
     want = np.asarray(codes)[:, None] + alphas[None, :, None, None] * step
+    # w + α·n: two float32 roundings of values ≲ 10 (≤ 1e-6 apart).
     np.testing.assert_allclose(edited, want, rtol=1e-6, atol=1e-6)
     # additive in α: e(1) + e(1.5) − w = e(2.5)
     one, one_half = np.asarray(editing.edit_codes(codes, n, [1.0, 1.5]))[
         :, [0, 1]].transpose(1, 0, 2, 3)
+    # Three more float32 additions on values ≲ 10: a few 5e-7 roundings.
     np.testing.assert_allclose(one + one_half - np.asarray(codes),
                                edited[:, 4], rtol=1e-5, atol=1e-5)
   # a scalar strength gives S = 1
@@ -186,7 +192,7 @@ def test_layer_edits_touch_only_those_layers(layers, touched):
   np.testing.assert_array_equal(
       edited[:, :, other], np.broadcast_to(np.asarray(codes)[:, None][:, :, other],
                                            edited[:, :, other].shape))
-  for j, alpha in enumerate([-2.0, 3.0]):
+  for j, alpha in enumerate([-2.0, 3.0]):  # w + α·n: as above
     np.testing.assert_allclose(edited[:, j, touched],
                                np.asarray(codes)[:, touched] + alpha * n[touched],
                                rtol=1e-6, atol=1e-6)
@@ -220,17 +226,20 @@ def test_ganspace_known_component_moves_codes_as_specified():
   v, sd = pcs.components, pcs.std
   want = c.copy()
   want[:, 3:6] += 1.5 * sd[2] * v[2]
+  # w + α·σ·v in float32: two roundings of values ≲ 5.
   np.testing.assert_allclose(out[:, 0], want, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(out[:, 0, :3], c[:, :3])
   np.testing.assert_array_equal(out[:, 0, 6:], c[:, 6:])
   # in PCA coordinates (units of σ): component 2 moved by 1.5, others stay
   coords = lambda x: (x - pcs.mean) @ v.T / sd
   moved = coords(out[:, 0, 3:6]) - coords(c[:, 3:6])
+  # Projections (16-term float32 dot products of values ≲ 5) divided by
+  # σ ≥ 0.5: ≲ 16 · 5 · 6e-8 / 0.5 ≈ 1e-5 at worst, typically 1e-6.
   np.testing.assert_allclose(moved, np.broadcast_to([0, 0, 1.5, 0, 0],
                                                     moved.shape), atol=1e-5)
   # a group is the sum of its edits, each from the input codes
   want[:, 0:2] += -2.0 * sd[4] * v[4]
-  np.testing.assert_allclose(out[:, 1], want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out[:, 1], want, rtol=1e-6, atol=1e-6)  # as above
 
 
 def test_ganspace_set_mode_puts_coordinate_at_strength():
@@ -241,6 +250,7 @@ def test_ganspace_set_mode_puts_coordinate_at_strength():
   out = np.asarray(editing.ganspace_edit(codes, pcs, [(1, 2, 4, -2.5)],
                                          mode="set"))[:, 0]
   coords = (out - pcs.mean) @ pcs.components.T / pcs.std  # (B, L, K)
+  # Projections as in the test above: ≲ 1e-5 at worst.
   np.testing.assert_allclose(coords[:, 2:4, 1], -2.5, atol=1e-5)
   before = (np.asarray(codes) - pcs.mean) @ pcs.components.T / pcs.std
   np.testing.assert_allclose(coords[:, 2:4, [0, 2, 3, 4]],
@@ -285,6 +295,7 @@ def test_direction_pt_and_npy_give_same_edit(tmp_path, name, shape):
   n_pt = editing.load_direction(pt)
   assert n_pt.shape == shape and n_pt.dtype == np.float32
   # InterFaceGAN normals are unit vectors (per layer for pose)
+  # Stored float32 unit vectors of 512 elements: norm within ~√512 · 6e-8.
   np.testing.assert_allclose(np.linalg.norm(n_pt, axis=-1), 1.0, rtol=1e-5)
   raw = torch.load(pt, map_location="cpu", weights_only=True).numpy()
   np.save(tmp_path / (name + ".npy"), raw)

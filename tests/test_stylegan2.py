@@ -203,9 +203,10 @@ def test_converter_reads_e4e_bundle_layout(golden, rule, tmp_path):
   assert conv.main(["--src", str(tmp_path / "bundle.pt"), "--dst",
                     str(tmp_path / "ckpt")]) == 0
   G = dhr_jax.load_generator(str(tmp_path / "ckpt"))
+  # The stored float32 values, read back: equal (rtol only guards dtype).
   np.testing.assert_allclose(G.latent_avg, avg[0], rtol=1e-6)
   img = G.synthesis(G.params, jnp.asarray(arrays["wplus"]))
-  assert rel_l2(nchw(img), arrays["image_from_wplus"]) <= 1e-4
+  assert rel_l2(nchw(img), arrays["image_from_wplus"]) <= 1e-4  # see parity
 
 
 def test_vmap_over_batch_equals_loop():
@@ -221,6 +222,8 @@ def test_vmap_over_batch_equals_loop():
 
   batched = jax.jit(jax.vmap(one))(w, off, m)
   looped = jnp.stack([one(w[i], off[i], m[i]) for i in range(3)])
+  # Two float32 programs of one forward pass: each ~6e-7 (relative) from
+  # float64 (64² parity, bench/float_precision.py), ≲ 2e-6 on values ≲ 3.
   assert float(jnp.max(jnp.abs(batched - looped))) <= 1e-5
   # vmap over params too: each image its own generator copy.
   params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x * 1.01, x]), G.params)
@@ -239,6 +242,8 @@ def test_feature_hook_semantics():
   # mask = 1 keeps the generator's own feature; f + 0 changes nothing.
   same = G.synthesis(G.params, w, feature_idx=3, offset=f * 0 + 5.0,
                      mask=jnp.ones((1, 8, 8, 1)))
+  # f·1 + o·0 = f exactly; only the programs' reduction orders differ
+  # (a 16² generator of 16 channels: ~1e-7).
   np.testing.assert_allclose(same, base, atol=1e-6)
   np.testing.assert_allclose(
       G.synthesis(G.params, w, feature_idx=3, offset=jnp.zeros_like(f)), base,
