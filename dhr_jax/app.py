@@ -30,7 +30,6 @@ the page; the server keeps serving.
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -47,6 +46,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
+from dhr_jax import checkpoint
 from dhr_jax import editing
 from dhr_jax import faces
 from dhr_jax import io
@@ -216,9 +216,9 @@ class Editor:
     self.inputs = os.path.join(self.workdir, INPUTS)
     self.config = ml_collections.ConfigDict(config.to_dict())
     self.config.data.input = self.inputs
+    # With the faces extra every upload is treated as a raw photo.
     self.align = photos.face_models() is not None
-    if "align" in self.config.data:
-      self.config.data.align = self.align
+    self.config.data.align = self.align
     self.max_upload_mb = float(max_upload_mb)
     self.max_pixels = float(max_pixels)
     self.models = runner.load_models(self.config, pipeline.make_mesh())
@@ -281,7 +281,9 @@ class Editor:
         outcome = run_dhr(self.config, self.workdir, self.models, report)
       except runner.UserError as e:
         raise AppError(str(e)) from None
-    failed = [f for f in outcome.failed if f["name"] == name]
+    # The photo itself (no face) or one of its faces (OUT/<photo>/face<k>).
+    failed = [f for f in outcome.failed
+              if f["name"] == name or f["name"].startswith(name + "/")]
     if failed:
       # A bad upload is not kept as an input: a resumed run would fail on it.
       os.remove(os.path.join(self.inputs, name + ".png"))
@@ -296,7 +298,11 @@ class Editor:
     directory = finished(self.workdir).get(label)
     if directory is None:
       raise AppError(f"{label} is not a finished image of {self.workdir}")
-    refined = load_refined(directory, self.G)
+    try:
+      refined = load_refined(directory, self.G)
+    except (checkpoint.CheckpointError, OSError) as e:
+      # e.g. a workdir refined with another generator than --config's.
+      raise AppError(f"{label}: {e}") from None
     photo, quad = _photo_and_quad(directory)
     return Loaded(label, directory, refined, photo, quad)
 

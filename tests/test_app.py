@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 import skimage.data
 
-gr = pytest.importorskip("gradio", reason="the app extra: pip install -e .[app]")
+pytest.importorskip("gradio", reason="the app extra: pip install -e .[app]")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -126,15 +126,24 @@ def _status(driver):
   return driver.find_element(By.ID, "status").text
 
 
-def _upload(driver, url, path, expect, timeout=RUN_TIMEOUT):
-  """Loads the page, uploads `path`, waits for a status matching `expect`."""
+def _upload(driver, url, path, expect, timeout=RUN_TIMEOUT, seen=None):
+  """Loads the page, uploads `path`, waits for a status matching `expect`.
+
+  seen: optional {pattern: []}; each list collects the page texts matching
+  its pattern while the page works (the progress bars)."""
   driver.get(url)
   wait = WebDriverWait(driver, 120)
   field = wait.until(lambda d: d.find_element(
       By.CSS_SELECTOR, "#photo input[type=file]"))
   field.send_keys(path)
-  WebDriverWait(driver, timeout, poll_frequency=1).until(
-      lambda d: re.search(expect, _status(d)))
+
+  def done(d):
+    if seen:
+      body = d.find_element(By.TAG_NAME, "body").text
+      for pattern, found in seen.items():
+        found += re.findall(pattern, body)
+    return re.search(expect, _status(d))
+  WebDriverWait(driver, timeout, poll_frequency=1).until(done)
   return _status(driver)
 
 
@@ -201,8 +210,16 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   url, workdir = server
   photo = tmp_path / "astronaut.png"
   Image.fromarray(skimage.data.astronaut()).save(photo)
-  status = _upload(browser, url, str(photo), r"Refined|error")
+  steps = r"refinement\D{0,20}(\d+)/(\d+)"
+  seen = {steps: [], r"segmentation|embedding": []}
+  status = _upload(browser, url, str(photo), r"Refined|error", seen=seen)
   assert status.startswith("Refined"), status
+  # The progress bar named the stages and counted refinement steps (of the
+  # demo's feature_steps).
+  assert seen[r"segmentation|embedding"]
+  assert seen[steps] and {int(n) for _, n in seen[steps]} == {
+      _demo_config().refine.feature_steps}
+  assert len({k for k, _ in seen[steps]}) > 1
 
   # Page: input, inversion, the labelled mask and the edit at α = 0.
   for elem_id in ("input", "inversion", "mask", "edit"):
