@@ -20,7 +20,6 @@ equalised-lr scale of the heads is folded into their kernels by the
 converter.
 """
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from dhr_jax import checkpoint
-from dhr_jax._static import ByIdentity
 from dhr_jax.models import ops
 from dhr_jax.models.e4e import BottleneckIRSE, FrozenBatchNorm, PReLU
 from dhr_jax.models.stylegan2 import feature_modulation, feature_resolution
@@ -196,9 +194,10 @@ def _resize_image(img, size):
   return ops.resize_bilinear_torch(jnp.clip(img, -1.0, 1.0), (size, size))
 
 
-@functools.partial(jax.jit, static_argnames=("gen",))
-def _forward(gen, params, noise, H, codes, images, edited_codes):
-  G = gen.obj
+@jax.jit
+def _forward(G, H, codes, images, edited_codes):
+  # G and H are pytrees: one program per (architectures, shapes).
+  params, noise = G.params, G.noise
   size = H.config.input_size
   embedded = G.synthesis(params, codes, noise)
   guide = _resize_image(embedded, size)
@@ -251,9 +250,9 @@ def hfgi_forward(G, H, codes, images, edited_codes=None, noise=None):
   if edited_codes is not None:
     edited_codes = jnp.asarray(edited_codes, jnp.float32)
   _check(G, H, codes, images, edited_codes)
-  noise = list(G.noise if noise is None else noise)
-  return _forward(ByIdentity(G), G.params, noise, H, codes, images,
-                  edited_codes)
+  if noise is not None:
+    G = G.replace(noise=list(noise))
+  return _forward(G, H, codes, images, edited_codes)
 
 
 def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):
