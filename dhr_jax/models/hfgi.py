@@ -195,8 +195,9 @@ def _resize_image(img, size):
 
 
 @jax.jit
-def _forward(G, noise, H, codes, images, edited_codes):
-  params = G.params
+def _forward(G, H, codes, images, edited_codes):
+  # G and H are pytrees: one program per (architectures, shapes).
+  params, noise = G.params, G.noise
   size = H.config.input_size
   embedded = G.synthesis(params, codes, noise)
   guide = _resize_image(embedded, size)
@@ -249,8 +250,9 @@ def hfgi_forward(G, H, codes, images, edited_codes=None, noise=None):
   if edited_codes is not None:
     edited_codes = jnp.asarray(edited_codes, jnp.float32)
   _check(G, H, codes, images, edited_codes)
-  noise = list(G.noise if noise is None else noise)
-  return _forward(G, noise, H, codes, images, edited_codes)
+  if noise is not None:
+    G = G.replace(noise=list(noise))
+  return _forward(G, H, codes, images, edited_codes)
 
 
 def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):
