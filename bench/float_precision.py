@@ -270,6 +270,12 @@ def embedding_values(tmp, x64):
   keys_w = jax.random.split(jax.random.PRNGKey(3), 3)
   keys_p = jax.random.split(jax.random.PRNGKey(4), 2)
   _precision(x64)
+  if x64:
+    # The same random draws as in float32 (a float64 normal draws other
+    # numbers from the same key): drawn in float32, then widened.
+    normal = jax.random.normal
+    jax.random.normal = lambda key, shape=(), dtype=None: normal(
+        key, shape, jnp.float32).astype(dtype or jnp.float64)
   dt = _dtype()
   gen, lp = ByIdentity(G), ByIdentity(L)
   g_params, l_params = _cast(G.params, dt), _cast(L.params, dt)

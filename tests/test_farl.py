@@ -264,6 +264,8 @@ def test_alignment_round_trip_smooth_image(size):
       alignment.warp_to_frame(jnp.asarray(img), m), m, (size, size))
   box = _face_box(size)
   err = np.abs(np.asarray(back)[0][box] - img[0][box])
+  # Interpolation error of two bilinear warps of a smooth image (not
+  # rounding, which is ~1e-6 here).
   assert err.max() < 0.01, err.max()
   # The whole aligned FFHQ image lands inside facer's frame.
   corners = np.array([[-0.5, -0.5], [size - 0.5, size - 0.5]], np.float32)
