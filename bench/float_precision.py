@@ -178,7 +178,7 @@ def refine_values(tmp, x64):
   _precision(x64)
   dt = _dtype()
   spec = refine.refine_spec(G, 3, "hybrid", alex.net)
-  hyper = _cast(refine.make_hyper(2), dt)._replace(weight_steps=jnp.int32(2))
+  hyper = _cast(refine.make_hyper(), dt)
   params = _cast(G.params["synthesis"], dt)
   noise = _cast(list(G.noise), dt)
   l_params = _cast(alex.params, dt)
@@ -256,7 +256,6 @@ def embedding_values(tmp, x64):
   (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
   del tmp
   from dhr_jax import lpips
-  from dhr_jax._static import ByIdentity
   from dhr_jax.embedding import (_embed_batch, latent_stats, learning_rates,
                                  noise_levels)
   from dhr_jax.models.stylegan2 import init_generator
@@ -277,13 +276,14 @@ def embedding_values(tmp, x64):
     jax.random.normal = lambda key, shape=(), dtype=None: normal(
         key, shape, jnp.float32).astype(dtype or jnp.float64)
   dt = _dtype()
-  gen, lp = ByIdentity(G), ByIdentity(L)
-  g_params, l_params = _cast(G.params, dt), _cast(L.params, dt)
+  # Models are pytrees: cast their weights, keep their architecture.
+  gen = G.replace(params=_cast(G.params, dt))
+  lp = L.replace(params=_cast(L.params, dt))
 
   def run(idx, keys, space, steps, mse):
     shape = (len(idx), 32) if space == "w" else (len(idx), G.n_latent, 32)
     codes, image, _, hist = _embed_batch(
-        gen, lp, g_params, l_params, jnp.asarray(targets[idx], dt), keys,
+        gen, lp, jnp.asarray(targets[idx], dt), keys,
         jnp.broadcast_to(jnp.asarray(mean, dt), shape),
         jnp.asarray(learning_rates(steps), dt),
         jnp.asarray(noise_levels(steps) * std, dt), jnp.asarray(1e5, dt),
@@ -344,7 +344,7 @@ def refine_tiny_values(tmp, x64):
   dt = _dtype()
   k = test_refine.K
   spec = refine.refine_spec(G, k, "hybrid")
-  hyper = _cast(refine.make_hyper(3, 1e-2, 9e-2, 1.0, 0.0), dt)
+  hyper = _cast(refine.make_hyper(1e-2, 9e-2, 1.0, 0.0), dt)
   params, noise = _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt)
   p, o, _, image, l_in, l_out = refine._refine_batch(
       spec, 6, 3, params, jnp.asarray(codes, dt), jnp.asarray(target, dt),

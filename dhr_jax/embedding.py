@@ -34,7 +34,7 @@ The whole loop is one jitted `lax.scan`.
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -312,8 +312,6 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
 
   # New directions, without refining again: an α = 0 InterFaceGAN edit
   # renders the inversion itself; the old edits are replaced.
-  from dhr_jax.models.stylegan2 import load_generator
-  G = load_generator(setup["bundle"])
   direction = np.random.RandomState(3).randn(1, 512).astype(np.float32)
   np.save(tmp_path / "smile.npy", direction)
   config = _config(setup["bundle"], setup["inputs"])
