@@ -188,24 +188,19 @@ def param_shapes():
   }
 
 
-def _resize_image(img, size):
-  """The official resize of generated images: clamp to [−1, 1], then
-  bilinear (align_corners=False, no antialiasing) to size²."""
-  return ops.resize_bilinear_torch(jnp.clip(img, -1.0, 1.0), (size, size))
-
-
 @jax.jit
 def _forward(G, H, codes, images, edited_codes):
   # G and H are pytrees: one program per (architectures, shapes).
   params, noise = G.params, G.noise
   size = H.config.input_size
   embedded = G.synthesis(params, codes, noise)
-  guide = _resize_image(embedded, size)
+  guide = ops.resize_generated(embedded, (size, size))
   res = images - guide
   if edited_codes is not None:
     # ADA: the inversion's residual, aligned to the edited image.
     codes = edited_codes
-    guide = _resize_image(G.synthesis(params, codes, noise), size)
+    guide = ops.resize_generated(G.synthesis(params, codes, noise),
+                                 (size, size))
   res_aligned = H.align(jnp.concatenate([res, guide], axis=-1))
   scale, shift = H.consult(res_aligned)
   image = G.synthesis(params, codes, noise, feature_idx=H.config.feature_idx,
