@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import rel_l2
 from converters import farl as conv
-from converters.common import ConversionError
+from converters.common import ConversionError, conv_to_hwio
 from dhr_jax import alignment
 from dhr_jax import checkpoint
 from dhr_jax.models import farl
@@ -103,7 +103,7 @@ def test_layer_layouts_match_torch():
   bn.weight.data.copy_(torch.randn(4))
   x = rs.randn(1, 6, 5, 5).astype(np.float32)
   ours = farl.ConvModule(4, 3).apply(
-      {"params": {"conv": {"kernel": conv._conv(c.weight.detach().numpy())},
+      {"params": {"conv": {"kernel": conv_to_hwio(c.weight.detach().numpy())},
                   "bn": {"scale": bn.weight.detach().numpy(),
                          "bias": bn.bias.detach().numpy()}},
        "batch_stats": {"bn": {"mean": bn.running_mean.numpy(),
