@@ -167,7 +167,7 @@ def test_wplus_batched_equals_per_image(setup):
     # 1e-3 is kept. The codes are 1.8e-6 apart here but 2.4e-2 from
     # float64: Adam moves a latent element whose gradient float32 does not
     # resolve by ±lr_t whichever sign rounding gives it, so per element
-    # only Adam's own bound holds, |Δ| ≤ 2 Σ_t lr_t (≈ 1.8 here).
+    # only Adam's own bound holds, |Δ| ≤ 2 Σ_t lr_t (= 2.0 here).
     np.testing.assert_allclose(one.losses[0], both.losses[i], rtol=1e-3)
     assert np.abs(one.codes[0] - both.codes[i]).max() <= 2 * float(
         embedding.learning_rates(12).sum())
