@@ -1,13 +1,14 @@
 """How far float32 results are from float64 ones: the figures behind the
 numeric bounds of the test suite.
 
-    python bench/float_precision.py                 # both parts (~15 min, 2 cores)
-    python bench/float_precision.py --part stylegan2_64
-    python bench/float_precision.py --part refine
+    python bench/float_precision.py                 # every part (~1 h, 2 cores)
+    python bench/float_precision.py --part stylegan2_64   # ~20 min
+    python bench/float_precision.py --part refine         # ~15-40 min
+    python bench/float_precision.py --part refine_tiny|embedding|primitives
 
 Each part evaluates one computation of the tests twice, in float32 (as the
 tests do) and in float64 (jax x64, each in its own process), from the same
-float32 inputs, and prints relative L2 distances:
+float32 inputs, and prints their distances (relative L2 unless said):
 
 stylegan2_64 (tests/test_stylegan2.py::test_parity_64): the 64² golden
   fixture's forward values and the gradients of its loss mean(img · R). R has
@@ -23,6 +24,16 @@ refine (tests/test_run.py::test_two_device_sharded_run_equals_single_device):
   refined state (weights, offset), the re-rendered image and the metrics of
   run.py's table, between the two float32 programs and of each against
   float64, next to the float32 error of one forward pass of the start.
+
+refine_tiny (tests/test_refine.py): the vmapped six-step loop against one
+  jitted step per call, each against float64.
+
+embedding (tests/test_embedding.py): an image's W run in two batches, and
+  W+ runs batched and one by one, against float64 (same random draws).
+
+primitives (tests/test_embedding/e4e/farl/ops/lpips.py): resizes, pools,
+  grid sampling, convolution gradients and LPIPS, ours and the reference
+  library's, each against a float64 evaluation (maximum differences).
 """
 import argparse
 import json
