@@ -7,7 +7,6 @@ Steps are cut to a handful so that the whole module runs in a few minutes;
 the runs share compiled functions through jit's caches.
 """
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ sys.path.insert(0, REPO)
 
 from conftest import rel_l2  # noqa: E402
 from dhr_jax import editing  # noqa: E402
+from dhr_jax.config_files import load_config  # noqa: E402
 from dhr_jax import io  # noqa: E402
 from dhr_jax import refine  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
@@ -36,11 +36,7 @@ GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
 
 def _dhr_config():
-  spec = importlib.util.spec_from_file_location(
-      "dhr_config", os.path.join(REPO, "configs", "dhr.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config(os.path.join(REPO, "configs", "dhr.py"))
 
 
 def _make_bundle(directory):
