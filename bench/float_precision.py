@@ -1,13 +1,14 @@
 """How far float32 results are from float64 ones: the figures behind the
 numeric bounds of the test suite.
 
-    python bench/float_precision.py                 # both parts (~15 min, 2 cores)
-    python bench/float_precision.py --part stylegan2_64
-    python bench/float_precision.py --part refine
+    python bench/float_precision.py                 # every part (~1 h, 2 cores)
+    python bench/float_precision.py --part stylegan2_64   # ~20 min
+    python bench/float_precision.py --part refine         # ~15-40 min
+    python bench/float_precision.py --part refine_tiny|embedding|primitives
 
 Each part evaluates one computation of the tests twice, in float32 (as the
 tests do) and in float64 (jax x64, each in its own process), from the same
-float32 inputs, and prints relative L2 distances:
+float32 inputs, and prints their distances (relative L2 unless said):
 
 stylegan2_64 (tests/test_stylegan2.py::test_parity_64): the 64² golden
   fixture's forward values and the gradients of its loss mean(img · R). R has
@@ -23,6 +24,16 @@ refine (tests/test_run.py::test_two_device_sharded_run_equals_single_device):
   refined state (weights, offset), the re-rendered image and the metrics of
   run.py's table, between the two float32 programs and of each against
   float64, next to the float32 error of one forward pass of the start.
+
+refine_tiny (tests/test_refine.py): the vmapped six-step loop against one
+  jitted step per call, each against float64.
+
+embedding (tests/test_embedding.py): an image's W run in two batches, and
+  W+ runs batched and one by one, against float64 (same random draws).
+
+primitives (tests/test_embedding/e4e/farl/ops/lpips.py): resizes, pools,
+  grid sampling, convolution gradients and LPIPS, ours and the reference
+  library's, each against a float64 evaluation (maximum differences).
 """
 import argparse
 import json
@@ -178,7 +189,7 @@ def refine_values(tmp, x64):
   _precision(x64)
   dt = _dtype()
   spec = refine.refine_spec(G, 3, "hybrid", alex.net)
-  hyper = _cast(refine.make_hyper(2), dt)._replace(weight_steps=jnp.int32(2))
+  hyper = _cast(refine.make_hyper(), dt)
   params = _cast(G.params["synthesis"], dt)
   noise = _cast(list(G.noise), dt)
   l_params = _cast(alex.params, dt)
@@ -256,7 +267,6 @@ def embedding_values(tmp, x64):
   (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
   del tmp
   from dhr_jax import lpips
-  from dhr_jax._static import ByIdentity
   from dhr_jax.embedding import (_embed_batch, latent_stats, learning_rates,
                                  noise_levels)
   from dhr_jax.models.stylegan2 import init_generator
@@ -270,14 +280,21 @@ def embedding_values(tmp, x64):
   keys_w = jax.random.split(jax.random.PRNGKey(3), 3)
   keys_p = jax.random.split(jax.random.PRNGKey(4), 2)
   _precision(x64)
+  if x64:
+    # The same random draws as in float32 (a float64 normal draws other
+    # numbers from the same key): drawn in float32, then widened.
+    normal = jax.random.normal
+    jax.random.normal = lambda key, shape=(), dtype=None: normal(
+        key, shape, jnp.float32).astype(dtype or jnp.float64)
   dt = _dtype()
-  gen, lp = ByIdentity(G), ByIdentity(L)
-  g_params, l_params = _cast(G.params, dt), _cast(L.params, dt)
+  # Models are pytrees: cast their weights, keep their architecture.
+  gen = G.replace(params=_cast(G.params, dt))
+  lp = L.replace(params=_cast(L.params, dt))
 
   def run(idx, keys, space, steps, mse):
     shape = (len(idx), 32) if space == "w" else (len(idx), G.n_latent, 32)
     codes, image, _, hist = _embed_batch(
-        gen, lp, g_params, l_params, jnp.asarray(targets[idx], dt), keys,
+        gen, lp, jnp.asarray(targets[idx], dt), keys,
         jnp.broadcast_to(jnp.asarray(mean, dt), shape),
         jnp.asarray(learning_rates(steps), dt),
         jnp.asarray(noise_levels(steps) * std, dt), jnp.asarray(1e5, dt),
@@ -338,7 +355,7 @@ def refine_tiny_values(tmp, x64):
   dt = _dtype()
   k = test_refine.K
   spec = refine.refine_spec(G, k, "hybrid")
-  hyper = _cast(refine.make_hyper(3, 1e-2, 9e-2, 1.0, 0.0), dt)
+  hyper = _cast(refine.make_hyper(1e-2, 9e-2, 1.0, 0.0), dt)
   params, noise = _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt)
   p, o, _, image, l_in, l_out = refine._refine_batch(
       spec, 6, 3, params, jnp.asarray(codes, dt), jnp.asarray(target, dt),

@@ -24,23 +24,16 @@ the stand-in generator has never seen a face.
 Sizes and step counts are reduced from configs/dhr.py so that the demo runs
 in a few minutes on 2 CPU cores, compilation included.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _dhr_config():
-  # By path, so the demo config loads from any working directory.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dhr.py")
-  spec = importlib.util.spec_from_file_location("dhr_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dhr_jax.config_files import load_config
 
 
 def get_config():
-  config = _dhr_config()
+  # configs/dhr.py beside this file, from any working directory.
+  config = load_config(os.path.join(os.path.dirname(__file__), "dhr.py"))
   config.batch_size = 1
 
   config.data.input = "synthetic"

@@ -13,21 +13,14 @@ PTI's own W pivot from optimisation (GANInverter's `pti_pivot.yaml`: W space,
 
 Everything else (checkpoints, data, edits, outputs) is configs/dhr.py's.
 """
-import importlib.util
 import os
 
-
-def _dhr_config():
-  # By path, so this config loads from any working directory.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dhr.py")
-  spec = importlib.util.spec_from_file_location("dhr_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dhr_jax.config_files import load_config
 
 
 def get_config():
-  config = _dhr_config()
+  # configs/dhr.py beside this file, from any working directory.
+  config = load_config(os.path.join(os.path.dirname(__file__), "dhr.py"))
   config.embedding.update(dict(
       method="e4e",
       # The W pivot, used with method='optim' (continuing DSS's coarse W

@@ -42,6 +42,15 @@ def to_numpy(state_dict, prefix=""):
   return out
 
 
+def conv_to_hwio(w):
+  """A PyTorch conv weight (out, in, kh, kw) as Flax's HWIO, float32."""
+  return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), np.float32)
+
+
+def f32(a):
+  return np.ascontiguousarray(a, np.float32)
+
+
 def check_keys(path, got, expected, ignore=()):
   """Raises ConversionError naming every missing, unexpected or mis-shaped key.
 

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from converters.common import (ConversionError, check_keys, cli_main,
-                               to_numpy, torch_load)
+                               conv_to_hwio, f32, to_numpy, torch_load)
 
 STYLE_DIM = 512
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
@@ -76,25 +76,16 @@ def expected_shapes(n_styles):
   return shapes
 
 
-def _conv(w):
-  # PyTorch (out, in, kh, kw) → Flax HWIO.
-  return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), np.float32)
-
-
-def _f32(a):
-  return np.ascontiguousarray(a, np.float32)
-
-
 def convert_bn(sd, prefix):
   """Official BatchNorm2d entries → FrozenBatchNorm params."""
-  return {ours: _f32(sd[f"{prefix}.{theirs}"]) for theirs, ours in _BN.items()}
+  return {ours: f32(sd[f"{prefix}.{theirs}"]) for theirs, ours in _BN.items()}
 
 
 def convert_stem(sd, prefix):
   """Sequential(Conv2d, BatchNorm2d, PReLU) → input_conv/_bn/_prelu params."""
-  return {"input_conv": {"kernel": _conv(sd[f"{prefix}.0.weight"])},
+  return {"input_conv": {"kernel": conv_to_hwio(sd[f"{prefix}.0.weight"])},
           "input_bn": convert_bn(sd, f"{prefix}.1"),
-          "input_prelu": {"alpha": _f32(sd[f"{prefix}.2.weight"])}}
+          "input_prelu": {"alpha": f32(sd[f"{prefix}.2.weight"])}}
 
 
 def convert_bottleneck(sd, prefix, c_in, depth, se=True):
@@ -102,19 +93,19 @@ def convert_bottleneck(sd, prefix, c_in, depth, se=True):
   p = f"{prefix}.res_layer"
   unit = {
       "bn1": convert_bn(sd, f"{p}.0"),
-      "conv1": {"kernel": _conv(sd[f"{p}.1.weight"])},
-      "prelu": {"alpha": _f32(sd[f"{p}.2.weight"])},
-      "conv2": {"kernel": _conv(sd[f"{p}.3.weight"])},
+      "conv1": {"kernel": conv_to_hwio(sd[f"{p}.1.weight"])},
+      "prelu": {"alpha": f32(sd[f"{p}.2.weight"])},
+      "conv2": {"kernel": conv_to_hwio(sd[f"{p}.3.weight"])},
       "bn2": convert_bn(sd, f"{p}.4"),
   }
   if se:
     unit["se"] = {
-        "fc1": {"kernel": _f32(sd[f"{p}.5.fc1.weight"][:, :, 0, 0].T)},
-        "fc2": {"kernel": _f32(sd[f"{p}.5.fc2.weight"][:, :, 0, 0].T)},
+        "fc1": {"kernel": f32(sd[f"{p}.5.fc1.weight"][:, :, 0, 0].T)},
+        "fc2": {"kernel": f32(sd[f"{p}.5.fc2.weight"][:, :, 0, 0].T)},
     }
   if c_in != depth:
     unit["shortcut_conv"] = {
-        "kernel": _conv(sd[f"{prefix}.shortcut_layer.0.weight"])}
+        "kernel": conv_to_hwio(sd[f"{prefix}.shortcut_layer.0.weight"])}
     unit["shortcut_bn"] = convert_bn(sd, f"{prefix}.shortcut_layer.1")
   return unit
 
@@ -157,18 +148,18 @@ def convert_encoder(state_dict, src="<state_dict>"):
     p = f"styles.{i}"
     block = {}
     for j in range(e4e.style_block_convs(i)):
-      block[f"conv_{j}"] = {"kernel": _conv(sd[f"{p}.convs.{2 * j}.weight"]),
-                            "bias": _f32(sd[f"{p}.convs.{2 * j}.bias"])}
+      block[f"conv_{j}"] = {"kernel": conv_to_hwio(sd[f"{p}.convs.{2 * j}.weight"]),
+                            "bias": f32(sd[f"{p}.convs.{2 * j}.bias"])}
     # EqualLinear(lr_mul=1) multiplies its weight by 1/sqrt(fan_in) at run
     # time; a Flax Dense wants the effective weight, transposed.
     w = sd[f"{p}.linear.weight"].astype(np.float32)
     scale = np.float32(1.0 / math.sqrt(w.shape[1]))
-    block["linear"] = {"kernel": _f32((w * scale).T),
-                       "bias": _f32(sd[f"{p}.linear.bias"])}
+    block["linear"] = {"kernel": f32((w * scale).T),
+                       "bias": f32(sd[f"{p}.linear.bias"])}
     params[f"styles_{i}"] = block
   for name in ("latlayer1", "latlayer2"):
-    params[name] = {"kernel": _conv(sd[f"{name}.weight"]),
-                    "bias": _f32(sd[f"{name}.bias"])}
+    params[name] = {"kernel": conv_to_hwio(sd[f"{name}.weight"]),
+                    "bias": f32(sd[f"{name}.bias"])}
   return params, e4e.make_config(size)
 
 

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 
 from converters.common import (ConversionError, check_keys, cli_main,
-                               to_numpy, torch_load)
+                               conv_to_hwio, to_numpy, torch_load)
 from dhr_jax import checkpoint
 from dhr_jax.models.farl import DEFAULT_CONFIG, KIND
 
@@ -110,11 +110,6 @@ def read_state_dict(path):
   return to_numpy(sd)
 
 
-def _conv(w):
-  """torch OIHW → flax HWIO."""
-  return np.transpose(w, (2, 3, 1, 0))
-
-
 def _conv_t(w):
   """torch ConvTranspose (in, out, kh, kw) → (kh, kw, in, out)."""
   return np.transpose(w, (2, 3, 0, 1))
@@ -140,7 +135,7 @@ def convert_state_dict(sd, src="state dict", config=DEFAULT_CONFIG):
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items() if k not in ignore}
   v = "backbone.visual."
   visual = {
-      "conv1": {"kernel": _conv(sd[v + "conv1.weight"])},
+      "conv1": {"kernel": conv_to_hwio(sd[v + "conv1.weight"])},
       "class_embedding": sd[v + "class_embedding"],
       "positional_embedding": sd[v + "positional_embedding"],
       "ln_pre": _ln(sd, v + "ln_pre"),
@@ -182,10 +177,10 @@ def convert_state_dict(sd, src="state dict", config=DEFAULT_CONFIG):
   head_p, head_s = {}, {}
   for ours, theirs in names.items():
     p, s = _bn(sd, f"{h}{theirs}.bn")
-    head_p[ours] = {"conv": {"kernel": _conv(sd[f"{h}{theirs}.conv.weight"])},
+    head_p[ours] = {"conv": {"kernel": conv_to_hwio(sd[f"{h}{theirs}.conv.weight"])},
                     "bn": p}
     head_s[ours] = {"bn": s}
-  head_p["conv_seg"] = {"kernel": _conv(sd[h + "conv_seg.weight"]),
+  head_p["conv_seg"] = {"kernel": conv_to_hwio(sd[h + "conv_seg.weight"]),
                         "bias": sd[h + "conv_seg.bias"]}
   params["head"] = head_p
   stats["head"] = head_s

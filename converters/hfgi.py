@@ -22,11 +22,11 @@ import sys
 
 import numpy as np
 
-from converters.common import ConversionError, check_keys, cli_main
-from converters.e4e import (_conv, _f32, bottleneck_shapes,
-                            check_destinations, convert_bottleneck,
-                            convert_parts, convert_stem, read_bundle,
-                            stem_shapes, write_models)
+from converters.common import (ConversionError, check_keys, cli_main,
+                               conv_to_hwio, f32)
+from converters.e4e import (bottleneck_shapes, check_destinations,
+                            convert_bottleneck, convert_parts, convert_stem,
+                            read_bundle, stem_shapes, write_models)
 from dhr_jax.models import hfgi
 
 PARTS = ("encoder", "decoder", "grid_align", "residue")
@@ -54,7 +54,7 @@ def _equal_conv(sd, prefix):
   # Flax conv gets the product (in float32, as torch forms it).
   w = np.asarray(sd[f"{prefix}.weight"], np.float32)
   scale = np.float32(1.0 / math.sqrt(np.prod(w.shape[1:])))
-  return {"kernel": _conv(w * scale), "bias": _f32(sd[f"{prefix}.bias"])}
+  return {"kernel": conv_to_hwio(w * scale), "bias": f32(sd[f"{prefix}.bias"])}
 
 
 def convert_network(sd, net, src="<state_dict>"):

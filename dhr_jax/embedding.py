@@ -18,7 +18,7 @@ for how the generated image meets the target:
     ĝ is the generated image clamped to [−1, 1] and resized to the target's
     size by torch's `F.interpolate(mode='bilinear')` (align_corners=False,
     no antialiasing: at 1024→256 each output pixel averages a 2×2 subset of
-    its 4×4 block), `to_target_size`. rosinality's projector instead
+    its 4×4 block), `ops.resize_generated`. rosinality's projector instead
     average-pools images larger than 256² (generated and target alike) and
     does not clamp: `resize='pool'`;
   * after every step each noise map is renormalised to zero mean, unit std.
@@ -34,13 +34,14 @@ The whole loop is one jitted `lax.scan`.
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dhr_jax.models import ops
 from dhr_jax.optim import adam
 
 # GANInverter's data set transform resizes every input to 256² for the
@@ -133,19 +134,6 @@ def _box_pool(x, res):
   return x.reshape(b, h // f, f, w // f, f, c).mean((2, 4))
 
 
-def to_target_size(image, size):
-  """The generated image as GANInverter's optimisation embedding compares it
-  with its target: clamped to [−1, 1], then resized to `size` (h, w) like
-  torch's `F.interpolate(mode='bilinear', align_corners=False)` without
-  antialiasing (tests/test_embedding.py checks it against torch)."""
-  x = jnp.clip(image, -1.0, 1.0)
-  b, h, w, c = x.shape
-  if (h, w) == tuple(size):
-    return x
-  return jax.image.resize(x, (b, size[0], size[1], c), "linear",
-                          antialias=False)
-
-
 def _to_loss_res(x, res):
   """Generator-sized images are average-pooled like the projector's output;
   other sizes are resized (antialiased bilinear, as PIL does)."""
@@ -181,7 +169,7 @@ def _embed_one(G, L, target, key, init, lrs, strengths, noise_weight,
     latent = latent + jax.random.normal(k, latent.shape) * strength
     img = render(latent, noise)
     img = (_box_pool(img, target.shape[1]) if resize == "pool" else
-           to_target_size(img, target.shape[1:3]))
+           ops.resize_generated(img, target.shape[1:3]))
     p = L.distance(l_params, img, target)[0]
     reg = noise_regularizer(noise)
     mse = jnp.mean((img - target) ** 2)

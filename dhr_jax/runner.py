@@ -13,7 +13,6 @@ Bad settings raise `UserError` (one line for the user, exit status 2).
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging as std_logging
 import os
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 import dhr_jax
 from dhr_jax import checkpoint
+from dhr_jax import config_files
 from dhr_jax import editing
 from dhr_jax import faces
 from dhr_jax import io
@@ -783,10 +783,7 @@ def _load_config_file(path):
                     "configs/dhr.py (the paper's settings), configs/demo.py "
                     "(no weights) or a copy of one")
   try:
-    spec = importlib.util.spec_from_file_location("_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_files.load_config(path)
   except Exception as e:  # whatever a broken config file raises
     raise UserError(f"--config={path}: cannot load it ({type(e).__name__}: "
                     f"{_short(e)})") from None

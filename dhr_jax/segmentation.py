@@ -36,7 +36,7 @@ Coarse inversion and LPIPS run batched on the accelerator; SLIC and the
 per-superpixel bookkeeping (vectorised with bincount) run per image on host.
 """
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

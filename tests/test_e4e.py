@@ -10,7 +10,6 @@ import pytest
 from conftest import rel_l2
 from converters import e4e as e4e_converter
 from converters.common import ConversionError
-from dhr_jax.checkpoint import CheckpointError
 from dhr_jax.models import e4e
 
 OPTS = {"encoder_type": "Encoder4Editing", "stylegan_size": 1024,

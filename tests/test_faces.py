@@ -17,6 +17,7 @@ from skimage import data
 
 from dhr_jax import alignment
 from dhr_jax import faces
+from dhr_jax.config_files import load_config
 
 pytest.importorskip("dlib")
 
@@ -268,11 +269,8 @@ import sys
 sys.modules['dlib'] = None
 sys.modules['face_recognition_models'] = None
 import dhr_jax, dhr_jax.faces, dhr_jax.pipeline, dhr_jax.segmentation
-from ml_collections import config_flags
-import importlib.util
-spec = importlib.util.spec_from_file_location('demo', 'configs/demo.py')
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
-m.get_config()
+from dhr_jax.config_files import load_config
+load_config('configs/demo.py')
 try:
   dhr_jax.faces.load_models()
 except dhr_jax.faces.FacesUnavailable as e:
@@ -376,12 +374,7 @@ def test_parser_landmarks_and_identity_metrics(models, astronaut_aligned):
 
 
 def _tiny_demo_config(inputs):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "demo_config", os.path.join(REPO, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config(os.path.join(REPO, "configs", "demo.py"))
   c.data.input = inputs
   c.data.align = True
   c.data.faces = "all"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import rel_l2
 from converters import farl as conv
-from converters.common import ConversionError
+from converters.common import ConversionError, conv_to_hwio
 from dhr_jax import alignment
 from dhr_jax import checkpoint
 from dhr_jax.models import farl
@@ -103,7 +103,7 @@ def test_layer_layouts_match_torch():
   bn.weight.data.copy_(torch.randn(4))
   x = rs.randn(1, 6, 5, 5).astype(np.float32)
   ours = farl.ConvModule(4, 3).apply(
-      {"params": {"conv": {"kernel": conv._conv(c.weight.detach().numpy())},
+      {"params": {"conv": {"kernel": conv_to_hwio(c.weight.detach().numpy())},
                   "bn": {"scale": bn.weight.detach().numpy(),
                          "bias": bn.bias.detach().numpy()}},
        "batch_stats": {"bn": {"mean": bn.running_mean.numpy(),
@@ -264,6 +264,8 @@ def test_alignment_round_trip_smooth_image(size):
       alignment.warp_to_frame(jnp.asarray(img), m), m, (size, size))
   box = _face_box(size)
   err = np.abs(np.asarray(back)[0][box] - img[0][box])
+  # Interpolation error of two bilinear warps of a smooth image (not
+  # rounding, which is ~1e-6 here).
   assert err.max() < 0.01, err.max()
   # The whole aligned FFHQ image lands inside facer's frame.
   corners = np.array([[-0.5, -0.5], [size - 0.5, size - 0.5]], np.float32)

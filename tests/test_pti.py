@@ -1,6 +1,5 @@
 """configs/pti.py: GANInverter's PTI setting on the shared refinement code,
 and the per-element MSE normalisation it needs."""
-import importlib.util
 import os
 
 import jax
@@ -10,15 +9,12 @@ import pytest
 
 from conftest import REPO
 from dhr_jax import refine
+from dhr_jax.config_files import load_config
 from dhr_jax.models.stylegan2 import init_generator
 
 
 def _config(name):
-  path = os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(name + "_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config(os.path.join(REPO, "configs", name + ".py"))
 
 
 def test_pti_config_is_ganinverters_setting():

@@ -7,7 +7,6 @@ Steps are cut to a handful so that the whole module runs in a few minutes;
 the runs share compiled functions through jit's caches.
 """
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ sys.path.insert(0, REPO)
 
 from conftest import rel_l2  # noqa: E402
 from dhr_jax import editing  # noqa: E402
+from dhr_jax.config_files import load_config  # noqa: E402
 from dhr_jax import io  # noqa: E402
 from dhr_jax import refine  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
@@ -36,11 +36,7 @@ GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
 
 def _dhr_config():
-  spec = importlib.util.spec_from_file_location(
-      "dhr_config", os.path.join(REPO, "configs", "dhr.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config(os.path.join(REPO, "configs", "dhr.py"))
 
 
 def _make_bundle(directory):
@@ -312,8 +308,6 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
 
   # New directions, without refining again: an α = 0 InterFaceGAN edit
   # renders the inversion itself; the old edits are replaced.
-  from dhr_jax.models.stylegan2 import load_generator
-  G = load_generator(setup["bundle"])
   direction = np.random.RandomState(3).randn(1, 512).astype(np.float32)
   np.save(tmp_path / "smile.npy", direction)
   config = _config(setup["bundle"], setup["inputs"])
@@ -474,21 +468,39 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
     for f in ("mask.png", "inversion.png", "edits/random_1.png"):
       a = np.asarray(Image.open(os.path.join(ref, name, f)), int)
       b = np.asarray(Image.open(os.path.join(workdir, name, f)), int)
+      # mask.png is a decision: a superpixel flips only if its score is
+      # within float32's error (~1e-6) of the threshold. Each program's
+      # images are ≤ 9.4e-6 (max |Δ|) from float64 (measured, below), far
+      # under one uint8 level (7.8e-3): only a value at a rounding boundary
+      # can move by one.
       assert np.abs(a - b).max() <= (0 if f == "mask.png" else 1), (name, f)
-  # Each device runs the vmapped refinement on 1 image instead of 2, a
-  # different program whose roundings differ; Adam's normalised steps turn
-  # some of these into differences of up to ~lr on single weights whose
-  # gradient is nearly zero, so the state is compared as a whole.
+  # Each device runs the vmapped refinement on 1 image instead of 2: a
+  # different float32 program. Measured (bench/float_precision.py --part
+  # refine: this test's inputs, DSS masks and settings, worst of the four
+  # images), each program against a float64 run: the state as counted here
+  # (the unchanged mapping weights and codes included) 1.4e-9 and 1.0e-9,
+  # the image 4.7e-6 and 4.8e-6, the metrics 9.7e-7 and 9.7e-7 (|Δ| /
+  # max(1, |m|)); the two float32 programs were 2.4e-9, 1.6e-6 and 3.0e-7
+  # apart. Rounding part of each bound: 4 × the sum of both programs'
+  # errors (as in test_refine): state 1e-8, image 3.8e-5, metrics 7.8e-6.
+  # On top of it Adam flips: a weight whose gradient is below float32's
+  # resolution steps by ±weight_lr at each weight step, whichever sign its
+  # rounding gives, so it can end 2 · 1.5e-3 · 2 = 6e-3 apart: 8e-8 of this
+  # state's norm (7e4, mostly the mapping weights). AMD EPYC (issue #12)
+  # showed state 4.85e-8 with image 3.48e-5, i.e. about one such weight
+  # costing ~2.5e-5 of image. Allowing four: state 1e-8 + 4 × 8e-8 → 4e-7,
+  # image 3.8e-5 + 4 × 2.5e-5 → 1.5e-4, metrics (a fifth of the image's
+  # relative change in the measurement) → 5e-5.
   print("two devices vs one: relative L2 of the refined state "
         f"{worst['state']:.2e} (largest element {worst['state_max']:.2e}), "
         f"of the re-rendered inversions {worst['image']:.2e}")
-  assert worst["state"] <= 1e-5 and worst["image"] <= 1e-5
+  assert worst["state"] <= 4e-7 and worst["image"] <= 1.5e-4
   _, ra = _metrics_rows(ref)
   _, rb = _metrics_rows(workdir)
   for x, y in zip(ra, rb):
     for k in x:
       if k not in ("name", "seconds"):
-        assert abs(float(x[k]) - float(y[k])) <= 1e-5 * max(
+        assert abs(float(x[k]) - float(y[k])) <= 5e-5 * max(
             1.0, abs(float(x[k]))), (x["name"], k)
 
 

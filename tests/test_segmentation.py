@@ -97,7 +97,7 @@ def test_parsing_mask():
 def test_otsu_threshold_splits_two_groups():
   scores = np.array([0.1, 0.12, 0.15, 0.11, 0.9, 0.95, np.nan])
   t = S.otsu_threshold(scores)
-  assert 0.15 <= t < 0.9
+  assert 0.15 <= t < 0.9  # anywhere between the groups (no rounding issue)
 
 
 def test_label_maps_loading(tmp_path):
@@ -324,6 +324,9 @@ def test_synthetic_patch_with_exact_coarse_image(case):
   G, target, clean, gt = case
   r = S.domain_specific_segmentation(target, coarse=clean,
                                      config={"adaptive": True})
+  # Quality, not precision: fractions of pixels, which float32 rounding can
+  # only change by flipping a superpixel whose score is within ~1e-6 of the
+  # threshold (a 64² image has ~60 superpixels: one flip is ≤ 3 %).
   recall, rest = _recall_and_rest(r.mask, gt)
   assert recall >= 0.9, recall
   assert rest >= 0.7, rest

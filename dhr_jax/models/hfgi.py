@@ -188,23 +188,19 @@ def param_shapes():
   }
 
 
-def _resize_image(img, size):
-  """The official resize of generated images: clamp to [−1, 1], then
-  bilinear (align_corners=False, no antialiasing) to size²."""
-  return ops.resize_bilinear_torch(jnp.clip(img, -1.0, 1.0), (size, size))
-
-
 @jax.jit
-def _forward(G, noise, H, codes, images, edited_codes):
-  params = G.params
+def _forward(G, H, codes, images, edited_codes):
+  # G and H are pytrees: one program per (architectures, shapes).
+  params, noise = G.params, G.noise
   size = H.config.input_size
   embedded = G.synthesis(params, codes, noise)
-  guide = _resize_image(embedded, size)
+  guide = ops.resize_generated(embedded, (size, size))
   res = images - guide
   if edited_codes is not None:
     # ADA: the inversion's residual, aligned to the edited image.
     codes = edited_codes
-    guide = _resize_image(G.synthesis(params, codes, noise), size)
+    guide = ops.resize_generated(G.synthesis(params, codes, noise),
+                                 (size, size))
   res_aligned = H.align(jnp.concatenate([res, guide], axis=-1))
   scale, shift = H.consult(res_aligned)
   image = G.synthesis(params, codes, noise, feature_idx=H.config.feature_idx,
@@ -249,8 +245,9 @@ def hfgi_forward(G, H, codes, images, edited_codes=None, noise=None):
   if edited_codes is not None:
     edited_codes = jnp.asarray(edited_codes, jnp.float32)
   _check(G, H, codes, images, edited_codes)
-  noise = list(G.noise if noise is None else noise)
-  return _forward(G, noise, H, codes, images, edited_codes)
+  if noise is not None:
+    G = G.replace(noise=list(noise))
+  return _forward(G, H, codes, images, edited_codes)
 
 
 def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):

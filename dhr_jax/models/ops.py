@@ -225,3 +225,13 @@ def resize_bilinear_torch(x, size, align_corners=False):
   hi = jax.lax.Precision.HIGHEST
   x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hi)
   return jnp.einsum("pw,bowc->bopc", mw, x, precision=hi)
+
+
+def resize_generated(image, size):
+  """A generated image as the official DHR and HFGI code compare it with a
+  256² view: clamped to [−1, 1], then `F.interpolate(mode='bilinear',
+  align_corners=False)` (no antialiasing) to `size` (h, w)."""
+  x = jnp.clip(image, -1.0, 1.0)
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return resize_bilinear_torch(x, size)
