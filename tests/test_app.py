@@ -31,6 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import dhr_jax  # noqa: E402
 from dhr_jax import app  # noqa: E402
+from dhr_jax import config_files  # noqa: E402
 from dhr_jax import editing  # noqa: E402
 from dhr_jax import faces  # noqa: E402
 from dhr_jax import io  # noqa: E402
@@ -60,7 +61,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _demo_config():
-  return runner._load_config_file(DEMO)
+  return config_files.load_config(DEMO)
 
 
 @pytest.fixture(scope="module")
