@@ -37,7 +37,7 @@ def stand_in_parser():
     return (rs.standard_normal(a.shape) * scale).astype(np.float32)
 
   params = jax.tree_util.tree_map_with_path(fill, shapes)
-  return farl.Parser(params=params, config=config, network=net)
+  return farl.Parser(params=params, config=config)
 
 
 def main(argv=None):
@@ -57,7 +57,8 @@ def main(argv=None):
   landmarks = jnp.broadcast_to(
       jnp.asarray(farl.alignment.ffhq_landmarks(args.size)), (args.batch, 5, 2))
   t0 = time.perf_counter()
-  compiled = p._parse.lower(p.params, images, landmarks).compile()
+  compiled = farl._parse.lower(p.config, p.params, images,
+                               landmarks).compile()
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(compiled(p.params, images, landmarks))  # warm-up
   times = []

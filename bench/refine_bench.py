@@ -69,7 +69,7 @@ def problem(size, batch, lpips_on):
     from dhr_jax import lpips
     alex = lpips.load("alex")
     lpips_net, lpips_params = alex.net, alex.params
-  hyper = refine.make_hyper(WEIGHT_STEPS, lpips_lambda=float(lpips_on))
+  hyper = refine.make_hyper(lpips_lambda=float(lpips_on))
   return G, codes, target, mask, lpips_net, lpips_params, hyper
 
 

@@ -12,6 +12,15 @@ a seeded random direction. The metrics table compares the mask with the
 known patch and the reconstruction inside / outside it before (embedding)
 and after refinement.
 
+On a raw photo instead (needs the `faces` extra):
+
+    python run.py --config=configs/demo.py --config.data.input=PHOTO \
+        --config.data.align=True --workdir=/tmp/demo_photo
+
+aligns the photo's face at the stand-in's 64², inverts, refines and edits it
+and pastes every result back into the photo. That shows the mechanics only:
+the stand-in generator has never seen a face.
+
 Sizes and step counts are reduced from configs/dhr.py so that the demo runs
 in a few minutes on 2 CPU cores, compilation included.
 """

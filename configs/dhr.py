@@ -14,6 +14,8 @@ and optionally the FaRL face parser for the class-wise thresholds:
 """
 import ml_collections
 
+from dhr_jax import segmentation
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -26,6 +28,13 @@ def get_config():
       # faces at any size (centre-cropped to a square, resized to the
       # generator's resolution).
       input="",
+      # Raw photos: find the faces (dlib, the `faces` extra), FFHQ-align
+      # each at the generator's resolution, run DHR on every face and paste
+      # the results back into the photo (OUT/<photo>/face<k>/pasted/,
+      # OUT/<photo>/pasted_all.png).
+      align=False,
+      faces="largest",    # 'largest' or 'all' detected faces
+      min_face_size=64,   # smallest face (detector box side) in photo pixels
   ))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -47,25 +56,10 @@ def get_config():
       n_mean_latent=10000,
   ))
 
-  # Domain-specific segmentation (dhr_jax.segmentation.default_config).
-  thresholds = {name: 0.6 for name in (
-      "background", "neck", "face", "cloth", "rr", "lr", "rb", "lb", "re",
-      "le", "nose", "imouth", "llip", "ulip", "hair", "glass", "hat", "earr",
-      "neckl")}
-  thresholds["face"] = 0.7
-  thresholds.update({name: 0.8 for name in (
-      "rr", "lr", "rb", "lb", "re", "le", "nose", "imouth", "llip", "ulip")})
-  config.dss = ml_collections.ConfigDict(dict(
-      coarse_steps=40,
-      n_segments=200,
-      compactness=30.0,
-      sigma=1.0,
-      thresholds=thresholds,     # θ per parsing class (with a parser)
-      single_threshold=0.7,      # θ of every superpixel without a parser
-      out_of_domain_classes=("background", "cloth", "hat", "earr", "neckl"),
-      parsing_threshold=0.5,
-      adaptive=False,            # Otsu over each image's superpixel scores
-  ))
+  # Domain-specific segmentation: the official settings, defined once in
+  # dhr_jax.segmentation.default_config (θ per parsing class, the single θ
+  # without a parser, SLIC, the out-of-domain classes, Otsu on/off).
+  config.dss = segmentation.default_config()
 
   config.refine = ml_collections.ConfigDict(dict(
       mode="hybrid",             # 'hybrid', 'weight' (PTI-like), 'feature'
@@ -76,6 +70,7 @@ def get_config():
       weight_lr=1.5e-3,
       l2_lambda=1.0,
       lpips_lambda=1.0,
+      mse_norm="pixel",          # MSE over masked pixels ('element': PTI)
   ))
 
   # Edits rendered for every image (and by --mode=edit on a finished run).

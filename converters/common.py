@@ -5,6 +5,9 @@ import sys
 
 import numpy as np
 
+from dhr_jax import io
+from dhr_jax.checkpoint import CheckpointError
+
 
 class ConversionError(ValueError):
   """The source checkpoint does not match the architecture we convert to."""
@@ -66,9 +69,29 @@ def check_keys(path, got, expected, ignore=()):
         + "\n  ".join(problems))
 
 
-def cli_main(description, convert_fn, argv=None, extra_args=None):
+class _Parser(argparse.ArgumentParser):
+  """argparse whose refusals are one `error:` line (exit 2), no usage dump."""
+
+  def error(self, message):
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_destination(dst, is_file=False):
+  """Refuses a --dst that cannot be written before any conversion work.
+
+  is_file: dst is a file (its folder must be creatable), not a folder.
+  """
+  try:
+    io.check_creatable(dst, what="--dst", is_file=is_file)
+  except io.WorkdirError as e:
+    raise ConversionError(str(e)) from None
+
+
+def cli_main(description, convert_fn, argv=None, extra_args=None,
+             dst_is_file=lambda args: False):
   """Shared `--src/--dst` command line; errors become one clear line, exit 2."""
-  parser = argparse.ArgumentParser(description=description)
+  parser = _Parser(description=description)
   parser.add_argument("--src", required=True, help="input checkpoint")
   parser.add_argument("--dst", required=True, help="output directory")
   parser.add_argument("--overwrite", action="store_true",
@@ -76,11 +99,15 @@ def cli_main(description, convert_fn, argv=None, extra_args=None):
   if extra_args:
     extra_args(parser)
   args = parser.parse_args(argv)
-  from dhr_jax.checkpoint import CheckpointError
   try:
+    check_destination(args.dst, dst_is_file(args))
     out = convert_fn(args)
   except (ConversionError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # e.g. the disk filled up or permissions changed
+    print(f"error: cannot write --dst {args.dst}: "
+          f"{e.strerror or e} ({e.filename or args.dst})", file=sys.stderr)
     return 2
   print(f"wrote {out}")
   return 0

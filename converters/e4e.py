@@ -3,10 +3,13 @@
     python -m converters.e4e --src e4e_ffhq_encode.pt --dst DIR
 
 The file is `torch.save({'state_dict': {'encoder.*', 'decoder.*'},
-'latent_avg': (18, 512), 'opts': {...}})`. One command writes a bundle:
+'latent_avg': (18, 512), 'opts': {...}})`, or the same weights as
+GANInverter saves them (its e4e and LSAP releases): {'encoder':
+{'encoder.*', 'latent_avg'}, 'decoder': {...}, 'opts', ...}. One command
+writes a bundle:
 
     DIR/e4e/        the encoder (kind 'e4e') and latent_avg
-    DIR/generator/  the StyleGAN2 decoder e4e was trained with (kind 'stylegan2')
+    DIR/generator/  the StyleGAN2 decoder e4e was trained with (kind 'generator')
 
 so `load_encoder(DIR)` and `load_generator(DIR)` both work on DIR.
 """
@@ -25,30 +28,41 @@ _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
 
 
+def bn_shapes(prefix, c):
+  """{key: shape} of an official BatchNorm2d(c) (counters excluded)."""
+  return {f"{prefix}.{k}": (c,) for k in _BN}
+
+
+def stem_shapes(prefix, c_in, c_out):
+  """{key: shape} of Sequential(Conv2d 3×3 no bias, BatchNorm2d, PReLU)."""
+  return {f"{prefix}.0.weight": (c_out, c_in, 3, 3),
+          **bn_shapes(f"{prefix}.1", c_out), f"{prefix}.2.weight": (c_out,)}
+
+
+def bottleneck_shapes(prefix, c_in, depth, se=True):
+  """{key: shape} of bottleneck_IR_SE (se=False: bottleneck_IR)."""
+  shapes = {}
+  if c_in != depth:
+    shapes[f"{prefix}.shortcut_layer.0.weight"] = (depth, c_in, 1, 1)
+    shapes.update(bn_shapes(f"{prefix}.shortcut_layer.1", depth))
+  p = f"{prefix}.res_layer"
+  shapes.update(bn_shapes(f"{p}.0", c_in))
+  shapes[f"{p}.1.weight"] = (depth, c_in, 3, 3)
+  shapes[f"{p}.2.weight"] = (depth,)
+  shapes[f"{p}.3.weight"] = (depth, depth, 3, 3)
+  shapes.update(bn_shapes(f"{p}.4", depth))
+  if se:
+    shapes[f"{p}.5.fc1.weight"] = (depth // 16, depth, 1, 1)
+    shapes[f"{p}.5.fc2.weight"] = (depth, depth // 16, 1, 1)
+  return shapes
+
+
 def expected_shapes(n_styles):
   """{official encoder key: shape} of Encoder4Editing(50, 'ir_se')."""
   from dhr_jax.models import e4e
-  shapes = {}
-
-  def bn(prefix, c):
-    for k in _BN:
-      shapes[f"{prefix}.{k}"] = (c,)
-
-  shapes["input_layer.0.weight"] = (64, 3, 3, 3)
-  bn("input_layer.1", 64)
-  shapes["input_layer.2.weight"] = (64,)
+  shapes = stem_shapes("input_layer", 3, 64)
   for i, (c_in, depth, _) in enumerate(e4e.unit_specs()):
-    p = f"body.{i}"
-    if c_in != depth:
-      shapes[f"{p}.shortcut_layer.0.weight"] = (depth, c_in, 1, 1)
-      bn(f"{p}.shortcut_layer.1", depth)
-    bn(f"{p}.res_layer.0", c_in)
-    shapes[f"{p}.res_layer.1.weight"] = (depth, c_in, 3, 3)
-    shapes[f"{p}.res_layer.2.weight"] = (depth,)
-    shapes[f"{p}.res_layer.3.weight"] = (depth, depth, 3, 3)
-    bn(f"{p}.res_layer.4", depth)
-    shapes[f"{p}.res_layer.5.fc1.weight"] = (depth // 16, depth, 1, 1)
-    shapes[f"{p}.res_layer.5.fc2.weight"] = (depth, depth // 16, 1, 1)
+    shapes.update(bottleneck_shapes(f"body.{i}", c_in, depth))
   for i in range(n_styles):
     for j in range(e4e.style_block_convs(i)):
       shapes[f"styles.{i}.convs.{2 * j}.weight"] = (STYLE_DIM, STYLE_DIM, 3, 3)
@@ -69,6 +83,40 @@ def _conv(w):
 
 def _f32(a):
   return np.ascontiguousarray(a, np.float32)
+
+
+def convert_bn(sd, prefix):
+  """Official BatchNorm2d entries → FrozenBatchNorm params."""
+  return {ours: _f32(sd[f"{prefix}.{theirs}"]) for theirs, ours in _BN.items()}
+
+
+def convert_stem(sd, prefix):
+  """Sequential(Conv2d, BatchNorm2d, PReLU) → input_conv/_bn/_prelu params."""
+  return {"input_conv": {"kernel": _conv(sd[f"{prefix}.0.weight"])},
+          "input_bn": convert_bn(sd, f"{prefix}.1"),
+          "input_prelu": {"alpha": _f32(sd[f"{prefix}.2.weight"])}}
+
+
+def convert_bottleneck(sd, prefix, c_in, depth, se=True):
+  """bottleneck_IR(_SE) entries under `prefix` → BottleneckIRSE params."""
+  p = f"{prefix}.res_layer"
+  unit = {
+      "bn1": convert_bn(sd, f"{p}.0"),
+      "conv1": {"kernel": _conv(sd[f"{p}.1.weight"])},
+      "prelu": {"alpha": _f32(sd[f"{p}.2.weight"])},
+      "conv2": {"kernel": _conv(sd[f"{p}.3.weight"])},
+      "bn2": convert_bn(sd, f"{p}.4"),
+  }
+  if se:
+    unit["se"] = {
+        "fc1": {"kernel": _f32(sd[f"{p}.5.fc1.weight"][:, :, 0, 0].T)},
+        "fc2": {"kernel": _f32(sd[f"{p}.5.fc2.weight"][:, :, 0, 0].T)},
+    }
+  if c_in != depth:
+    unit["shortcut_conv"] = {
+        "kernel": _conv(sd[f"{prefix}.shortcut_layer.0.weight"])}
+    unit["shortcut_bn"] = convert_bn(sd, f"{prefix}.shortcut_layer.1")
+  return unit
 
 
 def _infer_styles(src, sd):
@@ -102,33 +150,9 @@ def convert_encoder(state_dict, src="<state_dict>"):
   ignore = [k for k in state_dict if k.endswith("num_batches_tracked")]
   check_keys(src, state_dict, expected_shapes(n_styles), ignore=ignore)
   sd = state_dict
-
-  def bn(prefix):
-    return {ours: _f32(sd[f"{prefix}.{theirs}"]) for theirs, ours in _BN.items()}
-
-  params = {
-      "input_conv": {"kernel": _conv(sd["input_layer.0.weight"])},
-      "input_bn": bn("input_layer.1"),
-      "input_prelu": {"alpha": _f32(sd["input_layer.2.weight"])},
-  }
+  params = convert_stem(sd, "input_layer")
   for i, (c_in, depth, _) in enumerate(e4e.unit_specs()):
-    p = f"body.{i}.res_layer"
-    unit = {
-        "bn1": bn(f"{p}.0"),
-        "conv1": {"kernel": _conv(sd[f"{p}.1.weight"])},
-        "prelu": {"alpha": _f32(sd[f"{p}.2.weight"])},
-        "conv2": {"kernel": _conv(sd[f"{p}.3.weight"])},
-        "bn2": bn(f"{p}.4"),
-        "se": {
-            "fc1": {"kernel": _f32(sd[f"{p}.5.fc1.weight"][:, :, 0, 0].T)},
-            "fc2": {"kernel": _f32(sd[f"{p}.5.fc2.weight"][:, :, 0, 0].T)},
-        },
-    }
-    if c_in != depth:
-      unit["shortcut_conv"] = {
-          "kernel": _conv(sd[f"body.{i}.shortcut_layer.0.weight"])}
-      unit["shortcut_bn"] = bn(f"body.{i}.shortcut_layer.1")
-    params[f"body_{i}"] = unit
+    params[f"body_{i}"] = convert_bottleneck(sd, f"body.{i}", c_in, depth)
   for i in range(n_styles):
     p = f"styles.{i}"
     block = {}
@@ -148,14 +172,14 @@ def convert_encoder(state_dict, src="<state_dict>"):
   return params, e4e.make_config(size)
 
 
-def _latent_avg(src, ckpt, n_latent):
-  if "latent_avg" not in ckpt:
+def _latent_avg(src, latent_avg, n_latent):
+  if latent_avg is None:
     raise ConversionError(
         f"{src}: no 'latent_avg' entry. The released e4e checkpoints store "
         "the average latent the codes are offsets from; this file is not one.")
-  avg = to_numpy({"a": ckpt["latent_avg"]})["a"].astype(np.float32)
-  if avg.shape == (STYLE_DIM,):
-    avg = np.tile(avg[None], (n_latent, 1))
+  avg = to_numpy({"a": latent_avg})["a"].astype(np.float32)
+  if avg.shape in ((STYLE_DIM,), (1, STYLE_DIM)):
+    avg = np.tile(avg.reshape(1, STYLE_DIM), (n_latent, 1))
   if avg.shape != (n_latent, STYLE_DIM):
     raise ConversionError(
         f"{src}: latent_avg has shape {avg.shape}, expected ({n_latent}, "
@@ -175,10 +199,11 @@ def _check_opts(src, opts, size):
         f"{src}: opts['encoder_type'] is {enc!r}; only Encoder4Editing (e4e) "
         "is supported. pSp's GradualStyleEncoder has the same weight names "
         "but computes differently, so it is refused rather than misread.")
-  got = opts.get("stylegan_size")
+  key = "stylegan_size" if "stylegan_size" in opts else "resolution"
+  got = opts.get(key)  # GANInverter calls it 'resolution'
   if got is not None and int(got) != size:
     raise ConversionError(
-        f"{src}: opts['stylegan_size'] is {got} but the encoder has the style "
+        f"{src}: opts[{key!r}] is {got} but the encoder has the style "
         f"blocks of a {size}² generator; the file is inconsistent.")
 
 
@@ -199,40 +224,155 @@ def _load_bundle(src):
     return torch_load(src)
 
 
-def _split_bundle(src, ckpt):
-  if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-    hint = ""
-    if isinstance(ckpt, dict) and "g_ema" in ckpt:
-      hint = (" It looks like a StyleGAN2 generator checkpoint; convert it "
-              "with `python -m converters.stylegan2`.")
-    keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ConversionError(
-        f"{src}: not an e4e checkpoint (expected a dict with 'state_dict', "
-        f"'latent_avg' and 'opts'; got {keys}).{hint}")
+# GANInverter (caopulan/GANInverter, the DHR authors' framework) saves one
+# dict per network instead of one prefixed state_dict; its names for the
+# released prefixes:
+GANINVERTER_PARTS = {"encoder": "encoder", "decoder": "decoder",
+                     "grid_align": "align", "residue": "res"}
+_CONVERTER = {"residue": "converters.hfgi", "grid_align": "converters.hfgi"}
+
+
+def _prefixes(parts):
+  names = [f"{p}.*" for p in parts]
+  return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _foreign_hint(names):
+  """Points to the converter of foreign weights, when there is one."""
+  tools = sorted({_CONVERTER[n.split(".")[0]] for n in names
+                  if n.split(".")[0] in _CONVERTER})
+  return (f" They belong to another model; convert the file with "
+          f"`python -m {tools[0]}`." if tools else "")
+
+
+def _missing_part(src, where, label, part):
+  msg = f"{src}: {where} has no {label} entries"
+  if part == "decoder":
+    msg += "; the bundle must hold the generator the encoder was trained with"
+  return ConversionError(msg + ".")
+
+
+def _read_released(src, ckpt, parts):
   sd = ckpt["state_dict"]
   if not isinstance(sd, dict):
     raise ConversionError(f"{src}: 'state_dict' is not a dict of tensors.")
-  other = sorted(k for k in sd
-                 if not (k.startswith("encoder.") or k.startswith("decoder.")))
+  other = sorted(k for k in sd if k.split(".")[0] not in parts)
   if other:
     raise ConversionError(
-        f"{src}: state_dict has entries outside encoder.* and decoder.*: "
-        f"{', '.join(other[:20])}{' ...' if len(other) > 20 else ''}")
-  encoder = to_numpy(sd, "encoder.")
-  decoder = to_numpy(sd, "decoder.")
-  if not encoder:
-    raise ConversionError(f"{src}: state_dict has no encoder.* entries.")
-  if not decoder:
+        f"{src}: state_dict has entries outside {_prefixes(parts)}: "
+        f"{', '.join(other[:20])}{' ...' if len(other) > 20 else ''}."
+        + _foreign_hint(other))
+  out = {}
+  for part in parts:
+    out[part] = to_numpy(sd, part + ".")
+    if not out[part]:
+      raise _missing_part(src, "state_dict", f"{part}.*", part)
+  return out, ckpt.get("latent_avg"), ckpt.get("opts")
+
+
+def _read_ganinverter(src, ckpt, parts):
+  enc = ckpt["encoder"]
+  other = sorted(k for k in enc
+                 if k != "latent_avg" and not k.startswith("encoder."))
+  if other:
     raise ConversionError(
-        f"{src}: state_dict has no decoder.* entries; the bundle must hold "
-        "the generator the encoder was trained with.")
-  return encoder, decoder
+        f"{src}: ['encoder'] has entries other than encoder.* and "
+        f"latent_avg: {', '.join(other[:20])}")
+  encoder = to_numpy(enc, "encoder.")
+  if encoder and all(k.startswith("module.") for k in encoder):
+    # Saved from a DistributedDataParallel-wrapped encoder.
+    encoder = {k[len("module."):]: v for k, v in encoder.items()}
+  out = {"encoder": encoder}
+  foreign = sorted(name for part, name in GANINVERTER_PARTS.items()
+                   if part not in parts and name in ckpt)
+  if foreign:
+    raise ConversionError(
+        f"{src}: holds networks this converter does not convert: "
+        f"{', '.join(repr(n) for n in foreign)}." + _foreign_hint(["residue"]))
+  for part in parts:
+    name = GANINVERTER_PARTS[part]
+    if part != "encoder":
+      out[part] = (to_numpy(ckpt[name]) if isinstance(ckpt.get(name), dict)
+                   else {})
+    if not out[part]:
+      raise _missing_part(src, "the GANInverter checkpoint",
+                          f"[{name!r}]" + (" encoder.*" if part == "encoder"
+                                          else ""), part)
+  return out, enc.get("latent_avg"), ckpt.get("opts")
+
+
+def read_bundle(src, parts=("encoder", "decoder")):
+  """Reads an encoder bundle in the released layout or GANInverter's.
+
+  Released (e4e, pSp, HFGI): {'state_dict': {'<part>.<key>': tensor},
+  'latent_avg', 'opts'}. GANInverter: {'encoder': {'encoder.<key>': ...,
+  'latent_avg': ...}, 'decoder': {...}, 'align': {...}, 'res': {...},
+  'opts', training state (ignored)}. Every part must be there; weights of
+  other networks are refused (never silently dropped).
+
+  Returns ({part: {key: numpy}}, latent_avg or None, opts or None).
+  """
+  ckpt = _load_bundle(src)
+  if isinstance(ckpt, dict) and "state_dict" in ckpt:
+    return _read_released(src, ckpt, parts)
+  if isinstance(ckpt, dict) and isinstance(ckpt.get("encoder"), dict):
+    return _read_ganinverter(src, ckpt, parts)
+  hint = ""
+  if isinstance(ckpt, dict) and "g_ema" in ckpt:
+    hint = (" It looks like a StyleGAN2 generator checkpoint; convert it "
+            "with `python -m converters.stylegan2`.")
+  keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+  raise ConversionError(
+      f"{src}: not an e4e checkpoint (expected a dict with 'state_dict', "
+      f"'latent_avg' and 'opts', or GANInverter's 'encoder' and 'decoder'; "
+      f"got {keys}).{hint}")
 
 
 def _generator_latent_avg(avg):
   # The generator keeps one (style_dim,) mean latent. e4e stores it repeated
   # per style; rows that differ have no single-vector equivalent.
   return avg[0] if np.all(avg == avg[:1]) else None
+
+
+def check_destinations(dst, kinds, overwrite):
+  """Refuses before reading anything if a model's sub-directory is taken."""
+  from dhr_jax import checkpoint
+  for kind in kinds:
+    d = os.path.join(dst, kind)
+    if os.path.exists(d) and os.listdir(d) and not overwrite:
+      raise checkpoint.CheckpointError(
+          f"{d} already exists and is not empty; choose another --dst or pass "
+          "--overwrite.")
+
+
+def convert_parts(src, parts, latent_avg, opts):
+  """The e4e encoder and its generator from `read_bundle`'s output, all
+  checked → {kind: (tree, config)} for `write_models`."""
+  from converters import stylegan2
+  n_styles, size = _infer_styles(src + " (encoder.*)", parts["encoder"])
+  _check_opts(src, opts, size)
+  avg = _latent_avg(src, latent_avg, n_styles)
+  params, config = convert_encoder(parts["encoder"], src + " (encoder.*)")
+  g_tree, g_config = stylegan2.convert_generator(
+      parts["decoder"], src + " (decoder.*)",
+      latent_avg=_generator_latent_avg(avg))
+  if (g_config["size"], g_config["n_latent"]) != (size, n_styles):
+    raise ConversionError(
+        f"{src}: the decoder is a {g_config['size']}² generator with "
+        f"{g_config['n_latent']} styles but the encoder predicts "
+        f"{n_styles} styles ({size}²).")
+  return {"e4e": ({"params": params, "latent_avg": avg}, config),
+          "generator": (g_tree, g_config)}
+
+
+def write_models(dst, models, overwrite=False):
+  """Writes {kind: (tree, config)} as DIR/<kind>/ checkpoints of that kind."""
+  from dhr_jax import checkpoint
+  os.makedirs(dst, exist_ok=True)
+  for kind, (tree, config) in models.items():
+    checkpoint.save(os.path.join(dst, kind), tree, kind, config,
+                    overwrite=overwrite)
+  return dst
 
 
 def convert(src, dst, overwrite=False):
@@ -242,34 +382,11 @@ def convert(src, dst, overwrite=False):
   state dicts) before anything is written, so a refusal never leaves half a
   bundle behind.
   """
-  from dhr_jax import checkpoint
-  from converters import stylegan2
   src = os.fspath(src)
-  enc_dir = os.path.join(dst, "e4e")
-  gen_dir = os.path.join(dst, "generator")
-  for d in (enc_dir, gen_dir):
-    if os.path.exists(d) and os.listdir(d) and not overwrite:
-      raise checkpoint.CheckpointError(
-          f"{d} already exists and is not empty; choose another --dst or pass "
-          "--overwrite.")
-  ckpt = _load_bundle(src)
-  encoder_sd, decoder_sd = _split_bundle(src, ckpt)
-  n_styles, size = _infer_styles(src + " (encoder.*)", encoder_sd)
-  _check_opts(src, ckpt.get("opts"), size)
-  avg = _latent_avg(src, ckpt, n_styles)
-  params, config = convert_encoder(encoder_sd, src + " (encoder.*)")
-  g_tree, g_config = stylegan2.convert_generator(
-      decoder_sd, src + " (decoder.*)", latent_avg=_generator_latent_avg(avg))
-  if (g_config["size"], g_config["n_latent"]) != (size, n_styles):
-    raise ConversionError(
-        f"{src}: the decoder is a {g_config['size']}² generator with "
-        f"{g_config['n_latent']} styles but the encoder predicts "
-        f"{n_styles} styles ({size}²).")
-  os.makedirs(dst, exist_ok=True)
-  checkpoint.save(enc_dir, {"params": params, "latent_avg": avg}, "e4e",
-                  config, overwrite=overwrite)
-  stylegan2.write_generator(gen_dir, g_tree, g_config, overwrite=overwrite)
-  return dst
+  check_destinations(dst, ("e4e", "generator"), overwrite)
+  parts, latent_avg, opts = read_bundle(src)
+  return write_models(dst, convert_parts(src, parts, latent_avg, opts),
+                      overwrite)
 
 
 def main(argv=None):

@@ -1,13 +1,22 @@
-"""rosinality StyleGAN2 checkpoint (.pt) ⇄ dhr_jax generator checkpoint.
+"""StyleGAN2 generator (rosinality .pt; NVIDIA .pkl, never executed) ⇄ dhr_jax.
 
     python -m converters.stylegan2 --src stylegan2-ffhq-config-f.pt --dst ckpt/ffhq
+    python -m converters.stylegan2 --src network-snapshot.pkl --dst ckpt/ada
     python -m converters.stylegan2 --to-torch --src ckpt/refined --dst refined.pt
 
-Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a pSp/e4e
-bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, or a bare state dict.
+Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a
+pSp/e4e/HFGI bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, a
+GANInverter checkpoint {'decoder': state_dict, 'encoder': {'latent_avg',
+...}?, ...}, or a bare state dict.
 The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
+An NVIDIA stylegan2-ada-pytorch pickle is read by converters/nvidia_pickle.py
+(nothing in the file is executed or imported; NVIDIA's code is not needed)
+and its G_ema mapped by converters/stylegan2_ada.py, which says what differs
+and what is refused. `--to-torch` writes the rosinality layout, plus
+{'config': {'conv_clamp', 'lr_mlp'}} for what that layout cannot express.
 """
 import math
+import os
 import re
 import sys
 
@@ -15,14 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters import nvidia_pickle, stylegan2_ada
 from converters.common import (ConversionError, check_keys, cli_main,
                                to_numpy, torch_load)
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
-                                      noise_shapes)
+                                      load_generator, noise_shapes)
 
 _LISTS = ("style", "convs", "to_rgbs")
+# Config a .pt records beside 'g_ema' (--to-torch), with the defaults of a
+# file that records nothing.
+_RECORDED = {"conv_clamp": None, "lr_mlp": 0.01}
 _FIR = ops.fir_kernel(gain=4.0)
 
 
@@ -103,14 +116,17 @@ def expected_shapes(config):
   return shapes
 
 
-def convert_generator(sd, src="<state dict>", latent_avg=None):
+def convert_generator(sd, src="<state dict>", latent_avg=None,
+                      config_update=None):
   """{official name: numpy} → (tree, config) for `write_generator`.
 
   Refuses, naming the keys, on any missing, unexpected or mis-shaped entry.
   latent_avg: (style_dim,) or (n_latent, style_dim) (rows averaged; they are
-  equal in released e4e/pSp checkpoints).
+  equal in released e4e/pSp checkpoints). config_update: what the shapes do
+  not tell, e.g. {'conv_clamp': 256.0, 'lr_mlp': 0.01} of an NVIDIA net.
   """
   config = infer_config(sd, src)
+  config.update(config_update or {})
   check_keys(src, sd, expected_shapes(config))
   for k, v in _fixed_buffers(config).items():
     if not np.allclose(sd[k], v):
@@ -157,8 +173,9 @@ def to_torch_state_dict(params, noise):
   return sd
 
 
-def read_source(path):
-  """A .pt in any accepted layout → ({official name: numpy}, latent_avg)."""
+def read_source(path, with_config=False):
+  """A .pt in any accepted layout → ({official name: numpy}, latent_avg),
+  and with_config the {'conv_clamp', 'lr_mlp'} a --to-torch export recorded."""
   ckpt = torch_load(path)
   if not isinstance(ckpt, dict):
     raise ConversionError(f"{path}: expected a dict checkpoint, got "
@@ -169,23 +186,34 @@ def read_source(path):
   elif "state_dict" in ckpt and any(k.startswith("decoder.")
                                     for k in ckpt["state_dict"]):
     sd = to_numpy(ckpt["state_dict"], prefix="decoder.")
+  elif isinstance(ckpt.get("decoder"), dict):
+    # GANInverter: one dict per network, latent_avg kept by the encoder.
+    sd = to_numpy(ckpt["decoder"])
+    enc = ckpt.get("encoder")
+    latent_avg = enc.get("latent_avg") if isinstance(enc, dict) else None
   elif "style.1.weight" in ckpt:
     sd, latent_avg = to_numpy(ckpt), None
   else:
     raise ConversionError(
         f"{path}: found neither 'g_ema' nor a 'state_dict' with 'decoder.*' "
-        f"keys (top-level keys: {sorted(ckpt)[:8]}); pass a rosinality "
-        "StyleGAN2 or an e4e/pSp checkpoint.")
+        f"keys nor GANInverter's 'decoder' (top-level keys: "
+        f"{sorted(ckpt)[:8]}); pass a rosinality StyleGAN2, an e4e/pSp/HFGI "
+        "or a GANInverter checkpoint.")
   if latent_avg is not None:
     latent_avg = to_numpy({"x": latent_avg})["x"]
+  if with_config:
+    recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    arch = {k: recorded[k] for k in _RECORDED if k in recorded}
+    for k, v in arch.items():
+      if not (isinstance(v, (int, float)) or (v is None and k == "conv_clamp")):
+        raise ConversionError(f"{path}: config[{k!r}] is {v!r}, not a number")
+    return sd, latent_avg, arch
   return sd, latent_avg
 
 
 def _convert(args):
   if args.to_torch:
     import torch
-    from dhr_jax.models.stylegan2 import load_generator
-    import os
     if os.path.exists(args.dst) and not args.overwrite:
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
     g = load_generator(args.src)
@@ -195,18 +223,39 @@ def _convert(args):
                      for k, v in sd.items()}}
     if g.latent_avg is not None:
       out["latent_avg"] = torch.from_numpy(np.array(g.latent_avg))
+    # The rosinality layout has no place for these; recorded so that they
+    # are not lost (read back by this converter).
+    out["config"] = {k: g.config.get(k, _RECORDED[k]) for k in _RECORDED}
+    if out["config"]["conv_clamp"] is not None:
+      print(f"note: conv_clamp={out['config']['conv_clamp']} is recorded in "
+            f"{args.dst}['config']; rosinality's Generator does not clamp, so "
+            "its images differ where activations exceed it", file=sys.stderr)
     torch.save(out, args.dst)
     return args.dst
-  sd, latent_avg = read_source(args.src)
-  tree, config = convert_generator(sd, args.src, latent_avg)
+  if nvidia_pickle.is_pickle(args.src):
+    sd, latent_avg, arch = stylegan2_ada.read_pickle(args.src)
+  else:
+    sd, latent_avg, arch = read_source(args.src, with_config=True)
+  tree, config = convert_generator(sd, args.src, latent_avg, arch)
   return write_generator(args.dst, tree, config, args.overwrite)
 
 
+def _args(parser):
+  parser.add_argument("--to-torch", action="store_true",
+                      help="convert a dhr_jax checkpoint back to .pt")
+  parser.epilog = (
+      "--src is a rosinality/e4e/pSp .pt (read with torch.load("
+      "weights_only=True)) or an NVIDIA stylegan2-ada-pytorch network .pkl. "
+      "The .pkl is never executed: a restricted reader builds only tensors, "
+      "plain containers and module records, imports nothing from the file "
+      "(NVIDIA's code is not needed) and refuses any other global by name. "
+      "Refused: conditional generators (c_dim > 0), architecture other than "
+      "'skip', StyleGAN3 pickles (a different architecture).")
+
+
 def main(argv=None):
-  return cli_main(
-      __doc__.splitlines()[0], _convert, argv,
-      lambda p: p.add_argument("--to-torch", action="store_true",
-                               help="convert a dhr_jax checkpoint back to .pt"))
+  return cli_main(__doc__.splitlines()[0], _convert, argv, _args,
+                  dst_is_file=lambda args: args.to_torch)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Public API (imported lazily so `import dhr_jax` stays cheap):
   load_generator, load_encoder, load_parser   — converted checkpoints
+  load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   domain_specific_segmentation                — the in/out-of-domain mask
-  hybrid_refine                               — weight + feature refinement
+  hybrid_refine → Refinement                  — weight + feature refinement
   edit_codes, render                          — editing refined inversions
+  save_refined, load_refined                  — one refined image on disk
 """
 import importlib
 
@@ -14,13 +16,18 @@ _EXPORTS = {
     "load_generator": "dhr_jax.models.stylegan2",
     "init_generator": "dhr_jax.models.stylegan2",
     "Generator": "dhr_jax.models.stylegan2",
+    "truncate": "dhr_jax.models.stylegan2",
     "load_encoder": "dhr_jax.models.e4e",
     "load_parser": "dhr_jax.models.farl",
+    "load_hfgi": "dhr_jax.models.hfgi",
+    "hfgi_invert": "dhr_jax.models.hfgi",
     "load_lpips": "dhr_jax.lpips",
     "optimize_latent": "dhr_jax.embedding",
     "coarse_inversion": "dhr_jax.embedding",
     "domain_specific_segmentation": "dhr_jax.segmentation",
     "hybrid_refine": "dhr_jax.refine",
+    "Refinement": "dhr_jax.refine",
+    "default_feature_idx": "dhr_jax.refine",
     "edit_codes": "dhr_jax.editing",
     "render": "dhr_jax.editing",
     "ganspace_edit": "dhr_jax.editing",

@@ -80,12 +80,17 @@ def read_config(directory):
   return meta["kind"], meta["config"]
 
 
+def _article(word):
+  return "an" if str(word)[:1].lower() in "aeiou" else "a"
+
+
 def load(directory, kind=None):
   """Returns (tree of jnp arrays, config). Checks `kind` when given."""
   got_kind, config = read_config(directory)
   if kind is not None and got_kind != kind:
     raise CheckpointError(
-        f"{directory} holds a {got_kind!r} checkpoint, expected {kind!r}.")
+        f"{directory} holds {_article(got_kind)} {got_kind!r} checkpoint, "
+        f"expected {_article(kind)} {kind!r} one.")
   arrays = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
   if not os.path.isdir(arrays):
     raise CheckpointError(f"{arrays} is missing; re-run the converter.")

@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dhr_jax._static import ByIdentity
-from dhr_jax.models.stylegan2 import feature_resolution
+from dhr_jax.models.stylegan2 import Generator, feature_resolution
 
 _TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -385,11 +384,11 @@ def ganspace_edit(codes, pcs, edits, mode="add"):
 # Rendering
 
 
-@functools.partial(jax.jit, static_argnames=("gen", "feature_idx",
-                                             "params_axis", "noise_axis"))
-def _render(gen, params, codes, noise, offset, mask, *, feature_idx,
-            params_axis, noise_axis):
-  G = gen.obj
+@functools.partial(jax.jit, static_argnames=("config", "feature_idx",
+                                             "noise_axis"))
+def _render(config, synthesis, codes, noise, offset, mask, *, feature_idx,
+            noise_axis):
+  G = Generator(config, None, None)
 
   def one(p, c, n, o, m):
     # c: (S, L, D), the edits of one image. They are rendered one at a time
@@ -402,10 +401,11 @@ def _render(gen, params, codes, noise, offset, mask, *, feature_idx,
     if o is not None:
       kw = dict(feature_idx=feature_idx, offset=o[None],
                 mask=None if m is None else m[None])
+    p = {"synthesis": p}
     return jax.lax.map(lambda code: G.synthesis(p, code[None], n, **kw)[0], c)
 
-  return jax.vmap(one, in_axes=(params_axis, 0, noise_axis, 0, 0))(
-      params, codes, noise, offset, mask)
+  return jax.vmap(one, in_axes=(0, 0, noise_axis, 0, 0))(
+      synthesis, codes, noise, offset, mask)
 
 
 def _leading(tree):
@@ -413,26 +413,24 @@ def _leading(tree):
           for x in jax.tree_util.tree_leaves(tree)}
 
 
-def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
-           noise=None):
-  """Images of (edited) codes with the refined generator, offset and mask.
+def render(G, refinement, codes=None):
+  """Images of (edited) codes with a refinement's weights, offset and mask.
 
-  G: the `Generator`.  params: generator params, shared by all images (the
-  layout of `G.params`) or one copy per image with a leading batch axis on
-  every leaf (as the refinement returns them).  codes: (B, S, L, D) — S
-  edits per image — or (B, L, D).  offset: (B, h, w, C) feature offsets at
-  `feature_idx` (None: plain synthesis, as weight-only refinement).
-  mask_feature: (B, h, w, 1) in-domain mask at that resolution, blended as
-  f·mask + offset·(1 − mask) (None: f + offset).  noise: list of per-layer
-  maps, each (1, r, r, 1) shared or (B, r, r, 1) per image; None = G.noise.
-  Every edit of an image uses that image's params, offset, mask and noise.
+  G: the `Generator` the refinement was made with.  refinement: a
+  `refine.Refinement` of B images (from `hybrid_refine`, `load_refined`,
+  `r[i]`): every image is rendered with its own refined weights θ*, its
+  offset o at the refinement's `feature_idx`, blended as f·m_f + o·(1 − m_f)
+  with its mask m_f (no offset: plain synthesis), and its noise.
+  codes: (B, S, L, D) — S edits per image — or (B, L, D); None = the
+  refined codes themselves (the inversion).
   Images are vmapped, edits rendered in turn, so an edit's image does not
   depend on the other strengths of the call (α = 0 gives the inversion bit
   for bit on CPU); a different set of images may change it by float
   round-off (~1e-6), as per-image weights make a batched convolution.
   Returns (B, S, H, W, 3) or (B, H, W, 3), in [-1, 1] as the generator.
   """
-  codes = jnp.asarray(codes)
+  r = refinement
+  codes = jnp.asarray(r.codes if codes is None else codes)
   single = codes.ndim == 3
   if single:
     codes = codes[:, None]
@@ -440,30 +438,19 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
     raise EditError(f"codes must be (B, S, n_latent, style_dim) or "
                     f"(B, n_latent, style_dim), got {codes.shape}")
   b = codes.shape[0]
-  if not isinstance(params, dict) or "synthesis" not in params:
-    raise EditError("params must be a generator params dict with a "
-                    "'synthesis' entry (G.params or the refined params)")
-  syn = {"synthesis": params["synthesis"]}
-  try:
-    const = params["synthesis"]["input"]["input"]  # (1, C, 4, 4) per copy
-  except (KeyError, TypeError):
-    raise EditError("params['synthesis'] is not StyleGAN2 synthesis params "
-                    "(no input/input constant)") from None
-  if np.ndim(const) == 4:
-    params_axis = None
-  elif np.ndim(const) == 5:
-    params_axis = 0
-    if _leading(syn) != {b}:
+  want = jax.tree_util.tree_structure(G.params["synthesis"])
+  if jax.tree_util.tree_structure(r.synthesis) != want:
+    raise EditError("the refinement's weights are not this generator's "
+                    "synthesis params (another architecture?)")
+  for x, g in zip(jax.tree_util.tree_leaves(r.synthesis),
+                  jax.tree_util.tree_leaves(G.params["synthesis"])):
+    if tuple(np.shape(x)) != (b,) + tuple(np.shape(g)):
       raise EditError(
-          f"per-image params must have a leading axis of {b} (one copy per "
-          f"image) on every leaf; got leading sizes {sorted(_leading(syn), key=str)}")
-  else:
-    raise EditError(f"params['synthesis']['input']['input'] has shape "
-                    f"{np.shape(const)}: neither shared (1, C, 4, 4) nor per "
-                    "image (B, 1, C, 4, 4)")
+          f"the refinement's weights must have one copy per image: a "
+          f"leading axis of {b} (the codes' batch) on every leaf of shape "
+          f"{tuple(np.shape(g))}, got {tuple(np.shape(x))}")
 
-  noise = list(G.noise if noise is None else noise)
-  leads = _leading(noise)
+  leads = _leading(list(r.noise))
   if leads == {1}:
     noise_axis = None
   elif leads == {b}:
@@ -472,12 +459,15 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
     raise EditError(f"noise maps must all have batch 1 (shared) or {b} (per "
                     f"image), got {sorted(leads, key=str)}")
 
+  offset, mask_feature, feature_idx = r.offset, r.mask_feature, r.feature_idx
   if offset is None:
     if mask_feature is not None:
       raise EditError("mask_feature needs an offset (the mask blends the "
                       "feature with the offset)")
+    feature_idx = None
   else:
-    if not 0 <= feature_idx < G.config["num_layers"]:
+    if feature_idx is None or not (
+        0 <= feature_idx < G.config["num_layers"]):
       raise EditError(f"feature_idx must be in [0, {G.config['num_layers']}) "
                       f"for this {G.config['size']}² generator, got "
                       f"{feature_idx}")
@@ -491,8 +481,8 @@ def render(G, params, codes, offset=None, mask_feature=None, feature_idx=11,
       if mask_feature.ndim != 4 or mask_feature.shape[:3] != (b, res, res):
         raise EditError(f"mask_feature must be (B={b}, {res}, {res}, 1), got "
                         f"{mask_feature.shape}")
-  images = _render(ByIdentity(G), syn, codes, noise, offset, mask_feature,
-                   feature_idx=int(feature_idx), params_axis=params_axis,
+  images = _render(G.config, r.synthesis, codes, list(r.noise), offset,
+                   mask_feature, feature_idx=feature_idx,
                    noise_axis=noise_axis)
   return images[:, 0] if single else images
 

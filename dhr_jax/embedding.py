@@ -1,8 +1,10 @@
 """Optimisation-based GAN inversion: W / W+ codes by Adam on LPIPS (+ MSE).
 
-This follows the StyleGAN2 projector of rosinality (`projector.py`), which the
-DHR code base uses both for the coarse inversion of its domain-specific
-segmentation (40 steps in W) and for W_pivot embeddings:
+This follows the optimisation embedding of the official DHR code base
+(GANInverter `inference/optim_infer.py`), used both for the coarse inversion of
+its domain-specific segmentation (40 steps in W) and for its 'optim'
+embedding; that is rosinality's StyleGAN2 projector (`projector.py`) except
+for how the generated image meets the target:
 
   * start from the mean of mapping(z) over `n_mean_latent` samples;
   * Adam on the latent and on the per-layer noise maps, learning rate
@@ -10,8 +12,15 @@ segmentation (40 steps in W) and for W_pivot embeddings:
     linear ramp-up over the first 5 %;
   * Gaussian noise of strength std_w · 0.05 · max(0, 1 − t/0.75)² added to the
     latent at every step (std_w = sqrt(Σ‖w − w̄‖²/n), the official spread);
-  * loss LPIPS-VGG(ĝ, x) + 1e5·noise-regulariser + λ_mse·MSE, where images
-    larger than 256² are average-pooled to 256² first;
+  * loss LPIPS-VGG(ĝ, x) + 1e5·noise-regulariser + λ_mse·MSE at the
+    resolution of the target x, which the official data set transform makes
+    256² (a PIL bilinear resize of the input file, `io.resize_target`);
+    ĝ is the generated image clamped to [−1, 1] and resized to the target's
+    size by torch's `F.interpolate(mode='bilinear')` (align_corners=False,
+    no antialiasing: at 1024→256 each output pixel averages a 2×2 subset of
+    its 4×4 block), `ops.resize_generated`. rosinality's projector instead
+    average-pools images larger than 256² (generated and target alike) and
+    does not clamp: `resize='pool'`;
   * after every step each noise map is renormalised to zero mean, unit std.
 
 Every image is optimised on its own: the official script runs a batch with
@@ -25,16 +34,20 @@ The whole loop is one jitted `lax.scan`.
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dhr_jax._static import ByIdentity
+from dhr_jax.models import ops
+from dhr_jax.optim import adam
 
-LOSS_RES = 256  # the projector compares images at most 256² (LPIPS-VGG scale)
+# GANInverter's data set transform resizes every input to 256² for the
+# optimisation embedding's loss; rosinality's projector pools to at most 256².
+LOSS_RES = 256
+RESIZES = ("interpolate", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +146,17 @@ def _to_loss_res(x, res):
                           antialias=True)
 
 
-def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
-               strengths, noise_weight, mse_weight, *, space, loss_res):
-  """One image: target (res, res, 3) at loss resolution; init (d,)|(n, d)."""
-  G, L = gen.obj, lpips.obj
+def _embed_one(G, L, target, key, init, lrs, strengths, noise_weight,
+               mse_weight, *, space, resize):
+  """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d)."""
+  g_params, l_params = G.params, L.params
   n_latent = G.config["n_latent"]
   k_noise, k_steps = jax.random.split(key)
   noise_keys = jax.random.split(k_noise, len(G.noise))
   noise0 = [jax.random.normal(k, n.shape) for k, n in zip(noise_keys, G.noise)]
   target = target[None]
-  opt = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  # The learning rate of step t is lrs[t] (the projector's ramps).
+  opt = adam(lambda t: lrs[t])
   variables = (init[None], noise0)
 
   def render(latent, noise):
@@ -153,7 +167,9 @@ def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
   def loss_fn(variables, k, strength):
     latent, noise = variables
     latent = latent + jax.random.normal(k, latent.shape) * strength
-    img = _box_pool(render(latent, noise), loss_res)
+    img = render(latent, noise)
+    img = (_box_pool(img, target.shape[1]) if resize == "pool" else
+           ops.resize_generated(img, target.shape[1:3]))
     p = L.distance(l_params, img, target)[0]
     reg = noise_regularizer(noise)
     mse = jnp.mean((img - target) ** 2)
@@ -161,19 +177,17 @@ def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
 
   def step(carry, xs):
     variables, state = carry
-    lr, strength, k = xs
+    strength, k = xs
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables, k, strength)
-    updates, state = opt.update(grads, state)
-    variables = jax.tree_util.tree_map(lambda p, u: p - lr * u, variables,
-                                       updates)
-    latent, noise = variables
+    updates, state = opt.update(grads, state, variables)
+    latent, noise = optax.apply_updates(variables, updates)
     variables = (latent, [normalize_noise(n) for n in noise])
     return (variables, state), (loss,) + terms
 
   (variables, _), history = jax.lax.scan(
       step, (variables, opt.init(variables)),
-      (lrs, strengths, jax.random.split(k_steps, lrs.shape[0])))
+      (strengths, jax.random.split(k_steps, lrs.shape[0])))
   latent, noise = variables
   image = render(latent, noise)
   codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
@@ -181,15 +195,12 @@ def _embed_one(gen, lpips, g_params, l_params, target, key, init, lrs,
   return codes[0], image[0], [n[0] for n in noise], history
 
 
-@functools.partial(jax.jit, static_argnames=("gen", "lpips", "space",
-                                             "loss_res"))
-def _embed_batch(gen, lpips, g_params, l_params, targets, keys, inits, lrs,
-                 strengths, noise_weight, mse_weight, *, space, loss_res):
-  one = functools.partial(_embed_one, gen, lpips, space=space,
-                          loss_res=loss_res)
-  return jax.vmap(one, in_axes=(None, None, 0, 0, 0, None, None, None, None))(
-      g_params, l_params, targets, keys, inits, lrs, strengths, noise_weight,
-      mse_weight)
+@functools.partial(jax.jit, static_argnames=("space", "resize"))
+def _embed_batch(G, lpips, targets, keys, inits, lrs, strengths, noise_weight,
+                 mse_weight, *, space, resize):
+  one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
+  return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(
+      targets, keys, inits, lrs, strengths, noise_weight, mse_weight)
 
 
 def _is_key_batch(key):
@@ -202,13 +213,19 @@ def _is_key_batch(key):
 def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
                     noise_regularize=1e5, mse_lambda=0.0, noise=0.05,
                     noise_ramp=0.75, lr_rampdown=0.25, lr_rampup=0.05,
-                    w_stats=None, n_mean_latent=10000, init=None):
+                    w_stats=None, n_mean_latent=10000, init=None,
+                    resize="interpolate"):
   """Embeds images in W or W+ of generator `G` by optimisation.
 
   Args:
     G: a generator (`load_generator` / `init_generator`).
-    target: (B, H, W, 3) images in [-1, 1]; compared at min(size, 256)²
-      (average-pooled when H is a multiple of it, else resized).
+    target: (B, h, w, 3) images in [-1, 1]. With resize='interpolate' (the
+      DHR code's optimisation embedding) they are compared at their own
+      size, the generated image clamped and bilinearly resized to it; pass
+      `io.resize_target(images)` (256², as the official data set transform)
+      to match the official runs. With resize='pool' (rosinality's
+      projector) both are brought to min(generator size, 256)² (average-
+      pooled when the side is a multiple of it, else resized).
     lpips_vgg: an LPIPS metric (`dhr_jax.lpips.load('vgg')`).
     key: one PRNG key, or B keys (one per image). With one key the mean
       latent is estimated from it too; with per-image keys pass `w_stats`.
@@ -224,6 +241,7 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
     n_mean_latent: samples for `latent_stats` when w_stats is None.
     init: optional starting codes, (B, style_dim) for 'w' or
       (B, n_latent, style_dim) for 'w+' (default: the mean latent).
+    resize: 'interpolate' or 'pool', see `target`.
 
   Returns:
     EmbeddingResult (codes, image, noise, losses, terms).
@@ -232,6 +250,8 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
     raise ValueError(f"space must be 'w' or 'w+', got {space!r}")
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
+  if resize not in RESIZES:
+    raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
   target = jnp.asarray(target, jnp.float32)
   if target.ndim != 4 or target.shape[-1] != 3:
     raise ValueError(f"target must be NHWC RGB (B, H, W, 3), got "
@@ -260,14 +280,14 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
     if init.shape != want:
       raise ValueError(f"init for space {space!r} must be {want}, got "
                        f"{init.shape}")
-  loss_res = min(G.config["size"], LOSS_RES)
-  targets = _to_loss_res(target, loss_res)
+  targets = (_to_loss_res(target, min(G.config["size"], LOSS_RES))
+             if resize == "pool" else target)
   lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
   strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
   codes, image, noise_maps, history = _embed_batch(
-      ByIdentity(G), ByIdentity(lpips_vgg), G.params, lpips_vgg.params,
-      targets, keys, init, lrs, strengths, jnp.float32(noise_regularize),
-      jnp.float32(mse_lambda), space=space, loss_res=loss_res)
+      G, lpips_vgg, targets, keys, init, lrs, strengths,
+      jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
+      resize=resize)
   losses, p, reg, mse = history
   return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),
                          losses=losses,
@@ -279,7 +299,8 @@ def coarse_inversion(G, target, lpips_vgg, *, key, steps=40, **kwargs):
 
   A short W-space projection (40 steps by default) whose reconstruction is
   good enough to tell the in-domain regions (the generator can reproduce
-  them) from the out-of-domain ones. Keyword arguments as `optimize_latent`.
+  them) from the out-of-domain ones. `target` is the official code's 256²
+  `io.resize_target` of the input; keyword arguments as `optimize_latent`.
   """
   return optimize_latent(G, target, lpips_vgg, key=key, steps=steps,
                          space="w", **kwargs)

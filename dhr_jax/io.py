@@ -10,13 +10,23 @@ Every output goes to a temporary file in the same directory first and is then
 renamed over the destination (`os.replace`), so a run killed at any moment
 leaves either the previous file or the complete new one, never half a PNG.
 """
+import errno
+import fcntl
+import html
 import io as _io
 import json
+import math
 import os
 import tempfile
+import urllib.parse
 
 import numpy as np
 from absl import logging
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+from PIL import ImageOps
+from PIL import UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -27,6 +37,20 @@ class ImageError(ValueError):
 
 class WorkdirError(OSError):
   """The output directory cannot be created or written."""
+
+
+class WorkdirBusy(WorkdirError):
+  """Another process holds the output directory's lock."""
+
+  def __init__(self, directory, pid):
+    self.pid = pid
+    holder = f"pid {pid}" if pid else "a process that has not written its pid"
+    super().__init__(f"workdir {directory} is in use by another run ({holder}"
+                     "); wait for it to finish or choose another --workdir")
+
+# Inputs upscaled by more than this factor are logged: their outputs show
+# the generator's guess at detail the input never had.
+MAX_UPSCALE = 2.0
 
 
 # --------------------------------------------------------------------------
@@ -80,7 +104,6 @@ def _safe_name(name):
 
 def _to_rgb(im):
   """Any PIL mode → RGB; transparency composited onto white."""
-  from PIL import Image
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     a = np.asarray(im, np.float64)
     top = 65535.0 if a.max() > 255 else 255.0
@@ -98,14 +121,9 @@ def _to_rgb(im):
   return im.convert("RGB")
 
 
-def load_image(path, size):
-  """One image file → (size, size, 3) float32 in [-1, 1].
-
-  Raises ImageError naming the file and the reason (unreadable, truncated,
-  not an image, ...). Conversions and crops are logged, not errors.
-  """
-  from PIL import Image, ImageOps, UnidentifiedImageError
-  path = os.fspath(path)
+def _open_rgb(path):
+  """One image file → an RGB PIL image, EXIF orientation applied; raises
+  ImageError naming the file and the reason."""
   try:
     with Image.open(path) as im:
       im.load()  # decode now: truncated files fail here, not later
@@ -120,6 +138,23 @@ def load_image(path, size):
                      f"{e})") from None
   if mode != "RGB":
     logging.info("%s: converted %s to RGB", path, mode)
+  return rgb
+
+
+def load_photo(path):
+  """One image file at its own resolution → (H, W, 3) uint8 RGB (for face
+  alignment and pasting back; conversions as in `load_image`)."""
+  return np.asarray(_open_rgb(os.fspath(path)))
+
+
+def load_image(path, size):
+  """One image file → (size, size, 3) float32 in [-1, 1].
+
+  Raises ImageError naming the file and the reason (unreadable, truncated,
+  not an image, ...). Conversions and crops are logged, not errors.
+  """
+  path = os.fspath(path)
+  rgb = _open_rgb(path)
   w, h = rgb.size
   if w != h:
     s = min(w, h)
@@ -128,8 +163,30 @@ def load_image(path, size):
     logging.warning("%s: %dx%d is not square, centre-cropped to %dx%d", path,
                     w, h, s, s)
   if rgb.size != (size, size):
+    factor = size / rgb.size[0]
+    if factor > MAX_UPSCALE:
+      logging.warning("%s: upscaled %.3g× from %dx%d to the generator's "
+                      "%dx%d; the result can hold no more detail than the "
+                      "input", path, factor, rgb.size[0], rgb.size[0], size,
+                      size)
     rgb = rgb.resize((size, size), Image.LANCZOS)
   return np.asarray(rgb, np.float32) / 127.5 - 1.0
+
+
+def resize_target(images, size=256):
+  """(B, H, W, 3) images in [-1, 1] → (B, size, size, 3), as the official
+  DHR code's data set transform makes the target of its optimisation
+  embedding (`images_resize`: torchvision `Resize((256, 256))` on the PIL
+  image, i.e. PIL's bilinear resize of the uint8 picture, then /127.5 − 1).
+
+  The official code resizes the input file; here the image already loaded
+  at the generator's size is resized, which is the same picture when the
+  input is at the generator's size (FFHQ-aligned 1024² crops).
+  """
+  from PIL import Image
+  out = [np.asarray(Image.fromarray(u).resize((size, size), Image.BILINEAR),
+                    np.float32) for u in to_uint8(images)]
+  return np.stack(out) / 127.5 - 1.0
 
 
 # --------------------------------------------------------------------------
@@ -196,7 +253,6 @@ def _json_default(x):
 
 def png_bytes(array):
   """uint8 (H, W), (H, W, 1) or (H, W, 3) → PNG file bytes (deterministic)."""
-  from PIL import Image
   a = np.asarray(array)
   if a.dtype != np.uint8:
     raise ValueError(f"png_bytes wants uint8, got {a.dtype}")
@@ -234,6 +290,31 @@ def grid(tiles, pad=2, value=255):
   return np.concatenate(out, axis=1)
 
 
+def check_creatable(path, what="--workdir", is_file=False):
+  """Raises WorkdirError unless `path` is, or can be made, a writable folder
+  (with is_file: unless a file can be written at `path`).
+
+  Creates nothing, so settings refused later leave no empty folder behind;
+  `check_writable` then makes and probes it.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if is_file and os.path.isdir(path):
+    raise WorkdirError(f"{what} {path} is a folder; name a file")
+  if not is_file and os.path.isfile(path):
+    raise WorkdirError(f"{what} {path} is a file, not a folder; choose "
+                       f"another {what}")
+  existing = os.path.dirname(path) if is_file else path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f"{what} {path} is not writable: {existing} is a file, "
+                       f"not a folder; choose another {what}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise WorkdirError(f"{what} {path} is not writable: no write permission "
+                       f"in {existing}; choose another {what}")
+  return path
+
+
 def check_writable(directory):
   """Creates `directory` if needed and proves it writable, or raises.
 
@@ -252,6 +333,228 @@ def check_writable(directory):
     raise WorkdirError(f"workdir {directory} is not writable ({e.strerror or e});"
                        " choose another --workdir") from None
   return directory
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, held while a run writes into it.
+
+  `OUT/.lock` is locked with flock, which the kernel releases when the
+  holder exits however it ends, so a lock left by a killed run is never
+  stale; the file holds the holder's pid for the refusal message.
+  """
+  NAME = ".lock"
+
+  def __init__(self, directory):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.path = os.path.join(self.directory, self.NAME)
+    self._fd = None
+
+  def acquire(self):
+    """Takes the lock or raises WorkdirBusy naming the holder's pid."""
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+          raise
+        raise WorkdirBusy(self.directory, self._holder()) from None
+      # A releasing holder unlinks the file: a lock on the unlinked inode
+      # would not exclude the next run, so take the one at the path.
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    self._fd = fd
+    return self
+
+  def _holder(self):
+    try:
+      with open(self.path) as f:
+        return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+      return 0
+
+  def release(self):
+    if self._fd is None:
+      return
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    os.close(self._fd)  # closing releases the flock
+    self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+# --------------------------------------------------------------------------
+# Pictures for people: titled grids, the error map's scale, index.html
+
+# Tiles are scaled up (nearest, whole multiples) to at least this side so
+# that a 32² or 64² generator's outputs can be looked at.
+MIN_TILE = 256
+_TEXT = (0, 0, 0)
+# Tiles are framed in gray so that a white tile (an all in-domain mask)
+# still shows where it ends.
+_FRAME = 128
+
+
+def _font():
+  return ImageFont.load_default()
+
+
+def _rgb(tile):
+  t = np.asarray(tile)
+  if t.ndim == 2:
+    t = t[..., None]
+  if t.shape[-1] == 1:
+    t = np.repeat(t, 3, axis=-1)
+  return t.astype(np.uint8)
+
+
+def upscale(image, min_side=MIN_TILE):
+  """Nearest-neighbour upscaling by the whole factor that brings the shorter
+  side to at least `min_side` (pixels stay sharp squares); larger images are
+  returned as they are."""
+  image = np.asarray(image)
+  k = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
+  if k == 1:
+    return image
+  return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+
+def _fit(text, width, font):
+  """`text`, cut with '…' to fit `width` pixels."""
+  if font.getlength(text) <= width:
+    return text
+  while text and font.getlength(text + "…") > width:
+    text = text[:-1]
+  return text + "…"
+
+
+def title_strip(titles, widths, pad=2, value=255):
+  """A white strip with each title centred over its column and a gray line
+  under it (uint8 RGB)."""
+  font = _font()
+  left, top, right, bottom = font.getbbox("Ag(")
+  height = bottom - top + 9
+  total = sum(widths) + pad * (len(widths) - 1)
+  strip = Image.new("RGB", (total, height), (value,) * 3)
+  draw = ImageDraw.Draw(strip)
+  x = 0
+  for title, w in zip(titles, widths):
+    text = _fit(str(title), w - 4, font)
+    draw.text((x + (w - font.getlength(text)) / 2, 4 - top), text,
+              fill=_TEXT, font=font)
+    x += w + pad
+  draw.line((0, height - 1, total - 1, height - 1), fill=(_FRAME,) * 3)
+  return np.asarray(strip)
+
+
+def titled_grid(tiles, titles, pad=2, min_side=MIN_TILE):
+  """Tiles side by side (scaled up to `min_side`) `pad` gray pixels apart,
+  a title above each."""
+  if len(tiles) != len(titles):
+    raise ValueError(f"{len(tiles)} tiles but {len(titles)} titles")
+  tiles = [upscale(_rgb(t), min_side) for t in tiles]
+  body = grid(tiles, pad=pad, value=_FRAME)
+  strip = title_strip(titles, [t.shape[1] for t in tiles], pad)
+  return np.concatenate([strip, body], axis=0)
+
+
+def grid_titles(edit_labels, edit_names=()):
+  """Column titles of grid.png: input, inversion, mask and every edit's
+  name and strength ('smile_-3' → 'smile -3')."""
+  titles = ["input", "inversion", "mask (white = in-domain)"]
+  for label in edit_labels:
+    name = next((n for n in sorted(edit_names, key=len, reverse=True)
+                 if label.startswith(n + "_")), None)
+    titles.append(label if name is None
+                  else f"{name} {label[len(name) + 1:]}")
+  return titles
+
+
+def error_figure(error_map, label="LPIPS", min_side=MIN_TILE):
+  """The error map (`error_picture`, scaled up) with a colour bar on the
+  right that gives its scale: black = 0, white = the map's maximum."""
+  e = np.asarray(error_map, np.float32)
+  top = float(np.max(e)) if e.size and np.isfinite(np.max(e)) else 0.0
+  picture = upscale(error_picture(e), min_side)
+  h = picture.shape[0]
+  font = _font()
+  texts = [f"{top:.3g}", "0", label]
+  text_w = int(max(font.getlength(t) for t in texts)) + 6
+  bar_w = 14
+  canvas = Image.new("RGB", (picture.shape[1] + 8 + bar_w + text_w, h),
+                     (255, 255, 255))
+  canvas.paste(Image.fromarray(_rgb(picture)), (0, 0))
+  ramp = np.linspace(255, 0, h)[:, None].repeat(bar_w, axis=1)
+  x0 = picture.shape[1] + 8
+  canvas.paste(Image.fromarray(np.floor(ramp + 0.5).astype(np.uint8)),
+               (x0, 0))
+  draw = ImageDraw.Draw(canvas)
+  draw.rectangle((x0, 0, x0 + bar_w - 1, h - 1), outline=(128, 128, 128))
+  _, t, _, b = font.getbbox("0")
+  draw.text((x0 + bar_w + 3, -t), texts[0], fill=_TEXT, font=font)
+  draw.text((x0 + bar_w + 3, h - b - 1), texts[1], fill=_TEXT, font=font)
+  draw.text((x0 + bar_w + 3, h // 2 - (b - t) // 2 - t),
+            _fit(label, text_w, font), fill=_TEXT, font=font)
+  return np.asarray(canvas)
+
+
+def write_index(workdir, rows, columns, failed=()):
+  """OUT/index.html: every finished image's grid with its metrics row.
+
+  rows: [{'name', 'dir', metric: value, ...}] ('dir' the image's folder in
+  the workdir); failed: [{'name', 'file', 'reason'}]. A static page with
+  relative links (open it from disk or copy the folder anywhere); written
+  atomically so a browser never shows half a page.
+  """
+  esc = html.escape
+  cell = lambda v: f"{v:.4g}" if isinstance(v, float) else esc(str(v))
+  head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+  parts = [
+      "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+      "<title>DHR results</title>",
+      "<style>body{font-family:sans-serif;margin:1em}"
+      "table{border-collapse:collapse;margin:.3em 0 1.5em}"
+      "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+      "img{max-width:100%;image-rendering:pixelated}</style>",
+      "</head><body>",
+      f"<h1>DHR results: {len(rows)} image(s) done"
+      + (f", {len(failed)} failed" if failed else "") + "</h1>",
+      "<p>Columns of each grid: input, inversion, mask (white = in-domain, "
+      "refined in the generator weights; black = out-of-domain, refined as a "
+      "feature offset), then the edits. Metrics compare the inversion with "
+      "the input; see metrics.csv and summary.json.</p>"]
+  for r in rows:
+    link = urllib.parse.quote(r["dir"])
+    parts += [
+        f"<h2 id='{esc(link)}'>{esc(r['name'])}</h2>",
+        f"<a href='{link}/grid.png'><img src='{link}/grid.png' "
+        f"alt='{esc(r['name'])}'></a>",
+        f"<table><tr>{head}</tr><tr>"
+        + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns)
+        + "</tr></table>"]
+  if failed:
+    parts.append("<h2>Failed</h2><ul>")
+    parts += [f"<li>{esc(str(f['file']))}: {esc(str(f['reason']))}</li>"
+              for f in failed]
+    parts.append("</ul>")
+  parts.append("</body></html>")
+  return write_text(os.path.join(workdir, "index.html"), "\n".join(parts)
+                    + "\n")
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +610,7 @@ def error_picture(error_map):
 
 MARKER = "done.json"
 # Names of run-level entries of the workdir that an image folder must not take.
-RESERVED = ("metrics.csv", "summary.json", "inputs")
+RESERVED = ("metrics.csv", "summary.json", "inputs", "index.html")
 
 
 def output_name(name):

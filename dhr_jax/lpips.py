@@ -17,14 +17,14 @@ Two outputs:
 Inputs are NHWC images in [-1, 1]. Both functions are pure in `params` and
 can be jitted, differentiated and vmapped.
 """
-import dataclasses
 import functools
 import importlib.util
 import os
 import pickle
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,14 +114,15 @@ class LPIPSNet(nn.Module):
     return maps
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class LPIPS:
-  """A loaded LPIPS metric: `params` plus pure functions of them.
+  """A loaded LPIPS metric as a pytree: `params` are its leaves, the trunk
+  name `net` its static part, so it can be a jit argument.
 
   Use `L.distance(L.params, x, y)` (or `L(x, y)`); pass `params` explicitly
   inside jit/grad so the weights are traced arguments, not constants.
   """
-  net: str
+  net: str = struct.field(pytree_node=False)
   params: Any
 
   @property
@@ -144,24 +145,26 @@ class LPIPS:
     size = tuple(size) if size is not None else tuple(x.shape[1:3])
     return upsampled_sum(self.spatial(params, x, y), size)
 
-  @property
-  def jit_spatial(self):
-    """`spatial` jitted once per net and shared by every instance, so a
-    caller looping over images does not recompile."""
-    return _jit_spatial(self.net)
+  def jit_spatial(self, params, x, y):
+    """`spatial`, compiled once per net and input shapes."""
+    return _jit_spatial(self.net, params, x, y)
+
+  def jit_distance(self, params, x, y):
+    """`distance`, compiled once per net and input shapes."""
+    return _jit_distance(self.net, params, x, y)
 
   def __call__(self, x, y):
     return self.distance(self.params, x, y)
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_spatial(net):
-  module = LPIPSNet(net)
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_spatial(net, params, x, y):
+  return LPIPS(net, None).spatial(params, x, y)
 
-  def spatial(params, x, y):
-    _check_images(x, y)
-    return module.apply({"params": params}, x, y)
-  return jax.jit(spatial)
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_distance(net, params, x, y):
+  return LPIPS(net, None).distance(params, x, y)
 
 
 def upsampled_sum(maps, size):

@@ -1,6 +1,6 @@
 """DHR over a batch of images: embed → DSS → refine → edits → metrics.
 
-Pure functions of arrays (no file reading or writing; `run.py` and
+Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
 `dhr_jax.io` do that). One batch goes through
 
   1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
@@ -29,9 +29,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+import skimage.data
 
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
+from dhr_jax import io
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
@@ -97,17 +100,9 @@ def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
   computed once here from the run seed, so every image starts alike.
   """
   if mesh is not None:
-    rep = _replicated(mesh)
-    put = lambda tree: jax.device_put(tree, rep)
-    G = Generator(G.config, put(G.params), put(list(G.noise)),
-                  None if G.latent_avg is None else put(G.latent_avg))
-    lpips_vgg = dataclasses.replace(lpips_vgg, params=put(lpips_vgg.params))
-    lpips_alex = dataclasses.replace(lpips_alex, params=put(lpips_alex.params))
-    if encoder is not None:
-      encoder = dataclasses.replace(encoder, params=put(encoder.params),
-                                    latent_avg=put(encoder.latent_avg))
-    if parser is not None:
-      parser = dataclasses.replace(parser, params=put(parser.params))
+    # Models are pytrees: their weights are replicated, configs untouched.
+    G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
+        (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
   w_stats = embedding_lib.latent_stats(G, key, n_mean_latent)
   if mesh is not None:
@@ -181,23 +176,13 @@ def random_direction(seed, style_dim):
   return (n / np.linalg.norm(n)).astype(np.float32)
 
 
-def to_host(refined):
-  """A `refine.Refined` with numpy arrays: rendering it during a run and
-  after loading it from disk then runs one program on identical inputs."""
-  to_np = lambda t: jax.tree_util.tree_map(np.asarray, t)
-  return refined._replace(params=to_np(refined.params),
-                          codes=np.asarray(refined.codes),
-                          offset=np.asarray(refined.offset),
-                          mask_feature=np.asarray(refined.mask_feature),
-                          noise=[np.asarray(n) for n in refined.noise])
-
-
 def render_edits(G, refined, edits):
   """{label: (H, W, 3) float image} of every edit of ONE refined inversion.
 
-  refined: a `refine.Refined` (batch of one), from `RefineResult.select` or
-  `refine.load_refined`; both give bit-identical params, so editing during
-  a run and re-editing a saved workdir render the same images.
+  refined: a `refine.Refinement` of one image, `result[i]` of the run's
+  refinement or `refine.load_refined`; both hold bit-identical arrays, so
+  editing during a run and re-editing a saved workdir render the same
+  images (one program, the same inputs).
   """
   if not edits:
     return {}
@@ -206,11 +191,7 @@ def render_edits(G, refined, edits):
   if codes.shape[1] != len(labels):
     raise PipelineError(f"edits produced {codes.shape[1]} codes for "
                         f"{len(labels)} labels")
-  images = editing.render(G, refined.params, codes, offset=refined.offset,
-                          mask_feature=refined.mask_feature,
-                          feature_idx=refined.feature_idx,
-                          noise=refined.noise)
-  images = np.asarray(images[0])
+  images = np.asarray(editing.render(G, refined, codes)[0])
   return {l: images[j] for j, l in enumerate(labels)}
 
 
@@ -223,24 +204,19 @@ def psnr(mse):
   return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_distance(net):
-  from dhr_jax.lpips import LPIPS
-  return jax.jit(lambda params, x, y: LPIPS(net, None).distance(params, x, y))
-
-
 def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   """Per-image metrics of a batch as a list of dicts.
 
   image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
   saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
   """
-  x = np.clip(np.asarray(image, np.float32), -1.0, 1.0)
-  y = np.asarray(target, np.float32)
+  # LPIPS on the device arrays as given; only MSE needs host copies.
+  xa = jnp.clip(jnp.asarray(image, jnp.float32), -1.0, 1.0)
+  ya = jnp.asarray(target, jnp.float32)
+  x, y = np.asarray(xa), np.asarray(ya)
   mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
-  xa, ya = jnp.asarray(x), jnp.asarray(y)
-  alex = np.asarray(_jit_distance(lpips_alex.net)(lpips_alex.params, xa, ya))
-  vgg = np.asarray(_jit_distance(lpips_vgg.net)(lpips_vgg.params, xa, ya))
+  alex = np.asarray(lpips_alex.jit_distance(lpips_alex.params, xa, ya))
+  vgg = np.asarray(lpips_vgg.jit_distance(lpips_vgg.params, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
   return [dict(mse=float(mse[i]), psnr=psnr(mse[i]),
                lpips_alex=float(alex[i]), lpips_vgg=float(vgg[i]),
@@ -287,8 +263,6 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   (target uint8 (H, W, 3), gt_out (H, W) bool). Deterministic in
   (G, seed, index).
   """
-  from PIL import Image
-  from skimage import data
   rng = np.random.RandomState([seed, index])
   size = G.config["size"]
   z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
@@ -297,7 +271,7 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   target = segmentation.to_uint8(clean)[0]
   n = max(4, int(round(size * patch_fraction)))
   y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
-  photo = data.astronaut()
+  photo = skimage.data.astronaut()
   top, left = rng.randint(0, 200), rng.randint(100, 200)
   crop = Image.fromarray(photo[top:top + 260, left:left + 260]).resize(
       (n, n), Image.LANCZOS)
@@ -316,7 +290,8 @@ class ImageResult:
   """Everything computed for one image (numpy, batch axis removed).
 
   ok / reason: False and why when the image failed (non-finite losses or
-  outputs); refined: `refine.Refined` for saving and re-editing.
+  outputs); refined: a `refine.Refinement` of this image, for saving and
+  re-editing.
   """
   name: str
   ok: bool
@@ -351,13 +326,27 @@ def padded_size(count, batch_size, n_devices=1):
   return -(-b // n_devices) * n_devices
 
 
-def embed(models, config, target, names, seed, coarse_codes=None):
+def check_compatible(G, encoder):
+  """Raises PipelineError unless the encoder's W+ codes fit the generator."""
+  got = (encoder.config["n_latent"], encoder.config["style_dim"])
+  want = (G.n_latent, G.config["style_dim"])
+  if got != want:
+    raise PipelineError(
+        f"the encoder predicts {got[0]}×{got[1]} W+ codes "
+        f"({encoder.config.get('size', '?')}² bundle) but the "
+        f"{G.config['size']}² generator takes {want[0]}×{want[1]}; use the "
+        "generator of the same e4e bundle (leave model.generator empty)")
+
+
+def embed(models, config, target, names, seed, coarse_codes=None,
+          loss_target=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
   'e4e' encodes the images. 'optim' continues DSS's coarse W inversion
   (`coarse_codes`, which already spent `dss.coarse_steps` steps from the
   mean latent) for `config.steps` more steps in config.space; steps = 0
-  takes the coarse inversion itself as the embedding.
+  takes the coarse inversion itself as the embedding. Its loss compares with
+  `loss_target` (default `io.resize_target(target)`, the official 256²).
   """
   method = config.method
   G = models.G
@@ -366,13 +355,7 @@ def embed(models, config, target, names, seed, coarse_codes=None):
       raise PipelineError("embedding.method='e4e' needs the e4e encoder "
                           "(model.checkpoint: the converted e4e bundle)")
     enc = models.encoder
-    if (enc.config["n_latent"], enc.config["style_dim"]) != (
-        G.n_latent, G.config["style_dim"]):
-      raise PipelineError(
-          f"the encoder predicts {enc.config['n_latent']}×"
-          f"{enc.config['style_dim']} codes but the generator takes "
-          f"{G.n_latent}×{G.config['style_dim']}; use the generator of the "
-          "same e4e bundle")
+    check_compatible(G, enc)
     codes = enc.encode(enc.params, target)
     return codes, _synthesize(G, codes)
   if method == "optim":
@@ -388,8 +371,10 @@ def embed(models, config, target, names, seed, coarse_codes=None):
       if models.mesh is not None:
         keys = jax.device_put(keys, _batched(models.mesh))
       init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
+      if loss_target is None:
+        loss_target = io.resize_target(target)
       res = embedding_lib.optimize_latent(
-          G, target, models.lpips_vgg, key=keys, steps=int(config.steps),
+          G, loss_target, models.lpips_vgg, key=keys, steps=int(config.steps),
           space=config.space, lr=float(config.lr),
           mse_lambda=float(config.mse_lambda), w_stats=models.w_stats,
           init=init)
@@ -401,22 +386,14 @@ def embed(models, config, target, names, seed, coarse_codes=None):
                       f"{method!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_synthesis(config_json):
-  import json
-  G = Generator(json.loads(config_json), None, None)
-  return jax.jit(lambda params, codes, noise: G.synthesis(params, codes,
-                                                          noise))
-
-
+@jax.jit
 def _synthesize(G, codes):
-  import json
-  return _jit_synthesis(json.dumps(G.config, sort_keys=True))(
-      G.params, codes, list(G.noise))
+  return G.synthesis(G.params, codes, G.noise)
 
 
-def _refine(models, refine_fn, codes, x, mask, kwargs):
-  """refine_fn on the batch; with a mesh, each device refines its shard.
+def _refine(models, codes, x, mask, kwargs):
+  """`refine.hybrid_refine` on the batch; with a mesh, each device refines
+  its shard.
 
   Every image's refinement is independent, so the batch is split with
   `shard_map` and each device runs the vmapped refinement on its own images
@@ -426,40 +403,34 @@ def _refine(models, refine_fn, codes, x, mask, kwargs):
   """
   G = models.G
   if models.mesh is None:
-    return refine_fn(G, codes, x, mask, lpips_alex=models.lpips_alex,
-                     **kwargs)
-  fn = _sharded_refine(models, refine_fn, tuple(sorted(kwargs.items())))
-  synthesis, offset, mask_feature, image, losses_in, losses_out = fn(
-      G.params["synthesis"], list(G.noise), models.lpips_alex.params, codes,
-      x, mask)
-  b = codes.shape[0]
-  mapping = jax.tree_util.tree_map(
-      lambda a: jnp.broadcast_to(a, (b,) + a.shape), G.params["mapping"])
-  return refine_lib.RefineResult(
-      params={"mapping": mapping, "synthesis": synthesis}, offset=offset,
-      mask_feature=mask_feature, image=image, losses_in=losses_in,
-      losses_out=losses_out, codes=jnp.asarray(codes, jnp.float32),
+    return refine_lib.hybrid_refine(G, codes, x, mask,
+                                    lpips_alex=models.lpips_alex, **kwargs)
+  synthesis, offset, mask_feature, image, losses_in, losses_out = (
+      _sharded_refine(G, models.lpips_alex, codes, x, mask,
+                      mesh=models.mesh,
+                      kwargs=tuple(sorted(kwargs.items()))))
+  return refine_lib.Refinement(
+      synthesis=synthesis, mapping=G.params["mapping"],
+      codes=jnp.asarray(codes, jnp.float32), offset=offset,
+      mask_feature=mask_feature, noise=list(G.noise),
       feature_idx=int(kwargs["feature_idx"]), mode=kwargs["mode"],
-      noise=list(G.noise))
+      image=image, losses_in=losses_in, losses_out=losses_out)
 
 
-@functools.lru_cache(maxsize=16)
-def _sharded_refine(models, refine_fn, kwargs):
-  G, lpips_alex, kwargs = models.G, models.lpips_alex, dict(kwargs)
+@functools.partial(jax.jit, static_argnames=("mesh", "kwargs"))
+def _sharded_refine(G, lpips_alex, codes, x, mask, *, mesh, kwargs):
   P = jax.sharding.PartitionSpec
 
-  def local(synthesis, noise, lpips_params, codes, x, mask):
-    g = Generator(G.config, {"mapping": G.params["mapping"],
-                             "synthesis": synthesis}, noise, G.latent_avg)
-    r = refine_fn(g, codes, x, mask, lpips_alex=dataclasses.replace(
-        lpips_alex, params=lpips_params), **kwargs)
-    return (r.params["synthesis"], r.offset, r.mask_feature, r.image,
-            r.losses_in, r.losses_out)
+  def local(G, lpips_alex, codes, x, mask):
+    r = refine_lib.hybrid_refine(G, codes, x, mask, lpips_alex=lpips_alex,
+                                 **dict(kwargs))
+    return (r.synthesis, r.offset, r.mask_feature, r.image, r.losses_in,
+            r.losses_out)
 
-  return jax.jit(jax.shard_map(
-      local, mesh=models.mesh,
-      in_specs=(P(), P(), P(), P("batch"), P("batch"), P("batch")),
-      out_specs=P("batch"), check_vma=False))
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(), P("batch"), P("batch"), P("batch")),
+      out_specs=P("batch"), check_vma=False)(G, lpips_alex, codes, x, mask)
 
 
 def _finite(*arrays):
@@ -467,7 +438,7 @@ def _finite(*arrays):
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              refine_fn=None):
+              progress=None, landmarks=None):
   """Runs the pipeline on one batch.
 
   Args:
@@ -481,12 +452,16 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     names: n image names (they seed the per-image randomness).
     edits: `EditSpec`s rendered for every image.
     ground_truth: optional {name: (H, W) bool out-of-domain patch}.
-    refine_fn: `refine.hybrid_refine` or a stand-in with its signature.
+    progress: optional `progress(stage)`, told the stage as it starts
+      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
+      'edits'); the refinement steps are reported from XLA's callback
+      thread while the compiled loop runs.
+    landmarks: optional (n, 5, 2) five landmarks per image for the parser
+      (`dhr_jax.photos.parser_landmarks`); None: the canonical FFHQ ones.
 
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
   """
-  refine_fn = refine_fn or refine_lib.hybrid_refine
   G = models.G
   n = len(names)
   size = G.config["size"]
@@ -499,30 +474,37 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     raise PipelineError(f"{n} images for a batch of {b}")
   padded_names = list(names) + [names[-1]] * (b - n)
   x = _pad(target, b)
+  # The optimisation embedding's target: the official code's 256² resize.
+  x_loss = io.resize_target(x)
   if models.mesh is not None:
     x = jax.device_put(x, _batched(models.mesh))
+    x_loss = jax.device_put(x_loss, _batched(models.mesh))
   else:
     x = jnp.asarray(x)
   seed = int(config.seed)
   times = {}
+  report = progress or (lambda stage: None)
 
   t = time.perf_counter()
+  report("segmentation")
   coarse_keys = image_keys(seed, padded_names, "coarse")
   if models.mesh is not None:
     coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
   dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
       dict(config.dss))
   inv = embedding_lib.coarse_inversion(
-      G, x, models.lpips_vgg, key=coarse_keys,
+      G, x_loss, models.lpips_vgg, key=coarse_keys,
       steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
   dss = segmentation.domain_specific_segmentation(
       x, coarse=inv.image, coarse_codes=inv.codes,
-      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config)
+      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
+      landmarks=None if landmarks is None else _pad(landmarks, b))
   times["dss"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("embedding")
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
-                          coarse_codes=inv.codes)
+                          coarse_codes=inv.codes, loss_target=x_loss)
   embedded = np.asarray(embedded)
   times["embed"] = time.perf_counter() - t
 
@@ -531,29 +513,46 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   if models.mesh is not None:
     mask = jax.device_put(mask, _batched(models.mesh))
   rc = config.refine
-  result = _refine(models, refine_fn, codes, x, mask, dict(
-      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
-      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
-      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode)))
+  steps = int(rc.feature_steps)
+  report(f"refinement step 0/{steps}")
+  reached = [0]
+
+  def step_done(k):
+    # Under shard_map every device reports each step: count forward only.
+    if k > reached[0]:
+      reached[0] = k
+      report(f"refinement step {k}/{steps}")
+  with refine_lib.on_step(step_done):
+    result = _refine(models, codes, x, mask, dict(
+        feature_idx=int(rc.feature_idx), feature_steps=steps,
+        weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+        feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
+        mse_norm=str(rc.mse_norm)))
+    # Dispatch is asynchronous: wait inside the block so that every step
+    # is reported while someone listens.
+    jax.block_until_ready((result.synthesis, result.offset, result.image,
+                           result.losses_in, result.losses_out))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
   times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  metrics = image_metrics(image[:n], target, dss.mask[:n], models.lpips_alex,
-                          models.lpips_vgg)
+  report("metrics")
+  metrics = image_metrics(result.image[:n], x[:n], dss.mask[:n],
+                          models.lpips_alex, models.lpips_vgg)
   times["metrics"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  report("edits")
   codes = np.asarray(codes)
   out = []
   for i, name in enumerate(names):
     ok = _finite(losses_in[i], losses_out[i], image[i], codes[i])
     reason = "" if ok else (
         "non-finite loss or output (NaN/inf) during embedding or refinement")
-    refined = to_host(result.select(i)) if ok else None
+    refined = result[i] if ok else None
     rendered = render_edits(G, refined, edits) if ok else {}
     if ok and not _finite(*rendered.values()):
       ok, reason = False, "an edit rendered non-finite values (NaN/inf)"

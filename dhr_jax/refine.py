@@ -22,8 +22,8 @@ tests/test_refine.py):
   * both gradients come from the same forward: ∂L_out/∂o and ∂L_in/∂θ (the
     offset step does not feed into the weights' gradient);
   * two Adam optimisers (β 0.9/0.999, ε 1e-8), lr 1.5e-3 for θ, 9e-2 for o;
-    the weight optimiser only steps (and counts steps) while step <
-    weight_steps.
+    the weight optimiser only steps (and counts steps) during the first
+    weight_steps steps.
 
 Modes, from the same update with a fixed mask:
   * "hybrid"  — the mask given;
@@ -42,28 +42,40 @@ Each image is refined on its own: `vmap` gives every image its own copy of
 the weights and both optimiser states, and the step loop is one `lax.scan`,
 so a batch is one compiled program, cached per (architecture, shapes, mode,
 feature_idx, step counts); learning rates and loss weights are traced and
-changing them does not recompile.
+changing them does not recompile. The schedule is two scans of the same
+step: `weight_steps` steps that update both, then the rest compiled without
+the weight update (so its backward pass is not paid for).
+
+The result is a `Refinement` of B images (always batched): it carries the
+refined weights, offset, mask, codes, noise, feature_idx and mode, so
+`editing.render(G, refinement, codes)` renders it (and its edits) with
+nothing to repeat; `refinement[i]` is image i (a batch of one), and
+`save_refined` / `load_refined` store one image compactly.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from dhr_jax import checkpoint
+from dhr_jax import lpips as lpips_lib
+from dhr_jax.models.frozen import FrozenConfig
 from dhr_jax.models.stylegan2 import (Generator, feature_resolution,
                                       noise_shapes)
+from dhr_jax.optim import adam
 
 MODES = ("hybrid", "weight", "feature")
+MSE_NORMS = ("pixel", "element")
 KIND = "refined"
-
-# Torch Adam defaults, as the official loop uses them.
-_ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
 # --------------------------------------------------------------------------
@@ -98,27 +110,33 @@ def nearest_indices(n_in, n_out):
   return np.minimum(idx, n_in - 1)
 
 
-def resize_nearest(x, size):
-  """(B, h, w, C) → (B, *size, C) picking pixels as torch 'nearest' does."""
-  rows = nearest_indices(x.shape[1], size[0])
-  cols = nearest_indices(x.shape[2], size[1])
-  return x[:, rows][:, :, cols]
+def resize_nearest(x, size, axes=(1, 2)):
+  """`x` resized along `axes` (default: H, W of NHWC) to `size`, picking
+  elements as torch 'nearest' does; numpy or jax arrays."""
+  rows = nearest_indices(x.shape[axes[0]], size[0])
+  cols = nearest_indices(x.shape[axes[1]], size[1])
+  return x.take(rows, axis=axes[0]).take(cols, axis=axes[1])
 
 
 def refinement_losses(image, target, mask, mask_feature, l2_lambda,
-                      lpips_lambda, lpips_params=None, lpips_net=None):
+                      lpips_lambda, lpips_params=None, lpips_net=None,
+                      mse_norm="pixel"):
   """(L_in, L_out) of one image batch (the official objective, see module doc).
 
   mask: full-resolution (binary) mask; mask_feature: its soft version at the
   feature resolution, which masks the LPIPS maps. LPIPS is left out
-  entirely when `lpips_net` is None.
+  entirely when `lpips_net` is None. mse_norm: 'pixel' divides the masked
+  squared error by the masked pixel count (DHR), 'element' by the element
+  count, channels included (PTI's F.mse_loss when m = 1).
   """
   se = (image - target) ** 2
+  if mse_norm == "element":
+    se = se / se.shape[-1]
   loss_in = l2_lambda * masked_mean(se, mask)
   loss_out = l2_lambda * masked_mean(se, 1.0 - mask)
   if lpips_net is not None:
-    maps = _lpips_module(lpips_net).apply({"params": lpips_params}, image,
-                                          target)
+    maps = lpips_lib.LPIPSNet(lpips_net).apply({"params": lpips_params},
+                                               image, target)
     p_in = p_out = 0.0
     for d in maps:
       m_l = resize_nearest(mask_feature, d.shape[1:3])
@@ -129,12 +147,6 @@ def refinement_losses(image, target, mask, mask_feature, l2_lambda,
   return loss_in, loss_out
 
 
-@functools.lru_cache(maxsize=None)
-def _lpips_module(net):
-  from dhr_jax.lpips import LPIPSNet
-  return LPIPSNet(net)
-
-
 # --------------------------------------------------------------------------
 # One step.
 
@@ -143,16 +155,17 @@ def _lpips_module(net):
 class RefineSpec:
   """What a compiled refinement depends on besides array shapes (static).
 
-  generator: the generator config as canonical JSON (the architecture; the
-  weights are traced arguments, so every generator of one architecture
-  shares the compiled program). weights_frozen: compile the step without
-  the weight update (the loop uses it once step ≥ weight_steps).
+  generator: the generator config (the architecture; the weights are traced
+  arguments, so every generator of one architecture shares the compiled
+  program). weights_frozen: compile the step without the weight update
+  (the loop uses it once step ≥ weight_steps).
   """
-  generator: str
+  generator: FrozenConfig
   feature_idx: int
   mode: str = "hybrid"
   lpips_net: Optional[str] = None
   weights_frozen: bool = False
+  mse_norm: str = "pixel"
 
   @property
   def train_weights(self):
@@ -163,23 +176,25 @@ class RefineSpec:
     return self.mode != "weight"
 
 
-def refine_spec(G, feature_idx=11, mode="hybrid", lpips_net=None):
+def refine_spec(G, feature_idx, mode="hybrid", lpips_net=None,
+                mse_norm="pixel"):
   """The RefineSpec of generator G (see `hybrid_step`)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mse_norm not in MSE_NORMS:
+    raise ValueError(f"mse_norm must be one of {MSE_NORMS}, got {mse_norm!r}")
   n = G.config["num_layers"]
   if not 0 <= int(feature_idx) < n:
     raise ValueError(f"feature_idx must be in [0, {n}) for a "
                      f"{G.config['size']}² generator, got {feature_idx}")
-  return RefineSpec(json.dumps(G.config, sort_keys=True), int(feature_idx),
-                    mode, lpips_net)
+  return RefineSpec(G.config, int(feature_idx), mode, lpips_net,
+                    mse_norm=mse_norm)
 
 
-@functools.lru_cache(maxsize=None)
-def _generator(config_json):
-  # Weights and noise are passed to synthesis explicitly; only the module
-  # structure (from the config) is needed.
-  return Generator(json.loads(config_json), None, None)
+def _generator(spec):
+  # Weights and noise are passed to synthesis explicitly; only the
+  # architecture is needed.
+  return Generator(spec.generator, None, None)
 
 
 class RefineState(NamedTuple):
@@ -210,81 +225,71 @@ class RefineInputs(NamedTuple):
 
 class RefineHyper(NamedTuple):
   """Traced hyper-parameters (changing them does not recompile)."""
-  weight_steps: Any
   weight_lr: Any
   feature_lr: Any
   l2_lambda: Any
   lpips_lambda: Any
 
 
-def make_hyper(weight_steps=50, weight_lr=1.5e-3, feature_lr=9e-2,
-               l2_lambda=1.0, lpips_lambda=1.0):
-  return RefineHyper(jnp.int32(weight_steps), jnp.float32(weight_lr),
-                     jnp.float32(feature_lr), jnp.float32(l2_lambda),
-                     jnp.float32(lpips_lambda))
+def make_hyper(weight_lr=1.5e-3, feature_lr=9e-2, l2_lambda=1.0,
+               lpips_lambda=1.0):
+  return RefineHyper(jnp.float32(weight_lr), jnp.float32(feature_lr),
+                     jnp.float32(l2_lambda), jnp.float32(lpips_lambda))
 
 
-def _render(spec, params, offset, inputs):
-  G = _generator(spec.generator)
-  return G.synthesis({"synthesis": params}, inputs.codes, inputs.noise,
-                     feature_idx=spec.feature_idx, offset=offset,
-                     mask=inputs.mask_feature)
+def _forward(spec, params, offset, inputs):
+  """The image G(codes; θ, o, m_f) the losses compare with the target."""
+  return _generator(spec).synthesis(
+      {"synthesis": params}, inputs.codes, inputs.noise,
+      feature_idx=spec.feature_idx, offset=offset, mask=inputs.mask_feature)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_state(spec, params, codes, noise):
   """Start of the refinement: θ as given, o = the generator's own feature
   at `feature_idx` for `codes` (1, n_latent, d), fresh Adam states."""
-  G = _generator(spec.generator)
-  _, feature = G.synthesis({"synthesis": params}, codes, noise,
-                           feature_idx=spec.feature_idx, return_feature=True)
-  return RefineState(jnp.int32(0), params, feature, _ADAM.init(params),
-                     _ADAM.init(feature))
+  _, feature = _generator(spec).synthesis(
+      {"synthesis": params}, codes, noise, feature_idx=spec.feature_idx,
+      return_feature=True)
+  return RefineState(jnp.int32(0), params, feature, adam(0.0).init(params),
+                     adam(0.0).init(feature))
 
 
-def _adam_apply(params, grads, opt_state, lr):
-  updates, opt_state = _ADAM.update(grads, opt_state)
-  params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
-  return params, opt_state
+def _adam_step(params, grads, opt_state, lr):
+  updates, opt_state = adam(lr).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def hybrid_step(state, inputs, hyper, *, spec):
   """One DHR step: one forward, L_in and L_out, the offset's Adam update on
-  ∂L_out/∂o and, while step < weight_steps, the weights' on ∂L_in/∂θ.
+  ∂L_out/∂o and, unless `spec.weights_frozen` (or mode 'feature'), the
+  weights' on ∂L_in/∂θ.
 
   Returns (new state, (L_in, L_out)) — the losses at the state passed in.
-  The weight update is computed every step and kept only while the traced
-  step < weight_steps (weights and their Adam state stay bit-identical
-  afterwards), so one program serves every weight_steps.
+  The refinement loop runs it with the weights on for the first
+  weight_steps steps and frozen afterwards.
   """
-  image, back = jax.vjp(lambda p, o: _render(spec, p, o, inputs),
+  image, back = jax.vjp(lambda p, o: _forward(spec, p, o, inputs),
                         state.params, state.offset)
   (loss_in, loss_out), loss_back = jax.vjp(
       lambda x: refinement_losses(x, inputs.target, inputs.mask,
                                   inputs.mask_feature, hyper.l2_lambda,
                                   hyper.lpips_lambda, inputs.lpips_params,
-                                  spec.lpips_net), image)
+                                  spec.lpips_net, spec.mse_norm), image)
   one, zero = jnp.ones_like(loss_in), jnp.zeros_like(loss_in)
 
   offset, opt_offset = state.offset, state.opt_offset
   if spec.train_offset:
     g_offset = back(loss_back((zero, one))[0])[1]
-    offset, opt_offset = _adam_apply(offset, g_offset, opt_offset,
-                                     hyper.feature_lr)
+    offset, opt_offset = _adam_step(offset, g_offset, opt_offset,
+                                    hyper.feature_lr)
 
   params, opt_params = state.params, state.opt_params
   if spec.train_weights:
     g_params = back(loss_back((one, zero))[0])[0]
-    new_params, new_opt = _adam_apply(params, g_params, opt_params,
-                                      hyper.weight_lr)
-    # Masked rather than lax.cond: on XLA CPU the backward pass inside a
-    # conditional ran 5× slower than unconditionally (64², 128 channels:
-    # 5.8 s vs 1.1 s per step), more than the steps it would skip.
-    on = state.step < hyper.weight_steps
-    keep = lambda new, old: jax.tree_util.tree_map(
-        lambda a, b: jnp.where(on, a, b), new, old)
-    params, opt_params = keep(new_params, params), keep(new_opt, opt_params)
+    params, opt_params = _adam_step(params, g_params, opt_params,
+                                    hyper.weight_lr)
 
   new = RefineState(state.step + 1, params, offset, opt_params, opt_offset)
   return new, (loss_in, loss_out)
@@ -292,6 +297,31 @@ def hybrid_step(state, inputs, hyper, *, spec):
 
 # --------------------------------------------------------------------------
 # The loop, vmapped over images.
+
+# Who hears of every finished step (`on_step`). A registry, not an argument:
+# the compiled loop always reports (one host callback of a scalar per step,
+# nothing beside a step's forward and backward passes), so listening or not
+# runs the same program.
+_STEP_LISTENERS = []
+
+
+def _report_step(step):
+  for fn in tuple(_STEP_LISTENERS):
+    fn(int(step))
+
+
+@contextlib.contextmanager
+def on_step(fn):
+  """Calls `fn(k)` when refinements running inside the block finish step k.
+
+  Called from XLA's callback thread, once per step (per device under
+  shard_map); results are asynchronous, so block on them inside the block.
+  """
+  _STEP_LISTENERS.append(fn)
+  try:
+    yield
+  finally:
+    _STEP_LISTENERS.remove(fn)
 
 
 def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
@@ -301,13 +331,19 @@ def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
                         area_pool(mask[None], res), noise, lpips_params)
   state = init_state(spec, params, inputs.codes, noise)
 
-  def steps(state, spec, n):
-    return jax.lax.scan(lambda s, _: hybrid_step(s, inputs, hyper, spec=spec),
-                        state, None, length=n)
+  def step(state, spec):
+    state, losses = hybrid_step(state, inputs, hyper, spec=spec)
+    jax.debug.callback(_report_step, state.step)
+    return state, losses
 
-  # Two scans of the same step: the second is compiled without the weight
-  # update, which the gate would discard anyway, so the weights' backward
-  # pass is only paid for the weight_steps that use it.
+  def steps(state, spec, n):
+    return jax.lax.scan(lambda s, _: step(s, spec), state, None, length=n)
+
+  # Two scans of the same step, the second compiled without the weight
+  # update: the weights' backward pass is only paid for the weight_steps
+  # that use it. (Not one scan with lax.cond: on XLA CPU the backward pass
+  # inside a conditional ran 5× slower, 64², 128 channels: 5.8 s vs 1.1 s
+  # per step.)
   losses_in, losses_out = [], []
   if weight_steps:
     state, (l_in, l_out) = steps(state, spec, weight_steps)
@@ -317,7 +353,7 @@ def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
     frozen = dataclasses.replace(spec, weights_frozen=True)
     state, (_, l_out) = steps(state, frozen, feature_steps - weight_steps)
     losses_out.append(l_out)
-  image = _render(spec, state.params, state.offset, inputs)
+  image = _forward(spec, state.params, state.offset, inputs)
   losses_in = (jnp.concatenate(losses_in) if losses_in
                else jnp.zeros((0,), jnp.float32))
   return (state.params, state.offset[0], inputs.mask_feature[0], image[0],
@@ -333,62 +369,71 @@ def _refine_batch(spec, feature_steps, weight_steps, params, codes, target,
       params, codes, target, mask, noise, lpips_params, hyper)
 
 
-class Refined(NamedTuple):
-  """One refined inversion, ready for `G.synthesis` (batch of one):
+@struct.dataclass
+class Refinement:
+  """Refined inversions of B images (always batched), as a pytree.
 
-      G.synthesis(r.params, r.codes, r.noise, feature_idx=r.feature_idx,
-                  offset=r.offset, mask=r.mask_feature)
+  synthesis:    per-image refined synthesis weights θ*: params['synthesis']
+                of the generator with a leading B axis on every leaf;
+  mapping:      the generator's mapping params, shared (never refined);
+  codes:        (B, n_latent, style_dim) W+ codes that were refined;
+  offset:       (B, h, w, C) feature offsets o at `feature_idx`;
+  mask_feature: (B, h, w, 1) soft in-domain masks m_f blending the feature
+                as f·m_f + o·(1 − m_f);
+  noise:        list of NHWC noise maps, each (1, r, r, 1) shared by every
+                image or (B, r, r, 1) one per image;
+  feature_idx, mode: where the offset acts and how it was refined (static);
+  image:        (B, H, W, 3) final images G(codes; θ*, o, m_f), or None
+                (not stored by `save_refined`);
+  losses_in, losses_out: (B, weight_steps), (B, feature_steps) or None.
 
-  params: full generator params θ*; codes (1, n_latent, d); offset
-  (1, h, w, C); mask_feature (1, h, w, 1); noise: list of NHWC maps.
+  `editing.render(G, r, codes)` renders it; `r[i]` is image i as a batch of
+  one; `r.params` is the full generator params per image (the mapping
+  broadcast to B copies on access — rendering never needs it).
   """
-  params: Any
+  synthesis: Any
+  mapping: Any
   codes: Any
   offset: Any
   mask_feature: Any
-  feature_idx: int
   noise: Any
-  mode: str = "hybrid"
+  feature_idx: int = struct.field(pytree_node=False)
+  mode: str = struct.field(pytree_node=False, default="hybrid")
+  image: Any = None
+  losses_in: Any = None
+  losses_out: Any = None
 
-  def synthesize(self, G, codes=None):
-    """The image of these (or edited) codes with θ*, o and m_f."""
-    codes = self.codes if codes is None else codes
-    return G.synthesis(self.params, codes, self.noise,
-                       feature_idx=self.feature_idx, offset=self.offset,
-                       mask=self.mask_feature)
+  @property
+  def params(self):
+    b = self.batch_size
+    return {"mapping": jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x, (b,) + jnp.shape(x)), self.mapping),
+            "synthesis": self.synthesis}
 
+  @property
+  def batch_size(self):
+    return int(self.codes.shape[0])
 
-@dataclasses.dataclass(frozen=True)
-class RefineResult:
-  """Output of `hybrid_refine` for B images.
+  def __len__(self):
+    return self.batch_size
 
-  params:       refined generator params, every leaf with a leading B axis
-                (mapping copied unchanged);
-  offset:       (B, h, w, C) feature offsets o;
-  mask_feature: (B, h, w, 1) soft masks m_f used in the blend;
-  image:        (B, H, W, 3) final images G(codes; θ*, o, m_f);
-  losses_in:    (B, weight_steps) L_in at every weight step;
-  losses_out:   (B, feature_steps) L_out at every step;
-  codes, feature_idx, mode, noise: what produced them.
-  """
-  params: Any
-  offset: Any
-  mask_feature: Any
-  image: Any
-  losses_in: Any
-  losses_out: Any
-  codes: Any
-  feature_idx: int
-  mode: str
-  noise: Any
+  def take(self, i):
+    """Image i as a Refinement of one image (arrays sliced, not copied to
+    the host; shared noise stays shared)."""
+    b = self.batch_size
+    if not -b <= i < b:
+      raise IndexError(f"image {i} of a refinement of {b}")
+    i = int(i) % b
+    one = lambda x: None if x is None else x[i:i + 1]
+    noise = [n if n.shape[0] == 1 else n[i:i + 1] for n in self.noise]
+    return self.replace(
+        synthesis=jax.tree_util.tree_map(one, self.synthesis),
+        codes=one(self.codes), offset=one(self.offset),
+        mask_feature=one(self.mask_feature), noise=noise,
+        image=one(self.image), losses_in=one(self.losses_in),
+        losses_out=one(self.losses_out))
 
-  def select(self, i):
-    """Image i as a `Refined` (batch of one) for `G.synthesis`."""
-    return Refined(
-        params=jax.tree_util.tree_map(lambda x: x[i], self.params),
-        codes=self.codes[i:i + 1], offset=self.offset[i:i + 1],
-        mask_feature=self.mask_feature[i:i + 1],
-        feature_idx=self.feature_idx, noise=self.noise, mode=self.mode)
+  __getitem__ = take
 
 
 def _check_inputs(G, codes, target, mask, noise, mode):
@@ -415,10 +460,16 @@ def _check_inputs(G, codes, target, mask, noise, mode):
                      f"generator's own G.noise), got {got}")
 
 
-def hybrid_refine(G, codes, target, mask=None, *, noise=None, feature_idx=11,
-                  feature_steps=100, weight_steps=50, weight_lr=1.5e-3,
-                  feature_lr=9e-2, l2_lambda=1.0, lpips_lambda=1.0,
-                  mode="hybrid", lpips_alex=None):
+def default_feature_idx(size):
+  """The paper's feature: the second one at size/8 (11 at 1024², 7 at 256²)."""
+  return 2 * int(math.log2(size // 32)) + 1
+
+
+def hybrid_refine(G, codes, target, mask=None, *, noise=None,
+                  feature_idx=None, feature_steps=100, weight_steps=50,
+                  weight_lr=1.5e-3, feature_lr=9e-2, l2_lambda=1.0,
+                  lpips_lambda=1.0, mode="hybrid", lpips_alex=None,
+                  mse_norm="pixel"):
   """Refines W+ inversions of `target` by DHR's hybrid modulation.
 
   Args:
@@ -429,7 +480,9 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None, feature_idx=11,
       (may be None) in modes 'weight' (m = 1) and 'feature' (m = 0).
     noise: the generator's noise maps (default `G.noise`), shared by all
       images.
-    feature_idx: where the offset acts (11 = 128² for a 1024² generator).
+    feature_idx: where the offset acts; None = the paper's choice, the
+      feature at 1/8 of the image side (`default_feature_idx`: 11 = 128²
+      for a 1024² generator). The result records it.
     feature_steps: steps in all (the offset moves at every one).
     weight_steps: the first steps that also update the weights
       (≤ feature_steps).
@@ -439,9 +492,12 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None, feature_idx=11,
     mode: 'hybrid', 'weight' or 'feature' (see the module doc).
     lpips_alex: an LPIPS metric (`dhr_jax.lpips.load('alex')`), loaded
       when None and needed.
+    mse_norm: 'pixel' (DHR's masked mean, see the module doc) or 'element'
+      (a per-element mean: PTI's loss, configs/pti.py).
 
   Returns:
-    RefineResult; `result.select(i)` renders image i with `G.synthesis`.
+    A `Refinement` of the B images; `editing.render(G, result, codes)`
+    renders it (and edits of it).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -451,6 +507,8 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None, feature_idx=11,
                      f"weight_steps of the feature steps), got "
                      f"feature_steps={feature_steps}, "
                      f"weight_steps={weight_steps}")
+  if feature_idx is None:
+    feature_idx = default_feature_idx(G.config["size"])
   noise = list(G.noise if noise is None else noise)
   codes = jnp.asarray(codes, jnp.float32)
   target = jnp.asarray(target, jnp.float32)
@@ -464,26 +522,17 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None, feature_idx=11,
   lpips_net, lpips_params = None, None
   if lpips_lambda != 0:
     if lpips_alex is None:
-      from dhr_jax import lpips
-      lpips_alex = lpips.load("alex")
+      lpips_alex = lpips_lib.load("alex")
     lpips_net, lpips_params = lpips_alex.net, lpips_alex.params
-  spec = refine_spec(G, feature_idx, mode, lpips_net)
-  hyper = make_hyper(weight_steps, weight_lr, feature_lr, l2_lambda,
-                     lpips_lambda)
+  spec = refine_spec(G, feature_idx, mode, lpips_net, mse_norm)
+  hyper = make_hyper(weight_lr, feature_lr, l2_lambda, lpips_lambda)
   params, offset, mask_feature, image, losses_in, losses_out = _refine_batch(
       spec, int(feature_steps), int(weight_steps), G.params["synthesis"],
-      codes, target, mask,
-      noise, lpips_params, hyper)
-  b = codes.shape[0]
-  full = {
-      "mapping": jax.tree_util.tree_map(
-          lambda x: jnp.broadcast_to(x, (b,) + x.shape), G.params["mapping"]),
-      "synthesis": params,
-  }
-  return RefineResult(params=full, offset=offset, mask_feature=mask_feature,
-                      image=image, losses_in=losses_in,
-                      losses_out=losses_out, codes=codes,
-                      feature_idx=int(feature_idx), mode=mode, noise=noise)
+      codes, target, mask, noise, lpips_params, hyper)
+  return Refinement(synthesis=params, mapping=G.params["mapping"],
+                    codes=codes, offset=offset, mask_feature=mask_feature,
+                    noise=noise, feature_idx=int(feature_idx), mode=mode,
+                    image=image, losses_in=losses_in, losses_out=losses_out)
 
 
 # --------------------------------------------------------------------------
@@ -540,20 +589,20 @@ def _noise_equal(a, b):
       np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
 
-def save_refined(directory, result, G, index=0, *, overwrite=False):
-  """Writes image `index` of a RefineResult compactly under `directory`.
+def save_refined(directory, refinement, G, index=0, *, overwrite=False):
+  """Writes image `index` of a `Refinement` compactly under `directory`.
 
   Stored: the synthesis weight delta θ* − θ (the mapping never changes), the
   offset, the soft mask, the codes, feature_idx and mode, plus the digest
   of θ so the delta is only ever applied to the generator it came from.
   Noise maps are stored only if they are not G.noise. `load_refined(dir, G)`
-  renders the identical image.
+  gives a Refinement of one image that renders the identical image.
   """
-  item = result.select(index) if isinstance(result, RefineResult) else result
+  item = refinement.take(index)
   base = dict(_leaves(G.params["synthesis"]))
   deltas, fixes = {}, {}
-  for name, x in _leaves(item.params["synthesis"]):
-    deltas[name], fix = split_delta(x, base[name])
+  for name, x in _leaves(item.synthesis):
+    deltas[name], fix = split_delta(x[0], base[name])
     if fix is not None:
       fixes[name] = fix
   # orbax wants string keys without odd characters: index leaves by position.
@@ -580,14 +629,15 @@ def save_refined(directory, result, G, index=0, *, overwrite=False):
 
 
 def load_refined(directory, G):
-  """Reads a `save_refined` directory back for generator G → `Refined`."""
+  """Reads a `save_refined` directory back for generator G → a `Refinement`
+  of one image (no image or losses)."""
   tree, config = checkpoint.load(directory, KIND)
   if json.dumps(config["generator"], sort_keys=True) != json.dumps(
       G.config, sort_keys=True):
     raise checkpoint.CheckpointError(
         f"{directory} was refined on a generator with config "
-        f"{config['generator']}, not this one ({G.config}); load it with the "
-        "generator it was refined from.")
+        f"{config['generator']}, not this one ({dict(G.config)}); load it "
+        "with the generator it was refined from.")
   if params_digest(G.params["synthesis"]) != config["base_digest"]:
     raise checkpoint.CheckpointError(
         f"{directory} stores a weight delta for other generator weights "
@@ -601,16 +651,15 @@ def load_refined(directory, G):
   for path, base in leaves:
     i = str(by_name[jax.tree_util.keystr(path)])
     out.append(jnp.asarray(apply_delta(base, tree["delta"][i],
-                                       exact.get(i))))
+                                       exact.get(i)))[None])
   synthesis = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(G.params["synthesis"]), out)
   if "noise" in tree:
     noise = [tree["noise"][str(i)] for i in range(len(tree["noise"]))]
   else:
     noise = list(G.noise)
-  return Refined(params={"mapping": G.params["mapping"],
-                         "synthesis": synthesis},
-                 codes=tree["codes"][None], offset=tree["offset"][None],
-                 mask_feature=tree["mask_feature"][None],
-                 feature_idx=int(config["feature_idx"]), noise=noise,
-                 mode=config["mode"])
+  return Refinement(synthesis=synthesis, mapping=G.params["mapping"],
+                    codes=tree["codes"][None], offset=tree["offset"][None],
+                    mask_feature=tree["mask_feature"][None], noise=noise,
+                    feature_idx=int(config["feature_idx"]),
+                    mode=config["mode"])

@@ -36,7 +36,7 @@ Coarse inversion and LPIPS run batched on the accelerator; SLIC and the
 per-superpixel bookkeeping (vectorised with bincount) run per image on host.
 """
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,12 @@ import ml_collections
 import numpy as np
 
 from dhr_jax import lpips as lpips_lib
+from dhr_jax.io import resize_target, to_uint8
+from dhr_jax.models.farl import CELEBM_LABELS
+from dhr_jax.refine import resize_nearest
 
 # CelebAMask-HQ 19-class parsing, in the order of the parser's channels.
-CELEBAMASK_LABELS = (
-    "background", "neck", "face", "cloth", "rr", "lr", "rb", "lb", "re", "le",
-    "nose", "imouth", "llip", "ulip", "hair", "glass", "hat", "earr", "neckl")
+CELEBAMASK_LABELS = CELEBM_LABELS
 _INNER_FACE = ("rr", "lr", "rb", "lb", "re", "le", "nose", "imouth", "llip",
                "ulip")
 
@@ -121,12 +122,6 @@ class DSSResult:
 
 # ------------------------------------------------------------- small steps
 
-def to_uint8(images):
-  """[-1, 1] float images → uint8 (round half up after scaling to [0, 255])."""
-  x = np.asarray(images, np.float32)
-  return np.clip(np.floor((x + 1.0) * 127.5 + 0.5), 0, 255).astype(np.uint8)
-
-
 def slic_superpixels(image_uint8, config=None):
   """SLIC labels (H, W) int32 from 1 for one uint8 RGB image (H, W, 3)."""
   from skimage.segmentation import slic
@@ -138,18 +133,6 @@ def slic_superpixels(image_uint8, config=None):
                 compactness=c.compactness, sigma=c.sigma, start_label=1,
                 channel_axis=-1)
   return labels.astype(np.int32)
-
-
-def _nearest_index(n_out, n_in):
-  # PyTorch F.interpolate(mode='nearest'): src = floor(dst * in / out).
-  return np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int64),
-                    n_in - 1)
-
-
-def nearest_resize(a, size):
-  """Nearest resize of the first two axes of `a` to `size` (PyTorch rule)."""
-  return a[_nearest_index(size[0], a.shape[0])][:, _nearest_index(size[1],
-                                                                  a.shape[1])]
 
 
 def superpixel_scores(maps, labels):
@@ -167,7 +150,7 @@ def superpixel_scores(maps, labels):
   for m in maps:
     m = np.asarray(m, np.float64)
     m = m[..., 0] if m.ndim == 3 else m
-    small = nearest_resize(labels, m.shape).ravel()
+    small = resize_nearest(labels, m.shape, axes=(0, 1)).ravel()
     count = np.bincount(small, minlength=k + 1)
     mean = np.bincount(small, weights=m.ravel(), minlength=k + 1) / np.maximum(
         count, 1)
@@ -175,7 +158,7 @@ def superpixel_scores(maps, labels):
     if empty.any():
       # The superpixel vanished at this resolution: read the layer at the
       # superpixel's own pixels instead.
-      up = nearest_resize(m, labels.shape).ravel()
+      up = resize_nearest(m, labels.shape, axes=(0, 1)).ravel()
       full = np.bincount(flat, weights=up, minlength=k + 1) / np.maximum(
           full_count, 1)
       mean = np.where(empty, full, mean)
@@ -275,7 +258,7 @@ def load_label_maps(sources, size, num_classes=len(CELEBAMASK_LABELS)):
             f"{name}: label map is {m.shape[0]}×{m.shape[1]} but the image is "
             f"{size[0]}×{size[1]} (different aspect ratio); give label maps of "
             "the image's size")
-      m = nearest_resize(m, size)
+      m = resize_nearest(m, size, axes=(0, 1))
     out.append(np.eye(num_classes, dtype=np.float32)[m])
   return np.stack(out)
 
@@ -346,8 +329,9 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
       raise ValueError("domain_specific_segmentation needs G and key for the "
                        "coarse inversion, or a precomputed `coarse` image")
     from dhr_jax import embedding
-    inv = embedding.coarse_inversion(G, target, lpips_vgg, key=key,
-                                     steps=c.coarse_steps)
+    # The official coarse inversion's target: the input resized to 256².
+    inv = embedding.coarse_inversion(G, resize_target(target), lpips_vgg,
+                                     key=key, steps=c.coarse_steps)
     coarse, coarse_codes = inv.image, inv.codes
   coarse = jnp.asarray(coarse, jnp.float32)
   if coarse.shape != target.shape:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dhr_jax import editing
+from dhr_jax import refine
 from dhr_jax.editing import EditError
 from dhr_jax.models.stylegan2 import feature_resolution, init_generator
 
@@ -64,10 +65,23 @@ def _image_by_image(G, params, codes, noise, offset, mask):
 STRENGTHS, LAYERS = [0.0, 3.0], (1, 3)  # shared so tests reuse compilations
 
 
-def _kw(s, mode="dhr"):
-  return dict(offset=None if mode == "weight_only" else s["offset"],
-              mask_feature=s["mask"] if mode == "dhr" else None,
-              feature_idx=K, noise=s["noise"])
+def _refinement(s, mode="dhr", params=None, noise=None):
+  """The setup as a Refinement: per-image weights, offset, mask and noise;
+  'weight_only' has no offset (plain synthesis with the refined weights)."""
+  params = s["params"] if params is None else params
+  return refine.Refinement(
+      synthesis=params["synthesis"], mapping=s["G"].params["mapping"],
+      codes=s["codes"],
+      offset=None if mode == "weight_only" else s["offset"],
+      mask_feature=s["mask"] if mode == "dhr" else None,
+      noise=s["noise"] if noise is None else noise, feature_idx=K,
+      mode={"dhr": "hybrid", "feature_only": "feature",
+            "weight_only": "weight"}[mode])
+
+
+def _stacked(G):
+  """G's params copied for each of the two images."""
+  return jax.tree_util.tree_map(lambda x: np.stack([x, x]), G.params)
 
 
 def test_alpha_zero_reproduces_inversion(setup):
@@ -75,8 +89,9 @@ def test_alpha_zero_reproduces_inversion(setup):
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
   assert edited.shape == (2, 2) + s["codes"].shape[1:]
   np.testing.assert_array_equal(edited[:, 0], s["codes"])
-  images = editing.render(s["G"], s["params"], edited, **_kw(s))
-  inversion = editing.render(s["G"], s["params"], s["codes"], **_kw(s))
+  r = _refinement(s)
+  images = editing.render(s["G"], r, edited)
+  inversion = editing.render(s["G"], r)  # the refinement's own codes
   assert images.shape == (2, 2, 8, 8, 3) and inversion.shape == (2, 8, 8, 3)
   # bit for bit, although rendered in calls with 2 and 1 codes per image
   np.testing.assert_array_equal(images[:, 0], inversion)
@@ -87,25 +102,30 @@ def test_alpha_zero_reproduces_inversion(setup):
 def test_render_per_image_params_equals_image_by_image(setup, mode):
   s = setup
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  images = editing.render(s["G"], s["params"], edited, **_kw(s, mode))
-  kw = _kw(s, mode)
-  ref = _image_by_image(s["G"], s["params"], edited, s["noise"], kw["offset"],
-                        kw["mask_feature"])
+  r = _refinement(s, mode)
+  images = editing.render(s["G"], r, edited)
+  ref = _image_by_image(s["G"], s["params"], edited, s["noise"], r.offset,
+                        r.mask_feature)
+  # Batched and image-by-image renders are two float32 programs; one
+  # generator forward pass is ~6e-7 (relative) from float64 (bench/
+  # float_precision.py), i.e. ≲ 2e-6 on values ≲ 3: 2e-5 leaves 5×.
   np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
   if mode == "dhr":  # each image used its own weights, not the shared ones
-    shared = editing.render(s["G"], s["G"].params, edited, **kw)
+    shared = editing.render(s["G"], _refinement(s, mode, _stacked(s["G"])),
+                            edited)
     assert float(jnp.abs(shared[1] - images[1]).max()) > 1e-2
 
 
-def test_render_shared_params_and_noise(setup):
+def test_render_shared_noise(setup):
   s = setup
   G = s["G"]
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  images = editing.render(G, G.params, edited, **dict(_kw(s), noise=None))
-  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), G.params)
+  stacked = _stacked(G)
+  images = editing.render(G, _refinement(s, params=stacked,
+                                         noise=list(G.noise)), edited)
   noise = [jnp.concatenate([n, n]) for n in G.noise]
   ref = _image_by_image(G, stacked, edited, noise, s["offset"], s["mask"])
-  np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(images, ref, atol=2e-5, rtol=0)  # as above
 
 
 def test_render_mask_polarity(setup):
@@ -113,12 +133,26 @@ def test_render_mask_polarity(setup):
   mask 0: the offset replaces it."""
   s = setup
   edited = editing.edit_codes(s["codes"], s["direction"], STRENGTHS, LAYERS)
-  plain = editing.render(s["G"], s["params"], edited, **_kw(s, "weight_only"))
+  plain = editing.render(s["G"], _refinement(s, "weight_only"), edited)
   for fill, same in ((1.0, True), (0.0, False)):
-    kw = dict(_kw(s), mask_feature=np.full_like(s["mask"], fill))
-    images = editing.render(s["G"], s["params"], edited, **kw)
+    r = _refinement(s).replace(mask_feature=np.full_like(s["mask"], fill))
+    images = editing.render(s["G"], r, edited)
     diff = float(jnp.abs(images - plain).max())
+    # Same numbers through two programs (≲ 2e-6, as above) vs. a real change.
     assert diff < 1e-5 if same else diff > 1e-1, (fill, diff)
+
+
+def test_refinement_take_is_one_image(setup):
+  s = setup
+  r = _refinement(s)
+  both = editing.render(s["G"], r)
+  one = r[1]
+  assert len(one) == 1 and one.feature_idx == K and one.mode == "hybrid"
+  np.testing.assert_array_equal(one.offset, s["offset"][1:])
+  np.testing.assert_allclose(editing.render(s["G"], one)[0], both[1],
+                             atol=2e-5, rtol=0)
+  with pytest.raises(IndexError):
+    r.take(2)
 
 
 def test_edits_linear_in_alpha():
@@ -130,10 +164,12 @@ def test_edits_linear_in_alpha():
     edited = np.asarray(editing.edit_codes(codes, n, alphas))
     step = np.broadcast_to(n.reshape(-1, 16), (8, 16))
     want = np.asarray(codes)[:, None] + alphas[None, :, None, None] * step
+    # w + α·n: two float32 roundings of values ≲ 10 (≤ 1e-6 apart).
     np.testing.assert_allclose(edited, want, rtol=1e-6, atol=1e-6)
     # additive in α: e(1) + e(1.5) − w = e(2.5)
     one, one_half = np.asarray(editing.edit_codes(codes, n, [1.0, 1.5]))[
         :, [0, 1]].transpose(1, 0, 2, 3)
+    # Three more float32 additions on values ≲ 10: a few 5e-7 roundings.
     np.testing.assert_allclose(one + one_half - np.asarray(codes),
                                edited[:, 4], rtol=1e-5, atol=1e-5)
   # a scalar strength gives S = 1
@@ -156,7 +192,7 @@ def test_layer_edits_touch_only_those_layers(layers, touched):
   np.testing.assert_array_equal(
       edited[:, :, other], np.broadcast_to(np.asarray(codes)[:, None][:, :, other],
                                            edited[:, :, other].shape))
-  for j, alpha in enumerate([-2.0, 3.0]):
+  for j, alpha in enumerate([-2.0, 3.0]):  # w + α·n: as above
     np.testing.assert_allclose(edited[:, j, touched],
                                np.asarray(codes)[:, touched] + alpha * n[touched],
                                rtol=1e-6, atol=1e-6)
@@ -190,17 +226,20 @@ def test_ganspace_known_component_moves_codes_as_specified():
   v, sd = pcs.components, pcs.std
   want = c.copy()
   want[:, 3:6] += 1.5 * sd[2] * v[2]
+  # w + α·σ·v in float32: two roundings of values ≲ 5.
   np.testing.assert_allclose(out[:, 0], want, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(out[:, 0, :3], c[:, :3])
   np.testing.assert_array_equal(out[:, 0, 6:], c[:, 6:])
   # in PCA coordinates (units of σ): component 2 moved by 1.5, others stay
   coords = lambda x: (x - pcs.mean) @ v.T / sd
   moved = coords(out[:, 0, 3:6]) - coords(c[:, 3:6])
+  # Projections (16-term float32 dot products of values ≲ 5) divided by
+  # σ ≥ 0.5: ≲ 16 · 5 · 6e-8 / 0.5 ≈ 1e-5 at worst, typically 1e-6.
   np.testing.assert_allclose(moved, np.broadcast_to([0, 0, 1.5, 0, 0],
                                                     moved.shape), atol=1e-5)
   # a group is the sum of its edits, each from the input codes
   want[:, 0:2] += -2.0 * sd[4] * v[4]
-  np.testing.assert_allclose(out[:, 1], want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out[:, 1], want, rtol=1e-6, atol=1e-6)  # as above
 
 
 def test_ganspace_set_mode_puts_coordinate_at_strength():
@@ -211,6 +250,7 @@ def test_ganspace_set_mode_puts_coordinate_at_strength():
   out = np.asarray(editing.ganspace_edit(codes, pcs, [(1, 2, 4, -2.5)],
                                          mode="set"))[:, 0]
   coords = (out - pcs.mean) @ pcs.components.T / pcs.std  # (B, L, K)
+  # Projections as in the test above: ≲ 1e-5 at worst.
   np.testing.assert_allclose(coords[:, 2:4, 1], -2.5, atol=1e-5)
   before = (np.asarray(codes) - pcs.mean) @ pcs.components.T / pcs.std
   np.testing.assert_allclose(coords[:, 2:4, [0, 2, 3, 4]],
@@ -255,6 +295,7 @@ def test_direction_pt_and_npy_give_same_edit(tmp_path, name, shape):
   n_pt = editing.load_direction(pt)
   assert n_pt.shape == shape and n_pt.dtype == np.float32
   # InterFaceGAN normals are unit vectors (per layer for pose)
+  # Stored float32 unit vectors of 512 elements: norm within ~√512 · 6e-8.
   np.testing.assert_allclose(np.linalg.norm(n_pt, axis=-1), 1.0, rtol=1e-5)
   raw = torch.load(pt, map_location="cpu", weights_only=True).numpy()
   np.save(tmp_path / (name + ".npy"), raw)
@@ -329,19 +370,21 @@ def test_bad_ganspace_files_give_clear_errors(tmp_path):
 
 def test_render_refuses_mismatched_inputs(setup):
   s = setup
-  G, codes = s["G"], s["codes"]
+  G, codes, r = s["G"], s["codes"], _refinement(s)
   with pytest.raises(EditError, match="mask_feature needs an offset"):
-    editing.render(G, G.params, codes, mask_feature=s["mask"], feature_idx=K)
+    editing.render(G, _refinement(s, "weight_only").replace(
+        mask_feature=s["mask"]))
   with pytest.raises(EditError, match=r"offset must be \(B=2, 8, 8, C\)"):
-    editing.render(G, G.params, codes, offset=s["offset"][:, :4],
-                   feature_idx=K)
+    editing.render(G, r.replace(offset=s["offset"][:, :4]))
   with pytest.raises(EditError, match=r"feature_idx must be in \[0, 3\)"):
-    editing.render(G, G.params, codes, offset=s["offset"], feature_idx=11)
+    editing.render(G, r.replace(feature_idx=11))
+  with pytest.raises(EditError, match=r"feature_idx must be in .* got None"):
+    editing.render(G, r.replace(feature_idx=None))
   with pytest.raises(EditError, match="leading axis of 3"):
-    editing.render(G, s["params"], jnp.concatenate([codes, codes[:1]]))
+    editing.render(G, r, jnp.concatenate([codes, codes[:1]]))
   with pytest.raises(EditError, match="noise maps"):
-    editing.render(G, G.params, codes,
-                   noise=[jnp.concatenate([n] * 3) for n in G.noise])
+    editing.render(G, r.replace(
+        noise=[jnp.concatenate([n] * 3) for n in G.noise]))
 
 
 def test_parse_helpers():

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from dhr_jax import embedding
+from dhr_jax.models import ops
 
 
 def test_learning_rate_schedule():
+  # Python float64 arithmetic stored as float32: relative error ≤ 6e-8, so
+  # every rtol below (≥ 1e-6) holds with ≥ 16× room.
   lrs = embedding.learning_rates(1000, lr=0.1)
   assert lrs[0] == 0.0                              # linear ramp-up from 0
   np.testing.assert_allclose(lrs[25], 0.05, rtol=1e-5)   # halfway up (t=0.025)
@@ -20,6 +23,7 @@ def test_learning_rate_schedule():
 
 
 def test_latent_noise_schedule():
+  # float64 NumPy stored as float32: relative error ≤ 6e-8 (rtol 1e-6).
   levels = embedding.noise_levels(400)
   np.testing.assert_allclose(levels[0], 0.05)
   np.testing.assert_allclose(levels[150], 0.05 * 0.25, rtol=1e-6)  # t=3/8
@@ -28,6 +32,8 @@ def test_latent_noise_schedule():
 
 
 def test_noise_regularizer_hand_values():
+  # ±1 products and means over powers of two are exact in float32, so the
+  # default rtol (1e-7) is only spent on nothing.
   ones = jnp.ones((1, 16, 16, 1))
   # Lag-1 autocorrelation 1 along both axes at 16² and again at 8².
   np.testing.assert_allclose(embedding.noise_regularizer([ones]), 4.0)
@@ -43,8 +49,50 @@ def test_noise_regularizer_hand_values():
 def test_normalize_noise_unbiased():
   x = np.random.RandomState(0).randn(1, 8, 8, 1).astype(np.float32) * 3 + 2
   n = np.asarray(embedding.normalize_noise(jnp.asarray(x)))
+  # 64 float32 values of size ~1: sums carry ≤ 64 · 6e-8 ≈ 4e-6 relative
+  # error at worst (~5e-7 typically), hence 1e-6 on the mean, 1e-5 on std.
   np.testing.assert_allclose(n.mean(), 0.0, atol=1e-6)
   np.testing.assert_allclose(n.std(ddof=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,to", [(1024, 256), (64, 256), (256, 64),
+                                     (48, 256)])
+def test_generated_image_meets_target_as_official_interpolate(size, to):
+  """The DHR code's optimisation embedding (GANInverter optim_infer.py)
+  clamps the generated image to [-1, 1] and resizes it to the target's size
+  with F.interpolate(mode='bilinear'): align_corners=False, no antialias."""
+  import torch
+  x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
+  x *= 1.5  # a third of the values beyond ±1: the clamp matters
+  got = np.asarray(ops.resize_generated(jnp.asarray(x), (to, to)))
+  want = torch.nn.functional.interpolate(
+      torch.clamp(torch.from_numpy(x).permute(0, 3, 1, 2), -1.0, 1.0),
+      size=(to, to), mode="bilinear", align_corners=False,
+      antialias=False).permute(0, 2, 3, 1).numpy()
+  # Each output is a convex combination of at most four clamped inputs
+  # (|v| ≤ 1) with weights from the pixel grid: a few float32 roundings of
+  # at most 6e-8 each, differently ordered here and in torch. Measured on
+  # these cases (1024→256, 64→256, 128→256) against torch in float64: ours
+  # within 1.1e-7, torch's float32 within 1.1e-7, the two 1.2e-7 apart;
+  # the bound leaves 8×.
+  assert np.abs(got - want).max() <= 1e-6
+  # Not an antialiased (averaging) resize: that one differs by far more.
+  if size > to:
+    pooled = x.clip(-1, 1).reshape(2, to, size // to, to, size // to,
+                                   3).mean((2, 4))
+    assert np.abs(got - pooled).max() > 0.1
+
+
+def test_resize_target_is_the_pil_bilinear_resize():
+  from PIL import Image
+  from dhr_jax import io
+  u = np.random.RandomState(0).randint(0, 256, (2, 64, 64, 3), np.uint8)
+  got = io.resize_target(u / 127.5 - 1.0)
+  assert got.shape == (2, 256, 256, 3) and got.dtype == np.float32
+  for i in range(2):
+    want = np.asarray(Image.fromarray(u[i]).resize((256, 256),
+                                                   Image.BILINEAR))
+    np.testing.assert_array_equal(io.to_uint8(got[i]), want)
 
 
 @pytest.fixture(scope="module")

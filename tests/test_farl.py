@@ -35,7 +35,9 @@ def test_resize_matches_torch_bilinear(n_in, n_out):
   x = np.random.RandomState(0).randn(2, n_in, n_in + 3, 4).astype(np.float32)
   size = (n_out, n_out + 5)
   ours = farl.resize_bilinear(jnp.asarray(x), size)
-  # In float64: float32 PyTorch rounds its source positions (~3e-5 here).
+  # In float64: float32 PyTorch rounds its source positions (4e-4 at
+  # 1024→448). Ours is ≤ 4.9e-7 from it (bench/float_precision.py --part
+  # primitives, 1024→448, 100→37, 14→112): 2e-6 leaves 4×.
   ref = F.interpolate(_nchw(x).double(), size=size, mode="bilinear",
                       align_corners=False, antialias=False)
   np.testing.assert_allclose(ours, _nhwc(ref), atol=2e-6, rtol=0)
@@ -47,6 +49,8 @@ def test_adaptive_pool_matches_torch(n_in, n_out):
   x = np.random.RandomState(1).randn(1, n_in, n_in, 3).astype(np.float32)
   ours = farl.adaptive_avg_pool(jnp.asarray(x), n_out)
   ref = F.adaptive_avg_pool2d(_nchw(x), n_out)
+  # Measured (14→3, 13→5): ours and torch each ≤ 1.0e-7 from float64,
+  # 1.2e-7 apart; 1e-6 leaves 8×.
   np.testing.assert_allclose(ours, _nhwc(ref), atol=1e-6, rtol=0)
 
 
@@ -61,11 +65,15 @@ def test_bilinear_sample_matches_grid_sample():
   ref = F.grid_sample(_nchw(img[None]), torch.from_numpy(grid[None]),
                       mode="bilinear", padding_mode="zeros",
                       align_corners=False)
+  # Measured: ours 1.3e-6 and torch 1.1e-6 from float64 (source positions
+  # rounded in float32), 1.5e-6 apart; 1e-5 leaves 6×.
   np.testing.assert_allclose(ours, _nhwc(ref)[0], atol=1e-5, rtol=0)
 
 
 def test_layer_layouts_match_torch():
   """Converted weights in our layers give the PyTorch layers' numbers."""
+  # Outputs of size ~1 summed from ≤ 45 products in float32 by two
+  # libraries: each ≲ 45 · 6e-8 ≈ 3e-6 from exact at worst, so 1e-5.
   torch.manual_seed(0)
   rs = np.random.RandomState(3)
   # ConvTranspose 2×2 stride 2.
@@ -203,6 +211,9 @@ def test_similarity_fit_recovers_transform():
   src = alignment.ffhq_landmarks(256)
   dst = src @ rot.T + shift
   m = alignment.similarity_matrix(src[None], dst[None].astype(np.float32))[0]
+  # A float32 least-squares fit on coordinates ~250 px: ulp(256) = 3e-5, so
+  # ~1e-5 on the (scale ~1.7) matrix, ~3e-3 px on the shift; a round trip
+  # through the inverse adds the same again.
   np.testing.assert_allclose(m[:, :2], rot, atol=1e-4)
   np.testing.assert_allclose(m[:, 2], shift, atol=1e-2)
   back = alignment.apply_affine(alignment.invert_affine(m), dst)
@@ -234,6 +245,8 @@ def test_alignment_round_trip_is_identity_on_affine_ramps():
   assert frame.shape == (1, 448, 448, 3)
   box = _face_box(s)
   back = alignment.warp_from_frame(frame, m, (s, s))
+  # Values ≲ 2 through two float32 warps whose sample positions (~100 px)
+  # carry ~1e-5 px rounding times slopes ≤ 0.03: ≪ 1e-4.
   np.testing.assert_allclose(back[0][box], img[0][box], atol=1e-4)
   # The same through a 512² map over the 448² frame (the logits' layout).
   frame512 = farl.resize_bilinear(frame, (512, 512))
@@ -251,6 +264,8 @@ def test_alignment_round_trip_smooth_image(size):
       alignment.warp_to_frame(jnp.asarray(img), m), m, (size, size))
   box = _face_box(size)
   err = np.abs(np.asarray(back)[0][box] - img[0][box])
+  # Interpolation error of two bilinear warps of a smooth image (not
+  # rounding, which is ~1e-6 here).
   assert err.max() < 0.01, err.max()
   # The whole aligned FFHQ image lands inside facer's frame.
   corners = np.array([[-0.5, -0.5], [size - 0.5, size - 0.5]], np.float32)
@@ -291,7 +306,9 @@ TINY = dict(farl.DEFAULT_CONFIG, width=32, layers=4, heads=2,
             output_indices=(0, 1, 2, 3), channels=16)
 
 
-def test_tiny_parser_loads_and_parses(tmp_path):
+def tiny_parser(directory):
+  """Writes the TINY parser with seeded weights as a converted checkpoint
+  (checkpoint.save, as converters.farl does); returns its JSON config."""
   cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
   net = farl.network_from_config(cfg)
   shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0),
@@ -313,18 +330,27 @@ def test_tiny_parser_loads_and_parses(tmp_path):
       n = 0.1 * n
     return n.astype(np.float32)
   params = jax.tree_util.tree_map_with_path(fill, shapes)
-  checkpoint.save(tmp_path / "farl", params, farl.KIND, cfg)
+  checkpoint.save(directory, params, farl.KIND, cfg)
+  return cfg
+
+
+def test_tiny_parser_loads_and_parses(tmp_path):
+  tiny_parser(tmp_path / "farl")
   p = farl.load_parser(tmp_path)  # a bundle holding farl/
   imgs = jax.random.uniform(jax.random.PRNGKey(2), (2, 64, 64, 3),
                             minval=-1.0, maxval=1.0)
   probs = np.asarray(p.parse(p.params, imgs))
   assert probs.shape == (2, 64, 64, 19)
+  # A float32 softmax of 19 classes, then bilinear resampling (a convex
+  # combination): sums within ~19 · 6e-8 ≈ 1e-6 of 1.
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   lm = np.broadcast_to(alignment.ffhq_landmarks(64), (2, 5, 2))
+  # The same landmarks as the default: the same program on the same
+  # numbers, up to the landmark matrix's float32 rounding.
   np.testing.assert_allclose(p.parse(p.params, imgs, lm), probs, atol=1e-6)
   # Per image: swapping the batch swaps the maps.
   np.testing.assert_allclose(p.parse(p.params, imgs[::-1]), probs[::-1],
-                             atol=1e-5)
+                             atol=1e-5)  # probabilities ≤ 1, as above
   assert np.abs(probs[0] - probs[1]).max() > 1e-3
   assert p.logits(p.params, jnp.zeros((1, 448, 448, 3))).shape == (
       1, 512, 512, 19)
@@ -376,9 +402,13 @@ def test_parity_with_official(official):
     errs[f"fpn_feature_{i}"] = rel_l2(
         np.asarray(f).transpose(0, 3, 1, 2)[:, :8], ref[f"fpn_feature_{i}"])
   print("farl parity rel L2:", errs)
+  # The issue's forward parity level (float32 forward errors of these
+  # networks are ~1e-6 relative: e.g. the StyleGAN2 image 5.8e-7 from
+  # float64, bench/float_precision.py; FaRL itself was not run in float64).
   assert max(errs.values()) <= 1e-4, errs
   agree = (logits.argmax(1) == ref["labels"]).mean()
   print("farl argmax agreement:", agree)
+  # Only pixels whose top two logits are within the ~1e-4 parity can flip.
   assert agree >= 0.999
 
 
@@ -407,4 +437,4 @@ def test_parse_with_official_network(official):
   probs = np.asarray(p.parse(p.params, img))
   assert probs.shape == (1, 64, 64, 19)
   assert np.isfinite(probs).all()
-  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)  # see above

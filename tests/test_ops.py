@@ -44,10 +44,16 @@ def test_gradients_match_xla(name):
   np.testing.assert_array_equal(conv(x, w), ref(x, w))
   got = jax.grad(_loss(conv), (0, 1))(x, w)
   want = jax.grad(_loss(ref), (0, 1))(x, w)
-  assert _max_rel(got[0], want[0]) <= 1e-6
+  # Two float32 programs, each compared with XLA's gradient in float64
+  # (bench/float_precision.py --part primitives, conv3x3, max |Δ| / max):
+  # ∂x 7.5e-7 (ours and XLA's equal here), ∂w 1.0e-6 and 9.4e-7 (4.9e-7
+  # apart). Bounds ≥ 2× the sum of both errors: 3e-6 and 1e-5.
+  assert _max_rel(got[0], want[0]) <= 3e-6
   assert _max_rel(got[1], want[1]) <= 1e-5
   # Forward mode too (a custom VJP would refuse it), each input alone and
   # both together.
+  # Tangents are the same sums as the gradients above (same sizes), so the
+  # same float32 error scale (~1e-6 each from float64) and bound.
   dx, dw = 0.3 * x[::-1], 0.1 * w[::-1]
   for tangents in ((dx, jnp.zeros_like(w)), (jnp.zeros_like(x), dw), (dx, dw)):
     t_got = jax.jvp(conv, (x, w), tangents)[1]
@@ -71,6 +77,8 @@ def test_gradients_vmapped_in_a_scan(name):
         lambda w, x: jax.lax.scan(lambda w, _: step(w, x), w, None,
                                   length=3)[0]))
 
+  # Three gradient steps of size 0.1 × (errors ~1e-6 relative, above) on
+  # weights ~1: the weights' difference stays ~1e-7 relative.
   assert _max_rel(descend(conv)(ws, xs), descend(ref)(ws, xs)) <= 1e-5
 
 

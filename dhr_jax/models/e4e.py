@@ -12,15 +12,19 @@ The encoder is never trained here, so BatchNorm is folded into a frozen affine
 map of its running statistics, and the statistics live in the same `params`
 tree as the weights (one pytree in, W+ codes out).
 """
-import dataclasses
 import functools
 import math
 from typing import Any
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from dhr_jax.models import ops
+
+from dhr_jax import checkpoint
+from dhr_jax.models.frozen import freeze
 
 INPUT_SIZE = 256  # e4e is trained on 256² crops; its style heads assume it.
 STYLE_DIM = 512
@@ -97,10 +101,12 @@ class SqueezeExcite(nn.Module):
 
 
 class BottleneckIRSE(nn.Module):
-  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut."""
+  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut;
+  with se=False the plain bottleneck_IR (HFGI's small networks)."""
   in_channels: int
   depth: int
   stride: int
+  se: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -119,7 +125,8 @@ class BottleneckIRSE(nn.Module):
     r = nn.Conv(self.depth, (3, 3), (s, s), padding=_pad1(), use_bias=False,
                 name="conv2")(r)
     r = FrozenBatchNorm(name="bn2")(r)
-    r = SqueezeExcite(name="se")(r)
+    if self.se:
+      r = SqueezeExcite(name="se")(r)
     return r + shortcut
 
 
@@ -142,25 +149,8 @@ class GradualStyleBlock(nn.Module):
 
 
 def upsample_bilinear_aligned(x, size):
-  """F.interpolate(x, size, mode='bilinear', align_corners=True), NHWC.
-
-  align_corners=True maps the corner samples onto each other, which
-  jax.image.resize (half-pixel centres) cannot express; a separable
-  interpolation matrix per axis does it exactly.
-  """
-  def matrix(n_in, n_out):
-    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in), np.float64)
-    m[np.arange(n_out), lo] += 1.0 - frac
-    m[np.arange(n_out), hi] += frac
-    return jnp.asarray(m, x.dtype)
-  mh = matrix(x.shape[1], size[0])
-  mw = matrix(x.shape[2], size[1])
-  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("pw,bowc->bopc", mw, x, precision=jax.lax.Precision.HIGHEST)
+  """F.interpolate(x, size, mode='bilinear', align_corners=True), NHWC."""
+  return ops.resize_bilinear_torch(x, size, align_corners=True)
 
 
 class Encoder4Editing(nn.Module):
@@ -215,29 +205,34 @@ def resize_for_encoder(images, size=INPUT_SIZE):
                           antialias=True)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _encode(model, params, images, latent_avg):
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode(config, params, images, latent_avg):
+  model = Encoder4Editing(n_styles=config["n_latent"])
   codes = model.apply({"params": params}, resize_for_encoder(images))
   if latent_avg is not None:
     codes = codes + latent_avg
   return codes
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Encoder:
-  """A loaded e4e encoder.
+  """A loaded e4e encoder, as a pytree (params and latent_avg are leaves,
+  the config static), so it can be passed to jitted functions.
 
   Attributes:
     params: pytree of the Flax module's parameters (BatchNorm statistics
       included).
-    config: dict with size (generator resolution), n_latent, style_dim,
-      input_size, num_layers, mode.
+    config: read-only dict with size (generator resolution), n_latent,
+      style_dim, input_size, num_layers, mode.
     latent_avg: (n_latent, style_dim) average latent the raw codes are
       offsets from.
   """
   params: Any
-  config: dict
+  config: dict = struct.field(pytree_node=False)
   latent_avg: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, "config", freeze(self.config))
 
   @property
   def model(self):
@@ -256,7 +251,7 @@ class Encoder:
       raise ValueError(
           f"encode expects NHWC RGB images (B, H, W, 3), got {images.shape}")
     avg = jnp.asarray(self.latent_avg) if add_latent_avg else None
-    return _encode(self.model, params, images, avg)
+    return _encode(self.config, params, images, avg)
 
 
 def init_encoder(key, size=1024):
@@ -288,7 +283,6 @@ def load_encoder(path):
   Convert the released PyTorch file first:
   `python -m converters.e4e --src e4e_ffhq_encode.pt --dst DIR`.
   """
-  from dhr_jax import checkpoint
   directory = checkpoint.find(path, "e4e")
   tree, config = checkpoint.load(directory, "e4e")
   if set(tree) != {"params", "latent_avg"}:

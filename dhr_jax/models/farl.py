@@ -13,17 +13,18 @@ agree with the PyTorch model to rounding.
 Public entry point: `load_parser(path)` → `Parser` with `.params`, `.config`,
 `.parse(params, images)` and `.logits(params, x448)`.
 """
-import dataclasses
 import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dhr_jax import alignment
 from dhr_jax import checkpoint
+from dhr_jax.models.frozen import freeze
 
 KIND = "farl"
 
@@ -308,33 +309,45 @@ def parse_logits(logits_fn, images, landmarks=None, *,
   return alignment.warp_from_frame(logits_fn(crops), m, (h, w), input_size)
 
 
-@dataclasses.dataclass(frozen=True)
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logits(config, params, x):
+  return network_from_config(config).apply(params, x)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _parse(config, params, images, landmarks):
+  network = network_from_config(config)
+  logits = parse_logits(
+      lambda x: network.apply(params, x), images, landmarks,
+      input_size=config["input_size"], face_scale=config["face_scale"])
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@struct.dataclass
 class Parser:
-  """A loaded FaRL parser. `params` is the Flax variable dict.
+  """A loaded FaRL parser, as a pytree: `params` (the Flax variable dict) is
+  its leaves, `config` (read-only) its static part.
 
   parse(params, images, landmarks=None) → (B, H, W, C) class probabilities at
     the input resolution for NHWC images in [-1, 1] (aligned FFHQ-style when
     landmarks is None); channels follow `config['labels']`.
   logits(params, x448) → (B, 512, 512, C) raw logits of the network on a
     448² NHWC input in [0, 1].
+  Both are compiled once per architecture (config) and input shapes.
   """
   params: Any
-  config: dict
-  network: nn.Module
+  config: dict = struct.field(pytree_node=False)
 
-  @functools.cached_property
-  def logits(self):
-    return jax.jit(lambda params, x: self.network.apply(params, x))
+  def __post_init__(self):
+    object.__setattr__(self, "config", freeze(self.config))
 
-  @functools.cached_property
-  def _parse(self):
-    def parse(params, images, landmarks):
-      logits = parse_logits(
-          lambda x: self.network.apply(params, x), images, landmarks,
-          input_size=self.config["input_size"],
-          face_scale=self.config["face_scale"])
-      return jax.nn.softmax(logits, axis=-1)
-    return jax.jit(parse)
+  @property
+  def network(self):
+    return network_from_config(self.config)
+
+  def logits(self, params, x):
+    """(B, 448, 448, 3) crops in [0, 1] → (B, 512, 512, C) logits."""
+    return _logits(self.config, params, x)
 
   def parse(self, params, images, landmarks=None):
     """(B, H, W, 3) images in [-1, 1] → (B, H, W, C) class probabilities."""
@@ -346,7 +359,8 @@ class Parser:
             "pass landmarks=(B, 5, 2) for other images")
       # As an array, so canonical and given landmarks share one compilation.
       landmarks = np.broadcast_to(alignment.ffhq_landmarks(h), (b, 5, 2))
-    return self._parse(params, images, jnp.asarray(landmarks, jnp.float32))
+    return _parse(self.config, params, images,
+                  jnp.asarray(landmarks, jnp.float32))
 
   @property
   def labels(self):
@@ -360,5 +374,4 @@ def load_parser(path):
   """
   tree, config = checkpoint.load(checkpoint.find(path, KIND), KIND)
   config = {**DEFAULT_CONFIG, **config}
-  return Parser(params=tree, config=config,
-                network=network_from_config(config))
+  return Parser(params=tree, config=config)

@@ -202,3 +202,47 @@ def modulated_conv(x, style, weight, *, demodulate, upsample, blur_kernel):
     d = jax.lax.rsqrt((style * style) @ wsq.T + 1e-8)      # (B, out)
     x = x * d[:, None, None, :].astype(x.dtype)
   return x
+
+
+def _bilinear_matrix(n_in, n_out, align_corners):
+  """(n_out, n_in) weights of torch's 1-D linear interpolation (no
+  antialiasing: each output reads at most two inputs, also when shrinking)."""
+  out = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    pos = out * ((n_in - 1) / max(n_out - 1, 1))
+  else:
+    # Half-pixel centres; torch clamps negative source positions to 0.
+    pos = np.maximum((out + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  m[np.arange(n_out), lo] += 1.0 - frac
+  m[np.arange(n_out), hi] += frac
+  return m
+
+
+def resize_bilinear_torch(x, size, align_corners=False):
+  """F.interpolate(x, size, mode='bilinear', align_corners=...) on NHWC.
+
+  jax.image.resize cannot express align_corners=True, and with antialias it
+  filters when shrinking where torch does not; a separable interpolation
+  matrix per axis reproduces torch exactly either way.
+  """
+  mh = jnp.asarray(_bilinear_matrix(x.shape[1], size[0], align_corners),
+                   x.dtype)
+  mw = jnp.asarray(_bilinear_matrix(x.shape[2], size[1], align_corners),
+                   x.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hi)
+  return jnp.einsum("pw,bowc->bopc", mw, x, precision=hi)
+
+
+def resize_generated(image, size):
+  """A generated image as the official DHR and HFGI code compare it with a
+  256² view: clamped to [−1, 1], then `F.interpolate(mode='bilinear',
+  align_corners=False)` (no antialiasing) to `size` (h, w)."""
+  x = jnp.clip(image, -1.0, 1.0)
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return resize_bilinear_torch(x, size)

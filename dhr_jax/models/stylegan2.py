@@ -11,21 +11,31 @@ params['mapping']['style_1']['weight']; shapes are the PyTorch ones.
 The feature hook: `feature_idx` k names the feature map entering the synthesis
 convolution that consumes latent k (k = 11 is the 128² map of a 1024²
 generator, DHR's default). The hook can return that map and/or replace it with
-`f·mask + offset·(1 − mask)` (`f + offset` without a mask). Every method
-that edits features (DHR, weight-only, feature-only) goes through it.
+`f·mask + offset·(1 − mask)` (`f + offset` without a mask), or apply any
+`feature_fn` (HFGI's f·(1 + scale) + shift). Every method that edits
+features (DHR, weight-only, feature-only, HFGI) goes through it.
+
+NVIDIA's stylegan2-ada-pytorch generator (architecture 'skip', unconditional)
+is the same function up to one difference, carried as config: `conv_clamp`
+clamps each synthesis layer's output (after bias, leaky ReLU and its √2 gain)
+and each ToRGB output (after its bias, before the skip sum) to ±conv_clamp.
+Its z normalisation (normalize_2nd_moment) is PixelNorm, its w_avg is
+`latent_avg`; converters/stylegan2_ada.py maps its weights. Layers NVIDIA
+runs in fp16 (num_fp16_res) run in float32 here.
 """
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
+from dhr_jax.models.frozen import freeze
 
 KIND = "generator"
 OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128,
@@ -91,6 +101,11 @@ class ModulatedConv(nn.Module):
         blur_kernel=ops.fir_kernel(gain=4.0))
 
 
+def _clamp(x, limit):
+  """NVIDIA's conv_clamp (bias_act's `clamp`); None leaves x unbounded."""
+  return x if limit is None else jnp.clip(x, -limit, limit)
+
+
 class NoiseInjection(nn.Module):
   @nn.compact
   def __call__(self, x, noise):
@@ -99,28 +114,36 @@ class NoiseInjection(nn.Module):
 
 
 class FusedLeakyReLU(nn.Module):
+  """leaky_relu(x + b)·√2, then clamped to ±clamp when clamp is set."""
+  clamp: Optional[float] = None
+
   @nn.compact
   def __call__(self, x):
     b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    return ops.fused_leaky_relu(x, b)
+    return _clamp(ops.fused_leaky_relu(x, b), self.clamp)
 
 
 class StyledConv(nn.Module):
   features: int
   upsample: bool = False
+  conv_clamp: Optional[float] = None
 
   @nn.compact
   def __call__(self, x, w, noise):
     x = ModulatedConv(self.features, 3, upsample=self.upsample, name="conv")(x, w)
     x = NoiseInjection(name="noise")(x, noise)
-    return FusedLeakyReLU(name="activate")(x)
+    return FusedLeakyReLU(self.conv_clamp, name="activate")(x)
 
 
 class ToRGB(nn.Module):
+  """conv + bias, clamped like the synthesis layers, + the upsampled skip."""
+  conv_clamp: Optional[float] = None
+
   @nn.compact
   def __call__(self, x, w, skip=None):
     y = ModulatedConv(3, 1, demodulate=False, name="conv")(x, w)
     y = y + self.param("bias", nn.initializers.zeros, (1, 3, 1, 1)).reshape(1, 1, 1, 3)
+    y = _clamp(y, self.conv_clamp)
     if skip is not None:
       y = y + ops.upsample_2x(skip, ops.fir_kernel(gain=4.0), (2, 1))
     return y
@@ -162,6 +185,7 @@ class Synthesis(nn.Module):
   before fn), the feature being None without a hook.
   """
   channels: Sequence[int]  # per resolution 4, 8, ..., size
+  conv_clamp: Optional[float] = None
 
   @nn.compact
   def __call__(self, wplus, noise, hook=None):
@@ -176,16 +200,19 @@ class Synthesis(nn.Module):
 
     x = ConstantInput(self.channels[0], name="input")(wplus.shape[0])
     x = at(0, x)
-    x = StyledConv(self.channels[0], name="conv1")(x, wplus[:, 0], noise[0])
-    skip = ToRGB(name="to_rgb1")(x, wplus[:, 1])
+    clamp = self.conv_clamp
+    x = StyledConv(self.channels[0], conv_clamp=clamp, name="conv1")(
+        x, wplus[:, 0], noise[0])
+    skip = ToRGB(clamp, name="to_rgb1")(x, wplus[:, 1])
     for j, c in enumerate(self.channels[1:]):
       i = 2 * j + 1
       x = at(i, x)
-      x = StyledConv(c, upsample=True, name=f"convs_{2 * j}")(
-          x, wplus[:, i], noise[i])
+      x = StyledConv(c, upsample=True, conv_clamp=clamp,
+                     name=f"convs_{2 * j}")(x, wplus[:, i], noise[i])
       x = at(i + 1, x)
-      x = StyledConv(c, name=f"convs_{2 * j + 1}")(x, wplus[:, i + 1], noise[i + 1])
-      skip = ToRGB(name=f"to_rgbs_{j}")(x, wplus[:, i + 2], skip)
+      x = StyledConv(c, conv_clamp=clamp, name=f"convs_{2 * j + 1}")(
+          x, wplus[:, i + 1], noise[i + 1])
+      skip = ToRGB(clamp, name=f"to_rgbs_{j}")(x, wplus[:, i + 2], skip)
     return skip, (taken[0] if taken else None)
 
 
@@ -196,13 +223,31 @@ def feature_blend(offset, mask=None):
   return lambda f: f * mask + offset * (1.0 - mask)
 
 
+def feature_modulation(scale, shift):
+  """The HFGI hook: f ↦ f·(1 + scale) + shift (distortion consultation)."""
+  return lambda f: f * (1.0 + scale) + shift
+
+
 def truncate(w, psi, w_avg):
-  """Truncation trick: w_avg + psi·(w − w_avg)."""
+  """Truncation trick: w_avg + psi·(w − w_avg).
+
+  With `w_avg = G.latent_avg` this is the public truncation API:
+  `truncate(G.mapping(G.params, z), 0.7, G.latent_avg)` (or `G(params, z,
+  truncation=0.7)` for the image). For a generator converted from an NVIDIA
+  pickle latent_avg is the file's `mapping.w_avg`, so this equals NVIDIA's
+  `G.mapping(z, c, truncation_psi=0.7)` (without truncation_cutoff).
+  """
   return w_avg + psi * (w - w_avg)
 
 
-def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01):
-  """The config dict stored with a checkpoint; channels: {res: C} or one int."""
+def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
+                     conv_clamp=None):
+  """The config dict stored with a checkpoint; channels: {res: C} or one int.
+
+  conv_clamp: NVIDIA's clamp of every synthesis layer's and ToRGB's output
+  to ±conv_clamp (256 in NVIDIA-trained stylegan2-ada nets); None for the
+  rosinality generator and TF-converted nets.
+  """
   log_size = int(math.log2(size))
   if 2 ** log_size != size or size < 8:
     raise ValueError(f"size must be a power of two ≥ 8, got {size}")
@@ -219,6 +264,7 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01):
       "channel_multiplier": cm, "lr_mlp": lr_mlp,
       "channels": {str(r): int(channels[r]) for r in res},
       "n_latent": 2 * log_size - 2, "num_layers": 2 * log_size - 3,
+      "conv_clamp": None if conv_clamp is None else float(conv_clamp),
   }
 
 
@@ -238,24 +284,39 @@ def _random_noise(key, shapes):
   return [flat[e - n:e].reshape(s) for e, n, s in zip(ends, sizes, shapes)]
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Generator:
-  """A generator: config + weights + fixed noise, with pure apply functions.
+  """A generator as a pytree: weights and fixed noise are its leaves, the
+  architecture config its static part.
 
   `mapping` and `synthesis` take params explicitly so they can be jitted,
-  differentiated and vmapped over params (each image its own copy).
+  differentiated and vmapped over params (each image its own copy). The
+  generator itself can be a jit argument: `jax.jit(lambda G, w:
+  G.synthesis(G.params, w))(G, w)` traces once per architecture (config)
+  and array shapes, and reuses the program for other weights or noise.
+  `config` is a read-only dict (`FrozenConfig`); build a changed generator
+  with `G.replace(params=...)`.
   """
-  config: dict
+  config: dict = struct.field(pytree_node=False)
   params: Any
   noise: list
   latent_avg: Optional[jnp.ndarray] = None
 
   def __post_init__(self):
+    # Also runs when jax rebuilds the pytree; freeze() is a no-op then.
+    object.__setattr__(self, "config", freeze(self.config))
+
+  @property
+  def _mapping(self):
     c = self.config
-    self._mapping = Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
-    self._synthesis = Synthesis(
-        tuple(c["channels"][str(2 ** i)]
-              for i in range(2, int(math.log2(c["size"])) + 1)))
+    return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
+
+  @property
+  def _synthesis(self):
+    c = self.config
+    return Synthesis(tuple(c["channels"][str(2 ** i)]
+                           for i in range(2, int(math.log2(c["size"])) + 1)),
+                     c.get("conv_clamp"))
 
   @property
   def n_latent(self):
@@ -266,12 +327,14 @@ class Generator:
     return self._mapping.apply({"params": params["mapping"]}, z)
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
-                return_feature=False, offset=None, mask=None):
+                return_feature=False, offset=None, mask=None,
+                feature_fn=None):
     """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
 
     noise: list of NHWC maps (default: this generator's fixed noise).
     feature_idx: where the hook acts; with `offset` the feature there is
-    replaced by f·mask + offset·(1−mask) (f + offset when mask is None);
+    replaced by f·mask + offset·(1−mask) (f + offset when mask is None),
+    with `feature_fn` by feature_fn(f) (e.g. `feature_modulation`);
     with `return_feature` the feature before replacement is returned too.
     """
     if wplus.ndim != 3 or wplus.shape[1] != self.n_latent:
@@ -280,14 +343,17 @@ class Generator:
           f"got {wplus.shape}")
     noise = self.noise if noise is None else noise
     hook = None
+    if offset is not None:
+      if feature_fn is not None:
+        raise ValueError("give either offset (and mask) or feature_fn")
+      feature_fn = feature_blend(offset, mask)
     if feature_idx is not None:
       if not 0 <= feature_idx < self.config["num_layers"]:
         raise ValueError(f"feature_idx must be in [0, "
                          f"{self.config['num_layers']}), got {feature_idx}")
-      hook = (feature_idx,
-              feature_blend(offset, mask) if offset is not None else None)
-    elif offset is not None or return_feature:
-      raise ValueError("offset/return_feature need a feature_idx")
+      hook = (feature_idx, feature_fn)
+    elif feature_fn is not None or return_feature:
+      raise ValueError("offset/feature_fn/return_feature need a feature_idx")
     img, feat = self._synthesis.apply({"params": params["synthesis"]}, wplus,
                                       noise, hook)
     return (img, feat) if return_feature else img
@@ -313,13 +379,14 @@ class Generator:
 
 
 def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
-                   lr_mlp=0.01, noise_strength=0.1):
+                   lr_mlp=0.01, noise_strength=0.1, conv_clamp=None):
   """A stand-in generator with seeded random weights (tests, demo).
 
   Noise strengths are set to `noise_strength` (the official init is 0, which
   would hide noise-handling mistakes from the tests that use this).
   """
-  config = generator_config(size, style_dim, n_mlp, channels, lr_mlp)
+  config = generator_config(size, style_dim, n_mlp, channels, lr_mlp,
+                            conv_clamp)
   g = Generator(config, None, None)
   k_init, k_noise, k_avg = jax.random.split(key, 3)
   noise = g.make_noise(k_noise)
@@ -351,8 +418,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   g = Generator(config, params, noise)
-  g.latent_avg = jax.jit(g.mean_latent)(k_avg)
-  return g
+  return g.replace(latent_avg=jax.jit(g.mean_latent)(k_avg))
 
 
 def load_generator(path):
