@@ -1,5 +1,7 @@
 """The convolutions' hand-written weight derivatives (CPU) against XLA's own:
 reverse mode, forward mode, vmapped per-image weights inside a loop."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,27 @@ def test_gradients_vmapped_in_a_scan(name):
   # Three gradient steps of size 0.1 × (errors ~1e-6 relative, above) on
   # weights ~1: the weights' difference stays ~1e-7 relative.
   assert _max_rel(descend(conv)(ws, xs), descend(ref)(ws, xs)) <= 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU lowering")
+@pytest.mark.parametrize("name", ["conv3x3", "transposed"])
+def test_cpu_backward_convolutions_are_canonical(name):
+  """XLA CPU runs a convolution as a library call only in the canonical
+  form (NHWC input, HWIO kernel); inside a loop body nothing rewrites other
+  forms, which then run as naive loops (10× slower at 64², 512 channels).
+  The gradient of the convolutions in a scan must therefore stay HWIO."""
+  conv, _, wshape = CASES[name]
+  kx, kw = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(kx, (1, 6, 6, 5))
+  w = jax.random.normal(kw, wshape)
+
+  def descend(w, x):
+    def step(c, _):
+      g = jax.grad(_loss(conv), (0, 1))(*c)
+      return (c[0] - 0.1 * g[0], c[1] - 0.1 * g[1]), None
+    return jax.lax.scan(step, (x, w), None, length=2)[0]
+
+  hlo = jax.jit(descend).lower(w, x).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+  assert labels, "no convolution left in the compiled gradient"
+  assert all(lab == "b01f_01io->b01f" for lab in labels), labels
