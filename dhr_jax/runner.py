@@ -130,13 +130,13 @@ def load_models(config, mesh=None):
       n_mean_latent=int(config.embedding.n_mean_latent), mesh=mesh)
 
 
-def build_edits(edit_config, G):
-  """config.edit → [EditSpec] (InterFaceGAN, GANSpace, random direction)."""
+def edit_directions(edit_config, G):
+  """config.edit's InterFaceGAN directions → [(name, direction)]: those of
+  edit.directions ("name=path,..."), then the seeded 'random' one when
+  edit.random_direction_seed ≥ 0. Raises UserError for a bad entry."""
   e = edit_config
   out = []
   try:
-    strengths = editing.parse_strengths(e.strengths)
-    layers = editing.parse_layers(e.layers)
     for item in str(e.directions).split(","):
       if not item.strip():
         continue
@@ -144,8 +144,26 @@ def build_edits(edit_config, G):
         raise UserError(f"config.edit.directions: expected name=path, got "
                         f"{item.strip()!r}")
       name, path = (x.strip() for x in item.split("=", 1))
-      out.append(pipeline.interfacegan(name, editing.load_direction(path),
-                                       strengths, layers))
+      out.append((name, editing.load_direction(path)))
+  except editing.EditError as err:
+    raise UserError(f"config.edit: {err}") from None
+  if int(e.random_direction_seed) >= 0:
+    out.append(("random", pipeline.random_direction(
+        int(e.random_direction_seed), G.config["style_dim"])))
+  return out
+
+
+def build_edits(edit_config, G):
+  """config.edit → [EditSpec]: the InterFaceGAN directions, the GANSpace
+  edits, then the random direction (`edit_directions`)."""
+  e = edit_config
+  directions = edit_directions(e, G)
+  n_given = len(directions) - (int(e.random_direction_seed) >= 0)
+  try:
+    strengths = editing.parse_strengths(e.strengths)
+    layers = editing.parse_layers(e.layers)
+    out = [pipeline.interfacegan(name, n, strengths, layers)
+           for name, n in directions[:n_given]]
     if e.ganspace:
       pcs = editing.load_ganspace(e.ganspace)
       name = os.path.splitext(os.path.basename(e.ganspace))[0]
@@ -155,11 +173,8 @@ def build_edits(edit_config, G):
     elif e.ganspace_edits:
       raise UserError("config.edit.ganspace_edits needs config.edit.ganspace "
                       "(the components file)")
-    if int(e.random_direction_seed) >= 0:
-      out.append(pipeline.interfacegan(
-          "random", pipeline.random_direction(int(e.random_direction_seed),
-                                              G.config["style_dim"]),
-          strengths, layers))
+    out += [pipeline.interfacegan(name, n, strengths, layers)
+            for name, n in directions[n_given:]]
   except editing.EditError as err:
     raise UserError(f"config.edit: {err}") from None
   labels = [l for spec in out for l in spec.labels]
@@ -419,7 +434,8 @@ class _Progress:
   (and on every stage change) so that the compiled loops never wait on it.
   """
 
-  def __init__(self, total, initial, interval=0.5):
+  def __init__(self, total, initial, interval=0.5, listener=None):
+    self.listener = listener
     self.bar = tqdm(total=total, initial=initial, unit="img", desc="DHR",
                     dynamic_ncols=True)
     self.batch = ""
@@ -431,6 +447,8 @@ class _Progress:
     self.batch = f"batch {index}/{count} ({', '.join(names)})"
 
   def __call__(self, stage):
+    if self.listener is not None:
+      self.listener(stage)  # every stage and step, unthrottled
     head, _, count = stage.partition(" step ")
     k, _, n = count.partition("/")
     now = time.monotonic()
@@ -450,11 +468,14 @@ class _Progress:
     self.bar.close()
 
 
-def run(config, workdir):
+def run(config, workdir, *, models=None, progress=None):
   """Inverts, refines and edits every input of `config` into `workdir`.
 
   Every setting, the inputs, the models and the workdir's parent are checked
   before anything is created; the workdir is locked while the run writes.
+  models: `load_models(config, ...)` already loaded (the app loads them
+  once for every upload). progress: optional `progress(stage)`, told every
+  stage and refinement step of `pipeline.run_batch` as the bar is.
   """
   t_start = time.time()
   workdir = os.path.abspath(workdir)
@@ -475,7 +496,8 @@ def run(config, workdir):
     # models are loaded. A new one is locked as soon as it is made.
     if os.path.isdir(workdir):
       held.enter_context(_lock(workdir))
-    models = load_models(config, pipeline.make_mesh())
+    if models is None:
+      models = load_models(config, pipeline.make_mesh())
     _check_feature_idx(config, models.G)
     edits = build_edits(config.edit, models.G)
     if not os.path.isdir(workdir):
@@ -485,11 +507,11 @@ def run(config, workdir):
         raise UserError(str(e)) from None
       held.enter_context(_lock(workdir))
     return _run_batches(config, workdir, entries, models, edits, t_start,
-                        face_models)
+                        face_models, progress)
 
 
 def _run_batches(config, workdir, entries, models, edits, t_start,
-                 face_models=None):
+                 face_models=None, listener=None):
   G = models.G
   edit_names = [e.name for e in edits]
   gt = None
@@ -522,7 +544,7 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
-  progress = _Progress(len(entries), skipped)
+  progress = _Progress(len(entries), skipped, listener=listener)
   n_batches = -(-len(entries) // b)
   # Batches are fixed slices of the sorted inputs, so a resumed run computes
   # every image in the same batch as an uninterrupted one.

@@ -1,0 +1,300 @@
+"""The browser editor (`python -m dhr_jax.app`) driven from headless Chromium.
+
+The app runs as a real server (a subprocess with the demo config, on a free
+local port); Selenium drives Debian's chromium through chromedriver
+(`apt-get install chromium chromium-driver`; nothing downloads a browser).
+"""
+import io as std_io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+import skimage.data
+
+pytest.importorskip("gradio", reason="the app extra: pip install -e .[app]")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+import dhr_jax  # noqa: E402
+from dhr_jax import app  # noqa: E402
+from dhr_jax import config_files  # noqa: E402
+from dhr_jax import editing  # noqa: E402
+from dhr_jax import faces  # noqa: E402
+from dhr_jax import io  # noqa: E402
+from dhr_jax import photos  # noqa: E402
+from dhr_jax import pipeline  # noqa: E402
+from dhr_jax import runner  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+# The flags that work on a sandbox-less CI machine without network.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-quic", "--no-first-run",
+                  "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,1500")
+UPLOAD_LIMIT_MB = 2
+# The demo's whole pipeline (compiles included) on a loaded 2-core machine
+# took about 3 minutes; far more means something hangs.
+RUN_TIMEOUT = 1200
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y "
+    "chromium chromium-driver; .ci/run installs them)")
+
+
+def _demo_config():
+  return config_files.load_config(DEMO)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  """The app on a free port with the demo config → (url, workdir)."""
+  workdir = str(tmp_path_factory.mktemp("app_workdir"))
+  env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gr")),
+             GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+  log = open(os.path.join(workdir, "..", "app.log"), "w+")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dhr_jax.app", f"--config={DEMO}",
+       f"--workdir={workdir}", "--port=0",
+       f"--max_upload_mb={UPLOAD_LIMIT_MB}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+  url = []
+
+  def read():
+    for line in proc.stdout:
+      m = re.match(r"DHR editor: (http://\S+)", line)
+      if m:
+        url.append(m.group(1))
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  deadline = time.monotonic() + 600
+  while not url and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.5)
+  if not url:
+    proc.kill()
+    log.seek(0)
+    pytest.fail(f"the app did not start:\n{log.read()[-3000:]}")
+  try:
+    yield url[0], workdir
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+  downloads = str(tmp_path_factory.mktemp("downloads"))
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in CHROMIUM_FLAGS:
+    options.add_argument(flag)
+  options.add_argument("--user-data-dir="
+                       + str(tmp_path_factory.mktemp("chromium_profile")))
+  options.add_experimental_option("prefs", {
+      "download.default_directory": downloads,
+      "download.prompt_for_download": False})
+  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+  driver.downloads = downloads
+  try:
+    yield driver
+  finally:
+    driver.quit()
+
+
+def _status(driver):
+  return driver.find_element(By.ID, "status").text
+
+
+def _upload(driver, url, path, expect, timeout=RUN_TIMEOUT, seen=None):
+  """Loads the page, uploads `path`, waits for a status matching `expect`.
+
+  seen: optional {pattern: []}; each list collects the page texts matching
+  its pattern while the page works (the progress bars)."""
+  driver.get(url)
+  wait = WebDriverWait(driver, 120)
+  field = wait.until(lambda d: d.find_element(
+      By.CSS_SELECTOR, "#photo input[type=file]"))
+  field.send_keys(path)
+
+  def done(d):
+    if seen:
+      body = d.find_element(By.TAG_NAME, "body").text
+      for pattern, found in seen.items():
+        found += re.findall(pattern, body)
+    return re.search(expect, _status(d))
+  WebDriverWait(driver, timeout, poll_frequency=1).until(done)
+  return _status(driver)
+
+
+def _image_src(driver, elem_id):
+  found = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+  return found[0].get_attribute("src") if found else None
+
+
+def _fetch_png(src):
+  with urllib.request.urlopen(src) as r:
+    return np.asarray(Image.open(std_io.BytesIO(r.read())).convert("RGB"))
+
+
+def _download(driver, elem_id, name):
+  """Clicks a download button and returns the downloaded file's path."""
+  target = os.path.join(driver.downloads, name)
+  if os.path.exists(target):
+    os.remove(target)
+  driver.find_element(By.ID, elem_id).click()
+  WebDriverWait(driver, 60).until(
+      lambda d: os.path.isfile(target) and not os.path.exists(
+          target + ".crdownload"))
+  return target
+
+
+def _png(path):
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _assert_rounds(u8, image):
+  """u8 is `io.to_uint8` of a render equal to `image` up to float round-off.
+
+  Two renders of the same codes by the app differed in 1 of 12288 uint8
+  values, by 1 (measured in this test: a float difference far below one
+  level, at a .5 rounding boundary), so each value must be within half a
+  level of this render's, plus 0.05 levels (2e-4 in [-1, 1] units, ~1000
+  float32 ulps at 1.0; one edit step of the slider moves pixels by levels).
+  """
+  exact = np.clip((np.asarray(image, np.float64) + 1.0) * 127.5, 0, 255)
+  assert np.abs(u8.astype(np.float64) - exact).max() <= 0.55
+
+
+def test_error_paths_are_messages_on_the_page(server, browser, tmp_path):
+  url, workdir = server
+  text = tmp_path / "notes.txt"
+  text.write_text("not a photo\n")
+  status = _upload(browser, url, str(text), r"Refined|error")
+  assert "notes.txt is not an image" in status
+  assert "Traceback" not in browser.page_source
+
+  # A file over --max_upload_mb is refused before it is read.
+  big = tmp_path / "big.png"
+  big.write_bytes(os.urandom(int((UPLOAD_LIMIT_MB + 0.5) * 2**20)))
+  browser.get(url)
+  field = WebDriverWait(browser, 120).until(lambda d: d.find_element(
+      By.CSS_SELECTOR, "#photo input[type=file]"))
+  field.send_keys(str(big))
+  WebDriverWait(browser, 60).until(
+      lambda d: re.search(r"exceed the maximum allowed size", d.find_element(
+          By.TAG_NAME, "body").text))
+  assert "Traceback" not in browser.page_source
+
+  if photos.face_models() is None:
+    pytest.skip("no-face check needs the faces extra (alignment is off)")
+  coffee = tmp_path / "coffee.png"
+  Image.fromarray(skimage.data.coffee()).save(coffee)
+  status = _upload(browser, url, str(coffee), r"Refined|error")
+  assert "no face found" in status
+  # A refused photo is not left among the run's inputs.
+  assert not os.path.exists(os.path.join(workdir, "inputs", "coffee.png"))
+  assert "Traceback" not in browser.page_source
+
+
+@pytest.mark.slow
+def test_upload_refine_slide_download(server, browser, tmp_path):
+  url, workdir = server
+  photo = tmp_path / "astronaut.png"
+  Image.fromarray(skimage.data.astronaut()).save(photo)
+  steps = r"refinement\D{0,20}(\d+)/(\d+)"
+  seen = {steps: [], r"segmentation|embedding": []}
+  status = _upload(browser, url, str(photo), r"Refined|error", seen=seen)
+  assert status.startswith("Refined"), status
+  # The progress bar named the stages and counted refinement steps (of the
+  # demo's feature_steps).
+  assert seen[r"segmentation|embedding"]
+  assert seen[steps] and {int(n) for _, n in seen[steps]} == {
+      _demo_config().refine.feature_steps}
+  assert len({k for k, _ in seen[steps]}) > 1
+
+  # Page: input, inversion, the labelled mask and the edit at α = 0.
+  for elem_id in ("input", "inversion", "mask", "edit"):
+    assert _image_src(browser, elem_id), elem_id
+  assert app.MASK_LABEL in browser.page_source
+  before_src = _image_src(browser, "edit")
+  before = _fetch_png(before_src)
+
+  slider = browser.find_element(By.CSS_SELECTOR, "#slider_0 input[type=range]")
+  ActionChains(browser).click_and_hold(slider).move_by_offset(
+      slider.size["width"] // 4, 0).release().perform()
+  WebDriverWait(browser, 600, poll_frequency=0.5).until(
+      lambda d: _status(d).startswith("Edited")
+      and _image_src(d, "edit") != before_src)
+  alpha = float(slider.get_attribute("value"))
+  assert alpha != 0
+  assert f"random {alpha:g}" in _status(browser)
+
+  shown = _fetch_png(_image_src(browser, "edit"))
+  edit = _png(_download(browser, "download_edit", "edit.png"))
+
+  # What dhr_jax renders for the same code and strength, from the saved
+  # refinement.
+  labels = list(app.finished(workdir))
+  assert len(labels) == 1, labels
+  directory = os.path.join(workdir, labels[0])
+  G = runner.load_generator(_demo_config())
+  refined = dhr_jax.load_refined(os.path.join(directory, "refined"), G)
+  n = pipeline.random_direction(0, G.config["style_dim"])
+  codes = editing.edit_codes(refined.codes, n, [alpha])[:, 0]
+  want = np.asarray(dhr_jax.render(G, refined, codes)[0])
+  # The page's image and the PNG are the uint8 rounding of that render.
+  _assert_rounds(shown, want)
+  _assert_rounds(edit, want)
+  # The edit moved the image (the demo's random direction at |α| ≥ 0.5
+  # changes most pixels of the 64² stand-in).
+  assert np.abs(edit.astype(int) - before).mean() > 1.0
+  # α = 0 is the inversion.
+  _assert_rounds(before, np.asarray(dhr_jax.render(G, refined)[0]))
+  _assert_rounds(_png(os.path.join(directory, "inversion.png")),
+                 np.asarray(dhr_jax.render(G, refined)[0]))
+
+  # The refined/ zip holds what --mode=edit and load_refined read.
+  zipped = _download(browser, "download_refined", "refined.zip")
+  unpacked = tmp_path / "unzipped"
+  with zipfile.ZipFile(zipped) as z:
+    z.extractall(unpacked)
+  again = dhr_jax.load_refined(str(unpacked / "refined"), G)
+  _assert_rounds(io.to_uint8(dhr_jax.render(G, again, codes)[0]), want)
+
+  if photos.face_models() is not None:
+    # Aligned: OUT/astronaut/face0, and the edit pasted into the photo.
+    assert labels[0] == os.path.join("astronaut", "face0")
+    pasted = _png(_download(browser, "download_pasted", "pasted.png"))
+    with open(os.path.join(workdir, "astronaut", photos.FACES_FILE)) as f:
+      quad = np.asarray(json.load(f)["faces"][0]["quad"])
+    np.testing.assert_array_equal(
+        pasted, faces.paste(skimage.data.astronaut(), edit, quad)[0])
+
+  shot = os.environ.get("DHR_APP_SCREENSHOT")
+  if shot:
+    png = browser.get_screenshot_as_png()
+    Image.open(std_io.BytesIO(png)).convert("RGB").quantize(128).save(
+        shot, optimize=True)
