@@ -391,6 +391,12 @@ def _synthesize(G, codes):
   return G.synthesis(G.params, codes, G.noise)
 
 
+def synthesize(G, codes):
+  """G(codes) with the generator's own weights and fixed noise (the
+  unrefined inversion): (B, n_latent, d) → (B, H, W, 3)."""
+  return _synthesize(G, jnp.asarray(codes, jnp.float32))
+
+
 def _refine(models, codes, x, mask, kwargs):
   """`refine.hybrid_refine` on the batch; with a mesh, each device refines
   its shard.
@@ -437,31 +443,28 @@ def _finite(*arrays):
   return all(bool(np.all(np.isfinite(np.asarray(a)))) for a in arrays)
 
 
-def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
-              progress=None, landmarks=None):
-  """Runs the pipeline on one batch.
+@dataclasses.dataclass
+class Embedded:
+  """A batch after segmentation and embedding, before any refinement.
 
-  Args:
-    models: `Models`.
-    config: the run config (fields embedding, dss, refine, seed,
-      batch_size).
-    target: (n, H, W, 3) float images in [-1, 1] at the generator size,
-      n ≤ batch_size; the batch is padded to batch_size (rounded up to a
-      multiple of the device count) by repeating the last image, and the
-      padding is dropped from the results.
-    names: n image names (they seed the per-image randomness).
-    edits: `EditSpec`s rendered for every image.
-    ground_truth: optional {name: (H, W) bool out-of-domain patch}.
-    progress: optional `progress(stage)`, told the stage as it starts
-      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
-      'edits'); the refinement steps are reported from XLA's callback
-      thread while the compiled loop runs.
-    landmarks: optional (n, 5, 2) five landmarks per image for the parser
-      (`dhr_jax.photos.parser_landmarks`); None: the canonical FFHQ ones.
-
-  Returns:
-    ([ImageResult] for the n real images, {stage: seconds}).
+  x: (b, H, W, 3) padded targets on the device(s); target: the n real ones
+  (numpy); names / padded_names; dss: the `segmentation` result; codes: W+
+  codes (b, n_latent, d); embedded: (b, H, W, 3) G(codes) as numpy.
+  Several refinements (`refine_batch`) can start from the same one.
   """
+  x: Any
+  target: np.ndarray
+  names: list
+  padded_names: list
+  dss: Any
+  codes: Any
+  embedded: np.ndarray
+  times: dict
+
+
+def segment_and_embed(models, config, target, names, *, progress=None,
+                      landmarks=None):
+  """Stages 1-2 of `run_batch` (DSS, then the embedding) → `Embedded`."""
   G = models.G
   n = len(names)
   size = G.config["size"]
@@ -505,15 +508,33 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   report("embedding")
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
                           coarse_codes=inv.codes, loss_target=x_loss)
-  embedded = np.asarray(embedded)
   times["embed"] = time.perf_counter() - t
+  return Embedded(x=x, target=target, names=list(names),
+                  padded_names=padded_names, dss=dss, codes=codes,
+                  embedded=np.asarray(embedded), times=times)
 
-  t = time.perf_counter()
-  mask = dss.mask
+
+def refine_kwargs(refine_config):
+  """config.refine → the keyword arguments of `refine.hybrid_refine`."""
+  rc = refine_config
+  return dict(
+      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
+      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
+      mse_norm=str(rc.mse_norm))
+
+
+def refine_batch(models, refine_config, emb, *, progress=None):
+  """Stage 3 of `run_batch`: the refinement of an `Embedded` batch with
+  `refine_config` (config.refine's fields) → a batched `refine.Refinement`
+  (padding included), ready."""
+  report = progress or (lambda stage: None)
+  mask = emb.dss.mask
   if models.mesh is not None:
     mask = jax.device_put(mask, _batched(models.mesh))
-  rc = config.refine
-  steps = int(rc.feature_steps)
+  kwargs = refine_kwargs(refine_config)
+  steps = kwargs["feature_steps"]
   report(f"refinement step 0/{steps}")
   reached = [0]
 
@@ -523,20 +544,64 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       reached[0] = k
       report(f"refinement step {k}/{steps}")
   with refine_lib.on_step(step_done):
-    result = _refine(models, codes, x, mask, dict(
-        feature_idx=int(rc.feature_idx), feature_steps=steps,
-        weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
-        feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
-        mse_norm=str(rc.mse_norm)))
+    result = _refine(models, emb.codes, emb.x, mask, kwargs)
     # Dispatch is asynchronous: wait inside the block so that every step
     # is reported while someone listens.
     jax.block_until_ready((result.synthesis, result.offset, result.image,
                            result.losses_in, result.losses_out))
+  return result
+
+
+def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
+              progress=None, landmarks=None):
+  """Runs the pipeline on one batch.
+
+  Args:
+    models: `Models`.
+    config: the run config (fields embedding, dss, refine, seed,
+      batch_size).
+    target: (n, H, W, 3) float images in [-1, 1] at the generator size,
+      n ≤ batch_size; the batch is padded to batch_size (rounded up to a
+      multiple of the device count) by repeating the last image, and the
+      padding is dropped from the results.
+    names: n image names (they seed the per-image randomness).
+    edits: `EditSpec`s rendered for every image.
+    ground_truth: optional {name: (H, W) bool out-of-domain patch}.
+    progress: optional `progress(stage)`, told the stage as it starts
+      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
+      'edits'); the refinement steps are reported from XLA's callback
+      thread while the compiled loop runs.
+    landmarks: optional (n, 5, 2) five landmarks per image for the parser
+      (`dhr_jax.photos.parser_landmarks`); None: the canonical FFHQ ones.
+
+  Returns:
+    ([ImageResult] for the n real images, {stage: seconds}).
+  """
+  emb = segment_and_embed(models, config, target, names, progress=progress,
+                          landmarks=landmarks)
+  times = dict(emb.times)
+  t = time.perf_counter()
+  result = refine_batch(models, config.refine, emb, progress=progress)
+  times["refine"] = time.perf_counter() - t
+  out, more = finish_batch(models, emb, result, edits=edits,
+                           ground_truth=ground_truth, progress=progress)
+  times.update(more)
+  return out, times
+
+
+def finish_batch(models, emb, result, *, edits=(), ground_truth=None,
+                 progress=None):
+  """Stages 4-5 of `run_batch` (metrics, edits) of one refinement of `emb`
+  → ([ImageResult], {stage: seconds})."""
+  G = models.G
+  names, target, dss, x = emb.names, emb.target, emb.dss, emb.x
+  embedded = emb.embedded
+  n = len(names)
+  times = {}
+  report = progress or (lambda stage: None)
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
-  times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
   report("metrics")
@@ -546,7 +611,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
 
   t = time.perf_counter()
   report("edits")
-  codes = np.asarray(codes)
+  codes = np.asarray(emb.codes)
   out = []
   for i, name in enumerate(names):
     ok = _finite(losses_in[i], losses_out[i], image[i], codes[i])

@@ -839,11 +839,13 @@ def explain_flag_error(argv, error):
   return text[0] if text else type(error).__name__
 
 
-def main(config, workdir, mode="run"):
+def main(config, workdir, mode="run", actions=None):
   """What `python run.py` does with its parsed flags → the exit status.
 
-  mode 'run' or 'edit'; the outcome's one line ends the output (stderr when
-  something failed), a UserError is one `error:` line and status 2.
+  mode 'run' or 'edit', or a key of `actions` ({mode: fn(config, workdir)
+  → Outcome}, e.g. `dhr_jax.compare.run`, which imports this module); the
+  outcome's one line ends the output (stderr when something failed), a
+  UserError is one `error:` line and status 2.
   """
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if config is None:
@@ -854,8 +856,8 @@ def main(config, workdir, mode="run"):
     print("error: --workdir is required", file=sys.stderr)
     return 2
   try:
-    outcome = edit(config, workdir) if mode == "edit" else run(config,
-                                                               workdir)
+    action = dict(run=run, edit=edit, **(actions or {}))[mode]
+    outcome = action(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
