@@ -14,8 +14,9 @@ Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
   5. metrics against the input (MSE, PSNR, LPIPS-Alex, LPIPS-VGG, mask
      fractions) and, for synthetic inputs, against the known ground truth.
 
-Stages 1-3 run batched (vmapped inside each stage); with a mesh the batch axis
-is sharded over its devices. Randomness comes from one key per image derived
+Stages 1-3 run batched (vmapped inside each stage), the batch axis sharded
+over a 1-D mesh of devices: one device is a mesh of one, through the same
+code. Randomness comes from one key per image derived
 from the run seed and the image *name*, and every per-image computation is
 independent of the others, so an image gets the same result whatever batch
 or batch position it lands in (resume relies on this).
@@ -61,7 +62,8 @@ class Models:
   G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
   (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
   w_stats: (mean, spread) of W for the optimisation-based inversions;
-  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch') or None.
+  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  device alone.
   """
   G: Generator
   lpips_vgg: Any
@@ -71,16 +73,22 @@ class Models:
   w_stats: Any = None
   mesh: Any = None
 
+  def __post_init__(self):
+    if self.mesh is None:
+      self.mesh = make_mesh(jax.local_devices()[:1])
+
   @property
   def n_devices(self):
-    return 1 if self.mesh is None else self.mesh.devices.size
+    return self.mesh.devices.size
 
 
 def make_mesh(devices=None):
-  """A 1-D mesh named 'batch' over `devices` (default: all), or None for one."""
-  devices = jax.devices() if devices is None else list(devices)
-  if len(devices) < 2:
-    return None
+  """A 1-D mesh named 'batch' over `devices` (one device: a mesh of one).
+
+  Default: this process's devices (in a multi-process run every process
+  refines its own images on its own devices, see `runner.init_distributed`).
+  """
+  devices = jax.local_devices() if devices is None else list(devices)
   return jax.sharding.Mesh(np.asarray(devices), ("batch",))
 
 
@@ -92,21 +100,27 @@ def _batched(mesh):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
 
+def _shard(models, x):
+  """The batch axis of x over the mesh's devices."""
+  return jax.device_put(x, _batched(models.mesh))
+
+
 def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
                    seed=0, n_mean_latent=10000, mesh=None):
-  """Bundles the models; replicates their weights over `mesh` if given.
+  """Bundles the models; replicates their weights over `mesh` (None: the
+  first local device alone).
 
   w_stats (the W mean the optimisations start from, and its spread) are
   computed once here from the run seed, so every image starts alike.
   """
-  if mesh is not None:
-    # Models are pytrees: their weights are replicated, configs untouched.
-    G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
-        (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
+  if mesh is None:
+    mesh = make_mesh(jax.local_devices()[:1])
+  # Models are pytrees: their weights are replicated, configs untouched.
+  G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
+      (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
-  w_stats = embedding_lib.latent_stats(G, key, n_mean_latent)
-  if mesh is not None:
-    w_stats = jax.device_put(w_stats, _replicated(mesh))
+  w_stats = jax.device_put(embedding_lib.latent_stats(G, key, n_mean_latent),
+                           _replicated(mesh))
   return Models(G=G, lpips_vgg=lpips_vgg, lpips_alex=lpips_alex,
                 encoder=encoder, parser=parser, w_stats=w_stats, mesh=mesh)
 
@@ -367,9 +381,7 @@ def embed(models, config, target, names, seed, coarse_codes=None,
                           f"{config.space!r}")
     codes = coarse_codes
     if int(config.steps) > 0:
-      keys = image_keys(seed, names, "embedding")
-      if models.mesh is not None:
-        keys = jax.device_put(keys, _batched(models.mesh))
+      keys = _shard(models, image_keys(seed, names, "embedding"))
       init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
       if loss_target is None:
         loss_target = io.resize_target(target)
@@ -398,19 +410,18 @@ def synthesize(G, codes):
 
 
 def _refine(models, codes, x, mask, kwargs):
-  """`refine.hybrid_refine` on the batch; with a mesh, each device refines
-  its shard.
+  """`refine.hybrid_refine` on the batch, each device refining its shard.
 
   Every image's refinement is independent, so the batch is split with
   `shard_map` and each device runs the vmapped refinement on its own images
   (the weights, noise and LPIPS replicated). Leaving it to the automatic
   partitioner instead fails: per-image weights make the generator's
-  convolutions grouped ones, which it cannot split along the batch.
+  convolutions grouped ones, which it cannot split along the batch. On a
+  mesh of one device this is bit-identical to calling `hybrid_refine`
+  directly (measured on the 32² stand-in generator: every output array
+  equal, max |difference| 0).
   """
   G = models.G
-  if models.mesh is None:
-    return refine_lib.hybrid_refine(G, codes, x, mask,
-                                    lpips_alex=models.lpips_alex, **kwargs)
   synthesis, offset, mask_feature, image, losses_in, losses_out = (
       _sharded_refine(G, models.lpips_alex, codes, x, mask,
                       mesh=models.mesh,
@@ -478,21 +489,15 @@ def segment_and_embed(models, config, target, names, *, progress=None,
   padded_names = list(names) + [names[-1]] * (b - n)
   x = _pad(target, b)
   # The optimisation embedding's target: the official code's 256² resize.
-  x_loss = io.resize_target(x)
-  if models.mesh is not None:
-    x = jax.device_put(x, _batched(models.mesh))
-    x_loss = jax.device_put(x_loss, _batched(models.mesh))
-  else:
-    x = jnp.asarray(x)
+  x_loss = _shard(models, io.resize_target(x))
+  x = _shard(models, x)
   seed = int(config.seed)
   times = {}
   report = progress or (lambda stage: None)
 
   t = time.perf_counter()
   report("segmentation")
-  coarse_keys = image_keys(seed, padded_names, "coarse")
-  if models.mesh is not None:
-    coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
+  coarse_keys = _shard(models, image_keys(seed, padded_names, "coarse"))
   dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
       dict(config.dss))
   inv = embedding_lib.coarse_inversion(
@@ -530,9 +535,7 @@ def refine_batch(models, refine_config, emb, *, progress=None):
   `refine_config` (config.refine's fields) → a batched `refine.Refinement`
   (padding included), ready."""
   report = progress or (lambda stage: None)
-  mask = emb.dss.mask
-  if models.mesh is not None:
-    mask = jax.device_put(mask, _batched(models.mesh))
+  mask = _shard(models, emb.dss.mask)
   kwargs = refine_kwargs(refine_config)
   steps = kwargs["feature_steps"]
   report(f"refinement step 0/{steps}")
