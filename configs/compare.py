@@ -16,19 +16,16 @@ dhr. config.compare.pti: the refine settings PTI replaces (configs/pti.py's;
 in the demo its step count is the demo's refinement's, so that both methods
 get the same budget).
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from dhr_jax.config_files import load_config
+
 
 def _config(name):
-  # By path, so this config loads from any working directory.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(name[:-3] + "_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  # The config file beside this one, from any working directory.
+  return load_config(os.path.join(os.path.dirname(__file__), name))
 
 
 _PTI_KEYS = ("mode", "feature_steps", "weight_steps", "weight_lr",
