@@ -58,6 +58,9 @@ from dhr_jax import runner
 INPUTS = "inputs"        # OUT/inputs: the uploads, the run's data.input
 APP_DIR = "app"          # OUT/<name>/app: the current edit and downloads
 MASK_LABEL = "Domain mask (white = in-domain)"
+# The stages `pipeline.run_batch` and the runner report, in order.
+STAGES = ("segmentation", "embedding", "refinement", "metrics", "edits",
+          "writing")
 
 
 class AppError(Exception):
@@ -379,15 +382,36 @@ def build_ui(editor):
 
   n_sliders = len(editor.sliders)
 
-  def progress_reporter(progress):
-    def report(stage):
-      head, _, count = stage.partition(" step ")
-      k, _, n = count.partition("/")
-      if n.isdigit() and int(n) > 0:
-        progress((int(k), int(n)), desc=head, unit="steps")
-      else:
-        progress(None, desc=stage)
-    return report
+  def with_progress(work, progress):
+    """work(report) in a worker thread while this (the event's) thread
+    shows its latest stage: Gradio draws progress only when it is called
+    from the event's own thread, and the refinement steps arrive on XLA's
+    callback thread."""
+    latest, result = [None], {}
+
+    def target():
+      try:
+        result["value"] = work(lambda stage: latest.__setitem__(0, stage))
+      except Exception as e:  # re-raised in the event's thread
+        result["error"] = e
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    drawn = None
+    while worker.is_alive():
+      worker.join(0.25)
+      stage = latest[0]
+      if stage is not None and stage != drawn:
+        drawn = stage
+        head, _, count = stage.partition(" step ")
+        k, _, n = count.partition("/")
+        if n.isdigit() and int(n) > 0:
+          progress((int(k), int(n)), desc=head, unit="steps")
+        else:
+          i = STAGES.index(stage) if stage in STAGES else len(STAGES) - 1
+          progress((i + 1, len(STAGES)), desc=stage, unit="stages")
+    if "error" in result:
+      raise result["error"]
+    return result["value"]
 
   def shown(loaded, status):
     """Every output of the page for a newly loaded image."""
@@ -416,7 +440,8 @@ def build_ui(editor):
       t0 = time.perf_counter()
       name = editor.add_upload(path)
       progress(0, desc="starting")
-      loaded = editor.invert(name, progress_reporter(progress))
+      loaded = with_progress(lambda report: editor.invert(name, report),
+                             progress)
       return shown(loaded, f"Refined **{loaded.label}** in "
                    f"{time.perf_counter() - t0:.0f} s; move a slider to edit.")
     except Exception as e:  # the page reports it; the server goes on

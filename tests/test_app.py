@@ -224,13 +224,13 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   url, workdir = server
   photo = tmp_path / "astronaut.png"
   Image.fromarray(skimage.data.astronaut()).save(photo)
-  steps = r"refinement\D{0,20}(\d+)/(\d+)"
-  seen = {steps: [], r"segmentation|embedding": []}
+  steps = r"(\d+)/(\d+) steps"
+  seen = {steps: [], r"segmentation|embedding": [], r"refinement": []}
   status = _upload(browser, url, str(photo), r"Refined|error", seen=seen)
   assert status.startswith("Refined"), status
   # The progress bar named the stages and counted refinement steps (of the
   # demo's feature_steps).
-  assert seen[r"segmentation|embedding"]
+  assert seen[r"segmentation|embedding"] and seen[r"refinement"]
   assert seen[steps] and {int(n) for _, n in seen[steps]} == {
       _demo_config().refine.feature_steps}
   assert len({k for k, _ in seen[steps]}) > 1
