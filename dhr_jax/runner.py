@@ -612,14 +612,14 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
-  k, n_processes = jax.process_index(), jax.process_count()
+  process, n_processes = jax.process_index(), jax.process_count()
   # Process k refines every n-th of the sorted inputs; images are
   # independent (and their keys come from their names), so they come out
   # the same whichever process, batch or position they land in.
-  mine = entries[k::n_processes]
+  mine = entries[process::n_processes]
   if n_processes > 1:
     skipped = sum(complete(n) for n, _ in mine)
-    logging.info("process %d of %d: %d of the %d input(s)", k, n_processes,
+    logging.info("process %d of %d: %d of the %d input(s)", process, n_processes,
                  len(mine), len(entries))
   progress = _Progress(len(mine), skipped, listener=listener)
   n_batches = -(-len(mine) // b)
@@ -678,7 +678,7 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
                     edit_names, notes.get(r.name))
       progress.update(1)
-    if k == 0:  # one writer; it shows every process's finished images
+    if process == 0:  # one writer; it shows every process's finished images
       _write_index(workdir, entries, failed, stamp)
     logging.info("batch %s: %s", ", ".join(todo),
                  ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
@@ -694,15 +694,15 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
   if client is not None:
     # Each process's failures and skips reach process 0, which writes the
     # run's files once every process has finished its share.
-    client.key_value_set(f"dhr/finished/{k}",
+    client.key_value_set(f"dhr/finished/{process}",
                          json.dumps(dict(failed=failed, skipped=skipped)))
     client.wait_at_barrier("dhr/finished", _SIBLING_TIMEOUT_MS)
-    if k != 0:
-      return Outcome([n for n, _ in mine], failed, skipped,
-                     1 if failed else 0,
-                     f"DHR process {k}: {len(mine)} of {len(entries)} images "
-                     f"refined into {workdir}, {len(failed)} failed; process "
-                     "0 writes the summary")
+    if process != 0:
+      done = [r["name"] for r in _rows(workdir, mine, stamp)]
+      return Outcome(done, failed, skipped, 1 if failed else 0,
+                     f"DHR process {process}: {len(done)} of its "
+                     f"{len(mine)} images done in {workdir}, {len(failed)} "
+                     "failed; process 0 writes the summary")
     failed, skipped = [], 0
     for j in range(n_processes):
       share = json.loads(client.blocking_key_value_get(
