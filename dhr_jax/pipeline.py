@@ -539,12 +539,14 @@ def refine_batch(models, refine_config, emb, *, progress=None):
   kwargs = refine_kwargs(refine_config)
   steps = kwargs["feature_steps"]
   report(f"refinement step 0/{steps}")
-  reached = [0]
+  last = [0]
 
   def step_done(k):
-    # Under shard_map every device reports each step: count forward only.
-    if k > reached[0]:
-      reached[0] = k
+    # Under shard_map every device reports each step: show each k once. On
+    # CPU the images of a batch are refined one after another
+    # (`refine.map_images`), so k runs from 1 to steps once per image.
+    if k != last[0]:
+      last[0] = k
       report(f"refinement step {k}/{steps}")
   with refine_lib.on_step(step_done):
     result = _refine(models, emb.codes, emb.x, mask, kwargs)
