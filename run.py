@@ -45,18 +45,7 @@ _MODE = flags.DEFINE_enum(
 
 
 def parse_flags(argv):
-  """absl's flag parsing with one `error:` line and exit 2 on bad flags
-  (absl would print a traceback or a FATAL line and exit 1)."""
-  try:
-    rest = flags.FLAGS(argv)
-    config = _CONFIG.value
-    if config is not None:
-      config.to_dict()  # a config file that failed to load raises here
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
-    print(f"error: {runner.explain_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-  return rest
+  return runner.parse_flags(argv, _CONFIG)
 
 
 def main(argv):

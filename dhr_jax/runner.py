@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 
+from absl import flags
 from absl import logging
 import flax
 import jax
@@ -921,6 +922,22 @@ def _override_error(config, argv, error):
       return (f"--config.{key}={value}: expected {_kind(node)} (the config "
               f"has {node!r})")
   return None
+
+
+def parse_flags(argv, config_flag):
+  """absl's flag parsing with one `error:` line and exit 2 on bad flags
+  (absl would print a traceback or a FATAL line and exit 1); config_flag:
+  the `--config` flag holder, whose file is loaded here."""
+  try:
+    rest = flags.FLAGS(argv)
+    config = config_flag.value
+    if config is not None:
+      config.to_dict()  # a config file that failed to load raises here
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
+          ValueError) as e:
+    print(f"error: {explain_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+  return rest
 
 
 def explain_flag_error(argv, error):
