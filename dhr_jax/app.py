@@ -156,10 +156,10 @@ def render(G, refined, codes):
   return pipeline.render_edits(G, refined, [spec])["app"]
 
 
-def paste(photo, image, quad):
+def paste(photo, image_u8, quad):
   """The edit put back into the photo, as `photos.paste_photo` does for the
   run's PNGs (the uint8 image, feathered)."""
-  return faces.paste(photo, io.to_uint8(image), np.asarray(quad))[0]
+  return faces.paste(photo, image_u8, np.asarray(quad))[0]
 
 
 # --------------------------------------------------------------------------
