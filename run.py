@@ -2,6 +2,7 @@ r"""DHR over a folder of images: inversions, masks, edits and metrics.
 
     python run.py --config=configs/dhr.py --config.data.input=DIR --workdir=OUT
     python run.py --config=configs/demo.py --workdir=/tmp/demo   # no weights
+    python run.py --config=configs/compare.py:demo --workdir=/tmp/cmp  # methods side by side
 
 Writes, per image, OUT/<name>/ with input.png, inversion.png, mask.png,
 grid.png (titled columns: input | inversion | mask | edits),
@@ -28,6 +29,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from dhr_jax import compare
 from dhr_jax import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,25 +37,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _MODE = flags.DEFINE_enum(
-    "mode", "run", ["run", "edit"],
+    "mode", "run", ["run", "edit", "compare"],
     "run: invert, refine and edit every input; edit: render config.edit "
     "again for every finished image of --workdir from its saved refined/ "
-    "state (no refinement).")
+    "state (no refinement); compare: every method of config.compare from "
+    "one embedding (the default with configs/compare.py).")
 
 
 def parse_flags(argv):
-  """absl's flag parsing with one `error:` line and exit 2 on bad flags
-  (absl would print a traceback or a FATAL line and exit 1)."""
-  try:
-    rest = flags.FLAGS(argv)
-    config = _CONFIG.value
-    if config is not None:
-      config.to_dict()  # a config file that failed to load raises here
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
-    print(f"error: {runner.explain_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-  return rest
+  return runner.parse_flags(argv, _CONFIG)
 
 
 def main(argv):
@@ -61,7 +53,11 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])} (settings are "
           "--config.KEY=VALUE)", file=sys.stderr)
     return 2
-  return runner.main(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  config, mode = _CONFIG.value, _MODE.value
+  if mode == "run" and config is not None and "compare" in config:
+    mode = "compare"
+  return runner.main(config, _WORKDIR.value, mode,
+                     actions=dict(compare=compare.run))
 
 
 if __name__ == "__main__":

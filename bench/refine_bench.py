@@ -97,11 +97,14 @@ def step_seconds(spec, G, codes, target, mask, lpips_params, hyper, steps=2):
     body = lambda i, s: refine.hybrid_step(s, inputs, hyper, spec=spec)[0]
     return jax.lax.fori_loop(0, n, body, state).offset
 
-  state = jax.block_until_ready(jax.jit(jax.vmap(start))(codes))
-  run = jax.jit(jax.vmap(loop, in_axes=(0, 0, 0, 0, None))).lower(
-      state, codes, target, mask, steps).compile()
+  # Batched as hybrid_refine batches images.
+  state = jax.block_until_ready(
+      jax.jit(lambda c: refine.map_images(start, c))(codes))
+  run = jax.jit(lambda *a: refine.map_images(
+      lambda *x: loop(*x, steps), *a)).lower(state, codes, target,
+                                            mask).compile()
   t0 = time.perf_counter()
-  jax.block_until_ready(run(state, codes, target, mask, steps))
+  jax.block_until_ready(run(state, codes, target, mask))
   return (time.perf_counter() - t0) / steps
 
 

@@ -580,16 +580,7 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-  try:
-    rest = flags.FLAGS(argv)
-    config = _CONFIG.value
-    if config is not None:
-      config.to_dict()  # a config file that failed to load raises here
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
-    print(f"error: {runner.explain_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-  return rest
+  return runner.parse_flags(argv, _CONFIG)
 
 
 def _main(argv):

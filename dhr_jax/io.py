@@ -344,9 +344,11 @@ class WorkdirLock:
   """
   NAME = ".lock"
 
-  def __init__(self, directory):
+  def __init__(self, directory, name=NAME):
+    # name: the sibling processes of a multi-process run lock `.lock.<k>`
+    # beside process 0's `.lock` (see `runner._lock`).
     self.directory = os.path.abspath(os.fspath(directory))
-    self.path = os.path.join(self.directory, self.NAME)
+    self.path = os.path.join(self.directory, name)
     self._fd = None
 
   def acquire(self):

@@ -14,8 +14,9 @@ Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
   5. metrics against the input (MSE, PSNR, LPIPS-Alex, LPIPS-VGG, mask
      fractions) and, for synthetic inputs, against the known ground truth.
 
-Stages 1-3 run batched (vmapped inside each stage); with a mesh the batch axis
-is sharded over its devices. Randomness comes from one key per image derived
+Stages 1-3 run batched (vmapped inside each stage), the batch axis sharded
+over a 1-D mesh of devices: one device is a mesh of one, through the same
+code. Randomness comes from one key per image derived
 from the run seed and the image *name*, and every per-image computation is
 independent of the others, so an image gets the same result whatever batch
 or batch position it lands in (resume relies on this).
@@ -61,7 +62,8 @@ class Models:
   G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
   (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
   w_stats: (mean, spread) of W for the optimisation-based inversions;
-  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch') or None.
+  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  device alone.
   """
   G: Generator
   lpips_vgg: Any
@@ -71,16 +73,22 @@ class Models:
   w_stats: Any = None
   mesh: Any = None
 
+  def __post_init__(self):
+    if self.mesh is None:
+      self.mesh = make_mesh(jax.local_devices()[:1])
+
   @property
   def n_devices(self):
-    return 1 if self.mesh is None else self.mesh.devices.size
+    return self.mesh.devices.size
 
 
 def make_mesh(devices=None):
-  """A 1-D mesh named 'batch' over `devices` (default: all), or None for one."""
-  devices = jax.devices() if devices is None else list(devices)
-  if len(devices) < 2:
-    return None
+  """A 1-D mesh named 'batch' over `devices` (one device: a mesh of one).
+
+  Default: this process's devices (in a multi-process run every process
+  refines its own images on its own devices, see `runner.init_distributed`).
+  """
+  devices = jax.local_devices() if devices is None else list(devices)
   return jax.sharding.Mesh(np.asarray(devices), ("batch",))
 
 
@@ -92,21 +100,27 @@ def _batched(mesh):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
 
+def _shard(models, x):
+  """The batch axis of x over the mesh's devices."""
+  return jax.device_put(x, _batched(models.mesh))
+
+
 def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
                    seed=0, n_mean_latent=10000, mesh=None):
-  """Bundles the models; replicates their weights over `mesh` if given.
+  """Bundles the models; replicates their weights over `mesh` (None: the
+  first local device alone).
 
   w_stats (the W mean the optimisations start from, and its spread) are
   computed once here from the run seed, so every image starts alike.
   """
-  if mesh is not None:
-    # Models are pytrees: their weights are replicated, configs untouched.
-    G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
-        (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
+  if mesh is None:
+    mesh = make_mesh(jax.local_devices()[:1])
+  # Models are pytrees: their weights are replicated, configs untouched.
+  G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
+      (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
-  w_stats = embedding_lib.latent_stats(G, key, n_mean_latent)
-  if mesh is not None:
-    w_stats = jax.device_put(w_stats, _replicated(mesh))
+  w_stats = jax.device_put(embedding_lib.latent_stats(G, key, n_mean_latent),
+                           _replicated(mesh))
   return Models(G=G, lpips_vgg=lpips_vgg, lpips_alex=lpips_alex,
                 encoder=encoder, parser=parser, w_stats=w_stats, mesh=mesh)
 
@@ -367,9 +381,7 @@ def embed(models, config, target, names, seed, coarse_codes=None,
                           f"{config.space!r}")
     codes = coarse_codes
     if int(config.steps) > 0:
-      keys = image_keys(seed, names, "embedding")
-      if models.mesh is not None:
-        keys = jax.device_put(keys, _batched(models.mesh))
+      keys = _shard(models, image_keys(seed, names, "embedding"))
       init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
       if loss_target is None:
         loss_target = io.resize_target(target)
@@ -391,20 +403,25 @@ def _synthesize(G, codes):
   return G.synthesis(G.params, codes, G.noise)
 
 
+def synthesize(G, codes):
+  """G(codes) with the generator's own weights and fixed noise (the
+  unrefined inversion): (B, n_latent, d) → (B, H, W, 3)."""
+  return _synthesize(G, jnp.asarray(codes, jnp.float32))
+
+
 def _refine(models, codes, x, mask, kwargs):
-  """`refine.hybrid_refine` on the batch; with a mesh, each device refines
-  its shard.
+  """`refine.hybrid_refine` on the batch, each device refining its shard.
 
   Every image's refinement is independent, so the batch is split with
   `shard_map` and each device runs the vmapped refinement on its own images
   (the weights, noise and LPIPS replicated). Leaving it to the automatic
   partitioner instead fails: per-image weights make the generator's
-  convolutions grouped ones, which it cannot split along the batch.
+  convolutions grouped ones, which it cannot split along the batch. On a
+  mesh of one device this is bit-identical to calling `hybrid_refine`
+  directly (measured on the 32² stand-in generator: every output array
+  equal, max |difference| 0).
   """
   G = models.G
-  if models.mesh is None:
-    return refine_lib.hybrid_refine(G, codes, x, mask,
-                                    lpips_alex=models.lpips_alex, **kwargs)
   synthesis, offset, mask_feature, image, losses_in, losses_out = (
       _sharded_refine(G, models.lpips_alex, codes, x, mask,
                       mesh=models.mesh,
@@ -437,6 +454,109 @@ def _finite(*arrays):
   return all(bool(np.all(np.isfinite(np.asarray(a)))) for a in arrays)
 
 
+@dataclasses.dataclass
+class Embedded:
+  """A batch after segmentation and embedding, before any refinement.
+
+  x: (b, H, W, 3) padded targets on the device(s); target: the n real ones
+  (numpy); names / padded_names; dss: the `segmentation` result; codes: W+
+  codes (b, n_latent, d); embedded: (b, H, W, 3) G(codes) as numpy.
+  Several refinements (`refine_batch`) can start from the same one.
+  """
+  x: Any
+  target: np.ndarray
+  names: list
+  padded_names: list
+  dss: Any
+  codes: Any
+  embedded: np.ndarray
+  times: dict
+
+
+def segment_and_embed(models, config, target, names, *, progress=None,
+                      landmarks=None):
+  """Stages 1-2 of `run_batch` (DSS, then the embedding) → `Embedded`."""
+  G = models.G
+  n = len(names)
+  size = G.config["size"]
+  target = np.asarray(target, np.float32)
+  if target.shape != (n, size, size, 3):
+    raise PipelineError(f"target must be ({n}, {size}, {size}, 3), got "
+                        f"{target.shape}")
+  b = padded_size(n, config.batch_size, models.n_devices)
+  if n > b:
+    raise PipelineError(f"{n} images for a batch of {b}")
+  padded_names = list(names) + [names[-1]] * (b - n)
+  x = _pad(target, b)
+  # The optimisation embedding's target: the official code's 256² resize.
+  x_loss = _shard(models, io.resize_target(x))
+  x = _shard(models, x)
+  seed = int(config.seed)
+  times = {}
+  report = progress or (lambda stage: None)
+
+  t = time.perf_counter()
+  report("segmentation")
+  coarse_keys = _shard(models, image_keys(seed, padded_names, "coarse"))
+  dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
+      dict(config.dss))
+  inv = embedding_lib.coarse_inversion(
+      G, x_loss, models.lpips_vgg, key=coarse_keys,
+      steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
+  dss = segmentation.domain_specific_segmentation(
+      x, coarse=inv.image, coarse_codes=inv.codes,
+      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
+      landmarks=None if landmarks is None else _pad(landmarks, b))
+  times["dss"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  report("embedding")
+  codes, embedded = embed(models, config.embedding, x, padded_names, seed,
+                          coarse_codes=inv.codes, loss_target=x_loss)
+  times["embed"] = time.perf_counter() - t
+  return Embedded(x=x, target=target, names=list(names),
+                  padded_names=padded_names, dss=dss, codes=codes,
+                  embedded=np.asarray(embedded), times=times)
+
+
+def refine_kwargs(refine_config):
+  """config.refine → the keyword arguments of `refine.hybrid_refine`."""
+  rc = refine_config
+  return dict(
+      feature_idx=int(rc.feature_idx), feature_steps=int(rc.feature_steps),
+      weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
+      feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
+      lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
+      mse_norm=str(rc.mse_norm))
+
+
+def refine_batch(models, refine_config, emb, *, progress=None):
+  """Stage 3 of `run_batch`: the refinement of an `Embedded` batch with
+  `refine_config` (config.refine's fields) → a batched `refine.Refinement`
+  (padding included), ready."""
+  report = progress or (lambda stage: None)
+  mask = _shard(models, emb.dss.mask)
+  kwargs = refine_kwargs(refine_config)
+  steps = kwargs["feature_steps"]
+  report(f"refinement step 0/{steps}")
+  last = [0]
+
+  def step_done(k):
+    # Under shard_map every device reports each step: show each k once. On
+    # CPU the images of a batch are refined one after another
+    # (`refine.map_images`), so k runs from 1 to steps once per image.
+    if k != last[0]:
+      last[0] = k
+      report(f"refinement step {k}/{steps}")
+  with refine_lib.on_step(step_done):
+    result = _refine(models, emb.codes, emb.x, mask, kwargs)
+    # Dispatch is asynchronous: wait inside the block so that every step
+    # is reported while someone listens.
+    jax.block_until_ready((result.synthesis, result.offset, result.image,
+                           result.losses_in, result.losses_out))
+  return result
+
+
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
               progress=None, landmarks=None):
   """Runs the pipeline on one batch.
@@ -462,81 +582,31 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).
   """
+  emb = segment_and_embed(models, config, target, names, progress=progress,
+                          landmarks=landmarks)
+  times = dict(emb.times)
+  t = time.perf_counter()
+  result = refine_batch(models, config.refine, emb, progress=progress)
+  times["refine"] = time.perf_counter() - t
+  out, more = finish_batch(models, emb, result, edits=edits,
+                           ground_truth=ground_truth, progress=progress)
+  times.update(more)
+  return out, times
+
+
+def finish_batch(models, emb, result, *, edits=(), ground_truth=None,
+                 progress=None):
+  """Stages 4-5 of `run_batch` (metrics, edits) of one refinement of `emb`
+  → ([ImageResult], {stage: seconds})."""
   G = models.G
+  names, target, dss, x = emb.names, emb.target, emb.dss, emb.x
+  embedded = emb.embedded
   n = len(names)
-  size = G.config["size"]
-  target = np.asarray(target, np.float32)
-  if target.shape != (n, size, size, 3):
-    raise PipelineError(f"target must be ({n}, {size}, {size}, 3), got "
-                        f"{target.shape}")
-  b = padded_size(n, config.batch_size, models.n_devices)
-  if n > b:
-    raise PipelineError(f"{n} images for a batch of {b}")
-  padded_names = list(names) + [names[-1]] * (b - n)
-  x = _pad(target, b)
-  # The optimisation embedding's target: the official code's 256² resize.
-  x_loss = io.resize_target(x)
-  if models.mesh is not None:
-    x = jax.device_put(x, _batched(models.mesh))
-    x_loss = jax.device_put(x_loss, _batched(models.mesh))
-  else:
-    x = jnp.asarray(x)
-  seed = int(config.seed)
   times = {}
   report = progress or (lambda stage: None)
-
-  t = time.perf_counter()
-  report("segmentation")
-  coarse_keys = image_keys(seed, padded_names, "coarse")
-  if models.mesh is not None:
-    coarse_keys = jax.device_put(coarse_keys, _batched(models.mesh))
-  dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
-      dict(config.dss))
-  inv = embedding_lib.coarse_inversion(
-      G, x_loss, models.lpips_vgg, key=coarse_keys,
-      steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
-  dss = segmentation.domain_specific_segmentation(
-      x, coarse=inv.image, coarse_codes=inv.codes,
-      lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
-      landmarks=None if landmarks is None else _pad(landmarks, b))
-  times["dss"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  report("embedding")
-  codes, embedded = embed(models, config.embedding, x, padded_names, seed,
-                          coarse_codes=inv.codes, loss_target=x_loss)
-  embedded = np.asarray(embedded)
-  times["embed"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  mask = dss.mask
-  if models.mesh is not None:
-    mask = jax.device_put(mask, _batched(models.mesh))
-  rc = config.refine
-  steps = int(rc.feature_steps)
-  report(f"refinement step 0/{steps}")
-  reached = [0]
-
-  def step_done(k):
-    # Under shard_map every device reports each step: count forward only.
-    if k > reached[0]:
-      reached[0] = k
-      report(f"refinement step {k}/{steps}")
-  with refine_lib.on_step(step_done):
-    result = _refine(models, codes, x, mask, dict(
-        feature_idx=int(rc.feature_idx), feature_steps=steps,
-        weight_steps=int(rc.weight_steps), weight_lr=float(rc.weight_lr),
-        feature_lr=float(rc.feature_lr), l2_lambda=float(rc.l2_lambda),
-        lpips_lambda=float(rc.lpips_lambda), mode=str(rc.mode),
-        mse_norm=str(rc.mse_norm)))
-    # Dispatch is asynchronous: wait inside the block so that every step
-    # is reported while someone listens.
-    jax.block_until_ready((result.synthesis, result.offset, result.image,
-                           result.losses_in, result.losses_out))
   image = np.asarray(result.image)
   losses_in = np.asarray(result.losses_in)
   losses_out = np.asarray(result.losses_out)
-  times["refine"] = time.perf_counter() - t
 
   t = time.perf_counter()
   report("metrics")
@@ -546,7 +616,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
 
   t = time.perf_counter()
   report("edits")
-  codes = np.asarray(codes)
+  codes = np.asarray(emb.codes)
   out = []
   for i, name in enumerate(names):
     ok = _finite(losses_in[i], losses_out[i], image[i], codes[i])

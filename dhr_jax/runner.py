@@ -21,9 +21,13 @@ import shutil
 import sys
 import time
 
+from absl import flags
 from absl import logging
 import flax
 import jax
+# The coordination service's client (key-value store, barriers) has no
+# public alias; jax's own checkpointing uses it the same way.
+from jax._src import distributed as jax_distributed
 import jax.numpy as jnp
 import jaxlib
 import ml_collections
@@ -413,14 +417,79 @@ def _print_table(rows, columns, file=None):
           file=file)
 
 
+# --------------------------------------------------------------------------
+# Several processes (hosts)
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                   "JAX_PROCESS_ID")
+# How long a process waits for its siblings (the slowest one's share of the
+# images, and the models' loading).
+_SIBLING_TIMEOUT_MS = 24 * 3600 * 1000
+
+
+def init_distributed(environ=None):
+  """Joins a multi-process run when JAX_COORDINATOR_ADDRESS is set.
+
+  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and
+  JAX_PROCESS_ID=k (0 ≤ k < N, process 0 runs the coordinator) are passed to
+  `jax.distributed.initialize`, before anything else uses JAX. Returns
+  whether it did; bad values are a UserError.
+  """
+  environ = os.environ if environ is None else environ
+  if not environ.get("JAX_COORDINATOR_ADDRESS"):
+    return False
+  try:
+    count = int(environ.get("JAX_NUM_PROCESSES", ""))
+    index = int(environ.get("JAX_PROCESS_ID", ""))
+  except ValueError:
+    raise UserError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES "
+                    "and JAX_PROCESS_ID must be integers (got "
+                    f"{environ.get('JAX_NUM_PROCESSES')!r}, "
+                    f"{environ.get('JAX_PROCESS_ID')!r})") from None
+  if count < 1 or not 0 <= index < count:
+    raise UserError(f"JAX_PROCESS_ID={index} must be in [0, "
+                    f"JAX_NUM_PROCESSES={count})")
+  jax.distributed.initialize(environ["JAX_COORDINATOR_ADDRESS"], count, index)
+  return True
+
+
+def _coordination():
+  """The coordination service's client (None in a single-process run).
+
+  The processes share no arrays: they exchange small JSON values and meet
+  at barriers through it, which needs no cross-process collectives (not
+  set up for CPU by default).
+  """
+  if jax.process_count() == 1:
+    return None
+  return jax_distributed.global_state.client
+
+
 @contextlib.contextmanager
 def _lock(workdir):
-  """Holds the workdir's lock; another run holding it is a UserError."""
+  """Holds the workdir's lock; another run holding it is a UserError.
+
+  In a run of several processes, process 0 holds `.lock` (which excludes
+  every other run, single- or multi-process) and process k `.lock.<k>`;
+  process k goes on only once process 0 has said it holds `.lock`.
+  """
+  client, k = _coordination(), jax.process_index()
   try:
-    lock = io.WorkdirLock(workdir).acquire()
+    lock = io.WorkdirLock(
+        workdir, io.WorkdirLock.NAME + (f".{k}" if k else "")).acquire()
   except io.WorkdirBusy as e:
+    if client is not None and k == 0:
+      client.key_value_set("dhr/lock", f"error: {e}")
     raise UserError(str(e)) from None
   try:
+    if client is not None:
+      if k == 0:
+        client.key_value_set("dhr/lock", "ok")
+      else:
+        said = client.blocking_key_value_get("dhr/lock", _SIBLING_TIMEOUT_MS)
+        if said != "ok":
+          raise UserError(f"process 0 could not lock {workdir}: "
+                          + said.removeprefix("error: "))
     yield lock
   finally:
     lock.release()
@@ -544,12 +613,21 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
   if skipped:
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
-  progress = _Progress(len(entries), skipped, listener=listener)
-  n_batches = -(-len(entries) // b)
+  process, n_processes = jax.process_index(), jax.process_count()
+  # Process k refines every n-th of the sorted inputs; images are
+  # independent (and their keys come from their names), so they come out
+  # the same whichever process, batch or position they land in.
+  mine = entries[process::n_processes]
+  if n_processes > 1:
+    skipped = sum(complete(n) for n, _ in mine)
+    logging.info("process %d of %d: %d of the %d input(s)", process, n_processes,
+                 len(mine), len(entries))
+  progress = _Progress(len(mine), skipped, listener=listener)
+  n_batches = -(-len(mine) // b)
   # Batches are fixed slices of the sorted inputs, so a resumed run computes
   # every image in the same batch as an uninterrupted one.
-  for start in range(0, len(entries), b):
-    chunk = entries[start:start + b]
+  for start in range(0, len(mine), b):
+    chunk = mine[start:start + b]
     todo = [n for n, _ in chunk if not complete(n)]
     if not todo:
       continue
@@ -601,7 +679,8 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
                     edit_names, notes.get(r.name))
       progress.update(1)
-    _write_index(workdir, entries, failed, stamp)
+    if process == 0:  # one writer; it shows every process's finished images
+      _write_index(workdir, entries, failed, stamp)
     logging.info("batch %s: %s", ", ".join(todo),
                  ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
   progress.close()
@@ -612,6 +691,27 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         photos.paste_photo(workdir, name, path, stamp)
     # Photos without a face count among the inputs of the outcome.
     entries = entries + [(f["name"], f["file"]) for f in photo_failed]
+  client = _coordination()
+  if client is not None:
+    # Each process's failures and skips reach process 0, which writes the
+    # run's files once every process has finished its share.
+    client.key_value_set(f"dhr/finished/{process}",
+                         json.dumps(dict(failed=failed, skipped=skipped)))
+    client.wait_at_barrier("dhr/finished", _SIBLING_TIMEOUT_MS)
+    if process != 0:
+      done = [r["name"] for r in _rows(workdir, mine, stamp)]
+      return Outcome(done, failed, skipped, 1 if failed else 0,
+                     f"DHR process {process}: {len(done)} of its "
+                     f"{len(mine)} images done in {workdir}, {len(failed)} "
+                     "failed; process 0 writes the summary")
+    failed, skipped = [], 0
+    for j in range(n_processes):
+      share = json.loads(client.blocking_key_value_get(
+          f"dhr/finished/{j}", _SIBLING_TIMEOUT_MS))
+      failed += share["failed"]
+      skipped += share["skipped"]
+    order = {name: i for i, (name, _) in enumerate(entries)}
+    failed.sort(key=lambda f: order.get(f["name"], len(order)))
   return _finish(config, workdir, entries, failed, skipped, t_start, "run")
 
 
@@ -654,6 +754,8 @@ def _finish(config, workdir, entries, failed, skipped, t_start, mode):
       skipped_complete=skipped, means=means, config=config.to_dict(),
       versions=_versions(), devices=[str(d) for d in jax.devices()],
       seconds=time.time() - t_start, fingerprint=stamp)
+  if jax.process_count() > 1:
+    summary["processes"] = jax.process_count()
   io.write_json(os.path.join(workdir, "summary.json"), summary)
   _write_index(workdir, entries, failed, stamp, rows)
   if len(rows) <= 20:
@@ -822,6 +924,22 @@ def _override_error(config, argv, error):
   return None
 
 
+def parse_flags(argv, config_flag):
+  """absl's flag parsing with one `error:` line and exit 2 on bad flags
+  (absl would print a traceback or a FATAL line and exit 1); config_flag:
+  the `--config` flag holder, whose file is loaded here."""
+  try:
+    rest = flags.FLAGS(argv)
+    config = config_flag.value
+    if config is not None:
+      config.to_dict()  # a config file that failed to load raises here
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
+          ValueError) as e:
+    print(f"error: {explain_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
 def explain_flag_error(argv, error):
   """One line for a refused command line (unknown key, wrong type, missing
   config file, unknown flag): what was wrong and what is allowed."""
@@ -839,11 +957,13 @@ def explain_flag_error(argv, error):
   return text[0] if text else type(error).__name__
 
 
-def main(config, workdir, mode="run"):
+def main(config, workdir, mode="run", actions=None):
   """What `python run.py` does with its parsed flags → the exit status.
 
-  mode 'run' or 'edit'; the outcome's one line ends the output (stderr when
-  something failed), a UserError is one `error:` line and status 2.
+  mode 'run' or 'edit', or a key of `actions` ({mode: fn(config, workdir)
+  → Outcome}, e.g. `dhr_jax.compare.run`, which imports this module); the
+  outcome's one line ends the output (stderr when something failed), a
+  UserError is one `error:` line and status 2.
   """
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if config is None:
@@ -854,8 +974,13 @@ def main(config, workdir, mode="run"):
     print("error: --workdir is required", file=sys.stderr)
     return 2
   try:
-    outcome = edit(config, workdir) if mode == "edit" else run(config,
-                                                               workdir)
+    if init_distributed() and jax.process_count() > 1 and (
+        mode != "run" or config.data.get("align", False)):
+      # They write run-level files per photo or per image from one list.
+      raise UserError(f"--mode={mode} and data.align run in one process; "
+                      "unset JAX_COORDINATOR_ADDRESS")
+    action = dict(run=run, edit=edit, **(actions or {}))[mode]
+    outcome = action(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

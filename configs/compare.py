@@ -1,0 +1,48 @@
+"""PTI, HFGI and DHR side by side from one embedding (the paper's Table 1).
+
+    python run.py --config=configs/compare.py --config.data.input=DIR \
+        --workdir=OUT [--config.model.hfgi=HFGI_DIR]
+    python run.py --config=configs/compare.py:demo --workdir=OUT   # no weights
+
+Without an argument: configs/dhr.py's settings (e4e embedding, DHR's
+refinement) plus config.compare. With `:demo`: configs/demo.py's synthetic
+ground-truth case (stand-in generator, optimisation embedding, pasted
+patch), so the comparison runs offline; the table then also has PSNR inside
+and outside the known patch. See dhr_jax/compare.py for the outputs.
+
+config.compare.methods: any of embedding (the codes alone: e4e-only),
+pti, hfgi (only when config.model.hfgi names a converted HFGI checkpoint),
+dhr. config.compare.pti: the refine settings PTI replaces (configs/pti.py's;
+in the demo its step count is the demo's refinement's, so that both methods
+get the same budget).
+"""
+import os
+
+import ml_collections
+
+from dhr_jax.config_files import load_config
+
+
+def _config(name):
+  # The config file beside this one, from any working directory.
+  return load_config(os.path.join(os.path.dirname(__file__), name))
+
+
+_PTI_KEYS = ("mode", "feature_steps", "weight_steps", "weight_lr",
+             "l2_lambda", "lpips_lambda", "mse_norm")
+
+
+def get_config(arg="dhr"):
+  if arg not in ("dhr", "demo"):
+    raise ValueError(f"configs/compare.py:{arg}: use :demo or nothing")
+  config = _config("demo.py" if arg == "demo" else "dhr.py")
+  pti = _config("pti.py").refine
+  pti = {k: pti[k] for k in _PTI_KEYS}
+  if arg == "demo":
+    pti.update(feature_steps=config.refine.feature_steps,
+               weight_steps=config.refine.feature_steps)
+  config.model.hfgi = ""
+  config.compare = ml_collections.ConfigDict(dict(
+      methods="embedding,pti,hfgi,dhr",
+      pti=ml_collections.ConfigDict(pti)))
+  return config
