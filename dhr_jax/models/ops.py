@@ -48,45 +48,10 @@ def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
       dimension_numbers=_NHWC, feature_group_count=c)
 
 
-def _separable_taps(kernel):
-  """(rows, cols) with outer(rows, cols) = the flipped kernel, or None."""
-  u, s, vt = np.linalg.svd(np.asarray(kernel[::-1, ::-1], np.float64))
-  if s[1:].max(initial=0.0) > 1e-12 * s[0]:
-    return None
-  sign = np.sign(u[:, 0].sum())  # the SVD's sign is arbitrary
-  return sign * u[:, 0] * np.sqrt(s[0]), sign * vt[0] * np.sqrt(s[0])
-
-
-def _shifted_sums(x, padding, lhs_dilation, taps):
-  """_depthwise of a separable kernel as two 1-D passes of shifted adds."""
-  zero = jnp.zeros((), x.dtype)
-  for axis, t, (lo, hi), d in zip((1, 2), taps, padding, lhs_dilation):
-    config = [(0, 0, 0)] * x.ndim
-    config[axis] = (lo, hi, d - 1)
-    x = jax.lax.pad(x, zero, config)
-    n = x.shape[axis] - len(t) + 1
-    x = sum(float(c) * jax.lax.slice_in_dim(x, i, i + n, axis=axis)
-            for i, c in enumerate(t))
-  return x
-
-
-def _fir(x, kernel, padding, lhs_dilation=(1, 1)):
-  """_depthwise; on CPU, for separable kernels (all of StyleGAN2's), as
-  shifted adds: XLA CPU runs a depthwise convolution's backward pass as a
-  naive loop inside refinement's loop (the 2× upsampling of 128 channels at
-  257²: 41 s against 8 s for value and gradient), shifted adds fuse."""
-  taps = _separable_taps(kernel)
-  if taps is None:
-    return _depthwise(x, kernel, padding, lhs_dilation)
-  return jax.lax.platform_dependent(
-      x, cpu=lambda x: _shifted_sums(x, padding, lhs_dilation, taps),
-      default=lambda x: _depthwise(x, kernel, padding, lhs_dilation))
-
-
 def blur(x, kernel, pad):
   """upfirdn2d(x, kernel, up=1, down=1, pad=(pad0, pad1))."""
   p0, p1 = pad
-  return _fir(x, kernel, [(p0, p1), (p0, p1)])
+  return _depthwise(x, kernel, [(p0, p1), (p0, p1)])
 
 
 def upsample_2x(x, kernel, pad):
@@ -96,7 +61,7 @@ def upsample_2x(x, kernel, pad):
   lhs_dilation does not, so it is added to the far padding.
   """
   p0, p1 = pad
-  return _fir(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
+  return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
 
 
 def _conv2d(x, weight, padding, kernel_layout="HWIO"):
