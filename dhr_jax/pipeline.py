@@ -413,7 +413,7 @@ def _refine(models, codes, x, mask, kwargs):
   """`refine.hybrid_refine` on the batch, each device refining its shard.
 
   Every image's refinement is independent, so the batch is split with
-  `shard_map` and each device runs the vmapped refinement on its own images
+  `shard_map` and each device refines its own images (`refine.map_images`)
   (the weights, noise and LPIPS replicated). Leaving it to the automatic
   partitioner instead fails: per-image weights make the generator's
   convolutions grouped ones, which it cannot split along the batch. On a

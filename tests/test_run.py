@@ -474,7 +474,7 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
       # under one uint8 level (7.8e-3): only a value at a rounding boundary
       # can move by one.
       assert np.abs(a - b).max() <= (0 if f == "mask.png" else 1), (name, f)
-  # Each device runs the vmapped refinement on 1 image instead of 2: a
+  # Each device refines 1 image instead of 2 (refine.map_images): a
   # different float32 program. Measured (bench/float_precision.py --part
   # refine: this test's inputs, DSS masks and settings, worst of the four
   # images), each program against a float64 run: the state as counted here
