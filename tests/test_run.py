@@ -26,11 +26,14 @@ from conftest import rel_l2  # noqa: E402
 from dhr_jax import editing  # noqa: E402
 from dhr_jax.config_files import load_config  # noqa: E402
 from dhr_jax import io  # noqa: E402
-from dhr_jax import refine  # noqa: E402
+from dhr_jax import pipeline  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
 
-# The refinement itself, for stand-ins that wrap it (monkeypatched in).
-_hybrid_refine = refine.hybrid_refine
+# The batch refinement, for stand-ins that wrap it (monkeypatched in). It is
+# patched where the runner calls it, in Python: `refine.hybrid_refine` runs
+# inside a jitted function, so patching it does nothing once an earlier test
+# has compiled that function for the same shapes.
+_refine_batch = pipeline._refine
 
 GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
@@ -280,8 +283,8 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
 
   def counting_refine(*args, **kwargs):
     calls.append(args[1].shape[0])
-    return _hybrid_refine(*args, **kwargs)
-  monkeypatch.setattr(refine, "hybrid_refine", counting_refine)
+    return _refine_batch(*args, **kwargs)
+  monkeypatch.setattr(pipeline, "_refine", counting_refine)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 2 and outcome.status == 1
   assert calls == [2, 2]  # batches (c, pad) and (e, pad); (a, b) skipped
@@ -290,7 +293,7 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
   # Everything complete: a third run computes nothing.
   def no_refine(*args, **kwargs):
     raise AssertionError("a complete workdir must not be recomputed")
-  monkeypatch.setattr(refine, "hybrid_refine", no_refine)
+  monkeypatch.setattr(pipeline, "_refine", no_refine)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 4 and outcome.done == list(GOOD)
   _assert_same_outputs(setup["workdir"], workdir)
@@ -329,7 +332,7 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
     marker = json.load(open(os.path.join(d, "done.json")))
     assert marker["edits"] == ["smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
-  monkeypatch.setattr(refine, "hybrid_refine", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(pipeline, "_refine", lambda *a, **k: 1 / 0)
   outcome = run_lib.run(config, workdir)
   assert outcome.skipped == 4
 
@@ -339,7 +342,7 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
   batches = []
 
   def poisoned(*args, **kwargs):
-    result = _hybrid_refine(*args, **kwargs)
+    result = _refine_batch(*args, **kwargs)
     batches.append(1)
     if len(batches) == 1:  # b_gray: second image of the first batch
       losses = np.asarray(result.losses_out).copy()
@@ -347,7 +350,7 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
       result = dataclasses.replace(result, losses_out=losses)
     return result
   workdir = str(tmp_path / "nan")
-  monkeypatch.setattr(refine, "hybrid_refine", poisoned)
+  monkeypatch.setattr(pipeline, "_refine", poisoned)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["a_rgb", "c_rgba", "e_wide"]
@@ -572,7 +575,6 @@ def test_demo_command(tmp_path):
 
 
 def test_image_keys_follow_names_not_positions():
-  from dhr_jax import pipeline
   a = pipeline.image_keys(0, ["x", "y", "z"], "coarse")
   b = pipeline.image_keys(0, ["z", "x"], "coarse")
   np.testing.assert_array_equal(a[0], b[1])

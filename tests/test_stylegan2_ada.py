@@ -170,8 +170,7 @@ def test_refine_and_edit_unchanged_downstream(ada):
   assert np.all(np.diff(np.asarray(r.losses_in[0])) < 0)
   assert np.all(np.diff(np.asarray(r.losses_out[0])) < 0)
   edited = editing.edit_codes(codes, jnp.ones(256), strengths=[0.0, 2.0])
-  imgs = editing.render(G, r.params, edited, offset=r.offset,
-                        mask_feature=r.mask_feature, feature_idx=5)
+  imgs = editing.render(G, r, edited)
   assert imgs.shape == (1, 2, 64, 64, 3)
   # α = 0 renders the refined inversion up to float round-off between the
   # loop's program and render's (measured max 1.2e-6); α = 2 changes it
