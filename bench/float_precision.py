@@ -437,8 +437,8 @@ def _primitive_cases():
         np.float32) * 1.5
     fn = lambda t: F.interpolate(torch.clamp(t, -1, 1), size=(to, to),
                                  mode="bilinear", align_corners=False)
-    cases[f"embedding.to_target_size {size}->{to}"] = (
-        f32(embedding.to_target_size(jnp.asarray(x), (to, to))),
+    cases[f"ops.resize_generated {size}->{to}"] = (
+        f32(ops.resize_generated(jnp.asarray(x), (to, to))),
         _torch_nhwc(fn, x, np.float32), _torch_nhwc(fn, x, np.float64))
   x = np.random.RandomState(0).randn(2, 5, 7, 3).astype(np.float32)
   fn = lambda t: F.interpolate(t, size=(9, 13), mode="bilinear",
@@ -495,12 +495,21 @@ def _primitive_cases():
       ramp = jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size
       return jnp.sum(jnp.sin(y) * ramp)
     return f
-  conv = lambda x, w: ops.conv2d(x, w, 1)
-  ref = lambda x, w: ops._conv2d(x, w, 1)
-  got = jax.grad(loss(conv), (0, 1))(x, w)
-  want = jax.grad(loss(ref), (0, 1))(x, w)
-  cases["ops.conv2d grad x (max rel)"] = (f32(got[0]), f32(want[0]), None)
-  cases["ops.conv2d grad w (max rel)"] = (f32(got[1]), f32(want[1]), None)
+  # LPIPS's convolutions (ops.conv_hwio, HWIO kernels), strided as AlexNet's
+  # first layer is.
+  w_hwio = jax.random.normal(kw, (5, 5, 5, 6))
+  hwio = ((1, 1), ((2, 2), (2, 2)))
+  convs = {
+      "ops.conv2d": (w, lambda x, w: ops.conv2d(x, w, 1),
+                     lambda x, w: ops._conv2d(x, w, 1)),
+      "ops.conv_hwio 5x5/2": (
+          w_hwio, lambda x, w: ops.conv_hwio(x, w, (2, 2), hwio[1]),
+          lambda x, w: ops._conv_hwio(x, w, (2, 2), hwio[1]))}
+  for name, (wc, conv, ref) in convs.items():
+    got = jax.grad(loss(conv), (0, 1))(x, wc)
+    want = jax.grad(loss(ref), (0, 1))(x, wc)
+    cases[f"{name} grad x (max rel)"] = (f32(got[0]), f32(want[0]), None)
+    cases[f"{name} grad w (max rel)"] = (f32(got[1]), f32(want[1]), None)
   alex = lpips.load("alex")
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   a = jax.random.uniform(k1, (2, 64, 48, 3), minval=-1., maxval=1.)
@@ -510,12 +519,12 @@ def _primitive_cases():
 
   # float64 evaluations of the JAX-side references.
   _precision(True)
-  x64, w64 = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
-  want64 = jax.grad(loss(ref), (0, 1))(x64, w64)
-  cases["ops.conv2d grad x (max rel)"] = cases["ops.conv2d grad x (max rel)"][
-      :2] + (f32(want64[0]),)
-  cases["ops.conv2d grad w (max rel)"] = cases["ops.conv2d grad w (max rel)"][
-      :2] + (f32(want64[1]),)
+  for name, (wc, _, ref) in convs.items():
+    want64 = jax.grad(loss(ref), (0, 1))(jnp.asarray(x, jnp.float64),
+                                         jnp.asarray(wc, jnp.float64))
+    for i, part in enumerate(("x", "w")):
+      key = f"{name} grad {part} (max rel)"
+      cases[key] = cases[key][:2] + (f32(want64[i]),)
   for size, x in pil_inputs.items():
     name = f"e4e.resize_for_encoder {size} vs PIL"
     cases[name] = cases[name][:2] + (f32(e4e.resize_for_encoder(

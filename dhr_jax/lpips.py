@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhr_jax.models import ops
+
 # Inputs in [-1, 1] are shifted and scaled to the statistics the trunks were
 # trained with (the official "ScalingLayer").
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -61,7 +63,7 @@ class AlexNetTrunk(nn.Module):
             (256, 3, 1, 1, False), (256, 3, 1, 1, False))
     for name, (c, k, s, p, pool) in zip(_ALEX_NAMES, spec):
       x = nn.Conv(c, (k, k), strides=(s, s), padding=((p, p), (p, p)),
-                  name=name)(x)
+                  conv_general_dilated=ops.flax_conv, name=name)(x)
       x = nn.relu(x)
       outs.append(x)
       if pool:
@@ -81,6 +83,7 @@ class VGG16Trunk(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for c in block:
         x = nn.relu(nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)),
+                            conv_general_dilated=ops.flax_conv,
                             name=next(names))(x))
       outs.append(x)
     return outs
@@ -110,7 +113,9 @@ class LPIPSNet(nn.Module):
       d = (_unit_normalize(f[:b]) - _unit_normalize(f[b:])) ** 2
       # The official lin layer has dropout before the 1x1 conv; it is the
       # identity at evaluation, so it is left out.
-      maps.append(nn.Conv(1, (1, 1), use_bias=False, name=f"lin{l}")(d))
+      maps.append(nn.Conv(1, (1, 1), use_bias=False,
+                          conv_general_dilated=ops.flax_conv,
+                          name=f"lin{l}")(d))
     return maps
 
 

@@ -63,6 +63,57 @@ def test_gradients_match_xla(name):
   assert _max_rel(t_got, jax.jvp(lambda w: ref(x, w), (w,), (dw,))[1]) <= 1e-5
 
 
+# LPIPS's convolutions (flax layouts: HWIO kernels, strides, string padding).
+HWIO_CASES = {
+    "3x3": ((3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),
+    "5x5_stride2": ((5, 5, 5, 6), (2, 2), ((2, 2), (2, 2))),  # AlexNet-like
+    "1x1_same": ((1, 1, 5, 1), (1, 1), "SAME"),  # the lin layers
+}
+
+
+@pytest.mark.parametrize("name", sorted(HWIO_CASES))
+def test_conv_hwio_matches_xla(name):
+  wshape, strides, padding = HWIO_CASES[name]
+  conv = lambda x, w: ops.conv_hwio(x, w, strides, padding)
+  ref = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, 7, 9, 5))
+  w = jax.random.normal(kw, wshape)
+  np.testing.assert_array_equal(conv(x, w), ref(x, w))
+  got = jax.grad(_loss(conv), (0, 1))(x, w)
+  want = jax.grad(_loss(ref), (0, 1))(x, w)
+  # bench/float_precision.py --part primitives, the 5x5/2 case, each of the
+  # two float32 programs against float64: ∂x 1.7e-6, ∂w 2.4e-6 (max |Δ| /
+  # max). Bound: 2× the sum of both programs' errors, 1e-5.
+  assert _max_rel(got[0], want[0]) <= 1e-5
+  assert _max_rel(got[1], want[1]) <= 1e-5
+  dx, dw = 0.3 * x[::-1], 0.1 * w[::-1]
+  for tangents in ((dx, jnp.zeros_like(w)), (jnp.zeros_like(x), dw), (dx, dw)):
+    assert _max_rel(jax.jvp(conv, (x, w), tangents)[1],
+                    jax.jvp(ref, (x, w), tangents)[1]) <= 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU lowering")
+@pytest.mark.parametrize("name", sorted(HWIO_CASES))
+def test_lpips_input_gradient_in_a_scan_is_canonical(name):
+  """The input gradient of LPIPS's convolutions in a compiled loop (the
+  coarse inversion, refinement) stays in the canonical form."""
+  wshape, strides, padding = HWIO_CASES[name]
+  kx, kw = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(kx, (1, 9, 9, 5))
+  w = jax.random.normal(kw, wshape)
+  conv = lambda x: ops.conv_hwio(x, w, strides, padding)
+  step = lambda x, _: (x - 0.1 * jax.grad(_loss(lambda x, w: conv(x)))(x, w),
+                       None)
+  hlo = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0]).lower(
+      x).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+  # A 1×1 convolution with one output becomes a dot product, no convolution.
+  assert labels or name == "1x1_same"
+  assert all(lab == "b01f_01io->b01f" for lab in labels), labels
+
+
 @pytest.mark.parametrize("name", ["conv3x3", "transposed"])
 def test_gradients_vmapped_in_a_scan(name):
   """Per-image weights (vmap) inside a compiled loop, as refinement runs."""

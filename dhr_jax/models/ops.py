@@ -176,6 +176,58 @@ def _conv_transpose_jvp(primals, tangents):
 conv_transpose2d_stride2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)
 
 
+def _conv_hwio(x, kernel, strides, padding, kernel_layout="HWIO"):
+  if kernel_layout == "HWOI":
+    kernel = jnp.swapaxes(kernel, 2, 3)
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding,
+      dimension_numbers=("NHWC", kernel_layout, "NHWC"))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def conv_hwio(x, kernel, strides, padding):
+  """A convolution with flax's layouts (NHWC x, HWIO kernel), for networks
+  whose input is differentiated (LPIPS in every loss): on CPU the input's
+  tangent uses an HWOI kernel, as in `_tangent`, so the backward pass is the
+  canonical form even inside a loop (a VGG16 input gradient at 256² inside
+  a scan: 4.0 s → 0.86 s on 2 cores). strides: a tuple; padding: a
+  tuple of (low, high) pairs or a string, as lax takes it."""
+  return _conv_hwio(x, kernel, strides, padding)
+
+
+def _conv_hwio_jvp(strides, padding, primals, tangents):
+  (x, kernel), (dx, dkernel) = primals, tangents
+  conv = lambda x, k, **kw: _conv_hwio(x, k, strides, padding, **kw)
+  parts = []
+  if not isinstance(dx, SymbolicZero):
+    parts.append(jax.lax.platform_dependent(
+        dx, kernel, cpu=functools.partial(conv, kernel_layout="HWOI"),
+        default=conv))
+  if not isinstance(dkernel, SymbolicZero):
+    parts.append(conv(x, dkernel))
+  return conv(x, kernel), sum(parts[1:], parts[0])
+
+
+conv_hwio.defjvp(_conv_hwio_jvp, symbolic_zeros=True)
+
+
+def flax_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+              rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, precision=None):
+  """`conv_hwio` in the place of `lax.conv_general_dilated` for
+  `nn.Conv(conv_general_dilated=...)`: plain (undilated, ungrouped) 2-D
+  convolutions only."""
+  plain = lambda d: d is None or all(v == 1 for v in d)
+  want = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  if not (plain(lhs_dilation) and plain(rhs_dilation)
+          and feature_group_count == 1 and precision is None
+          and dimension_numbers in (None, want)):
+    raise NotImplementedError("flax_conv: only plain NHWC/HWIO convolutions")
+  if not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)
+  return conv_hwio(lhs, rhs, tuple(window_strides), padding)
+
+
 def modulated_conv(x, style, weight, *, demodulate, upsample, blur_kernel):
   """StyleGAN2 modulated convolution, per-sample styles, shared weights.
 
