@@ -1,12 +1,36 @@
 """Shared test fixtures: the golden fixtures of the official implementations."""
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.environ.get("DHR_GOLDEN",
                         os.path.join(os.path.dirname(REPO), "shared", "golden"))
+
+
+# One compilation cache for the session and the CLI processes it starts (they
+# inherit the environment), so a process compiling a program an earlier test
+# already compiled reads it back (a tiny pipeline run's start: 71 s → 47 s).
+# Compiled programs are XLA's; what they compute is unchanged.
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="dhr_jax_tests_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  if "jax" in sys.modules:  # imported before this file: configure it too
+    import jax
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _rule_module():

@@ -36,9 +36,6 @@ def _free_port():
 
 
 @pytest.mark.slow  # three runs of the pipeline, two compiling at once
-@pytest.mark.skip(reason="written but never run to the end here (the session's "
-                  "machine was overloaded); run it before relying on several "
-                  "hosts, issue #13")
 def test_two_processes_equal_one(tmp_path):
   bundle = _make_bundle(str(tmp_path))
   inputs = _make_inputs(str(tmp_path / "inputs"))
