@@ -36,14 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 FEATURE_STEPS, WEIGHT_STEPS = 100, 50
-
-
-def default_feature_idx(size):
-  """The size/8 map, as DHR's layer 11 is at 1024² (7 at 256²)."""
-  return 2 * (int(np.log2(size)) - 5) + 1
 
 
 def use_xla_weight_gradients():
@@ -146,8 +140,9 @@ def main(argv=None):
   if args.xla_weight_grad:
     use_xla_weight_gradients()
   if args.one:
+    from dhr_jax import refine
     size, batch = args.one
-    k = (default_feature_idx(size) if args.feature_idx is None
+    k = (refine.default_feature_idx(size) if args.feature_idx is None
          else args.feature_idx)
     measure(size, batch, not args.no_lpips, k)
     return 0

@@ -4,9 +4,13 @@ A converted model is a directory::
 
     DIR/config.json   {"kind": "stylegan2" | "e4e" | ..., "format": 1, "config": {...}}
     DIR/arrays/       orbax PyTree checkpoint of nested dicts of float32 arrays
+ or DIR/arrays.npz    the same nested dicts, flattened ("a/b" keys) (local=True)
 
 Arrays are written as numpy so they restore on any host without sharding
-information; loaders turn them into jnp arrays.
+information; loaders turn them into jnp arrays. The .npz form is for what
+one process of a multi-process run writes on its own (a run's per-image
+refined states): orbax writes numpy arrays from process 0 only and
+synchronises every save across all processes.
 """
 import json
 import os
@@ -18,6 +22,7 @@ import numpy as np
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
 _ARRAYS = "arrays"
+_NPZ = "arrays.npz"
 
 
 class CheckpointError(ValueError):
@@ -30,12 +35,39 @@ def _checkpointer():
   return ocp.PyTreeCheckpointer()
 
 
-def save(directory, tree, kind, config, *, overwrite=False):
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    key = str(key)
+    if not key or "/" in key:
+      raise ValueError(f"checkpoint keys must be non-empty without '/': "
+                       f"{prefix + key!r}")
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + key + "/"))
+    else:
+      out[prefix + key] = np.asarray(value)
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def save(directory, tree, kind, config, *, overwrite=False, local=False):
   """Writes `tree` (nested dicts/lists of arrays) and `config` under `directory`.
 
   Refuses to replace an existing checkpoint unless `overwrite`; the write goes
   to a sibling temp directory first so a crash never leaves half a checkpoint
-  where a good one was.
+  where a good one was. local=True writes DIR/arrays.npz (nested dicts of
+  arrays only) instead of orbax's DIR/arrays/, without any coordination
+  between processes.
   """
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and os.listdir(directory) and not overwrite:
@@ -47,8 +79,12 @@ def save(directory, tree, kind, config, *, overwrite=False):
     import shutil
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x), tree)
-  _checkpointer().save(os.path.join(tmp, _ARRAYS), host_tree)
+  if local:
+    with open(os.path.join(tmp, _NPZ), "wb") as f:
+      np.savez(f, **_flatten(tree))
+  else:
+    host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x), tree)
+    _checkpointer().save(os.path.join(tmp, _ARRAYS), host_tree)
   with open(os.path.join(tmp, _CONFIG), "w") as f:
     json.dump({"kind": kind, "format": FORMAT_VERSION, "config": config}, f,
               indent=2, sort_keys=True)
@@ -91,10 +127,19 @@ def load(directory, kind=None):
     raise CheckpointError(
         f"{directory} holds {_article(got_kind)} {got_kind!r} checkpoint, "
         f"expected {_article(kind)} {kind!r} one.")
-  arrays = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
-  if not os.path.isdir(arrays):
+  directory = os.path.abspath(os.fspath(directory))
+  arrays = os.path.join(directory, _ARRAYS)
+  npz = os.path.join(directory, _NPZ)
+  if os.path.isfile(npz):
+    try:
+      with np.load(npz, allow_pickle=False) as f:
+        tree = _unflatten({k: f[k] for k in f.files})
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{npz} is unreadable ({e}); write it again.")
+  elif os.path.isdir(arrays):
+    tree = _checkpointer().restore(arrays)
+  else:
     raise CheckpointError(f"{arrays} is missing; re-run the converter.")
-  tree = _checkpointer().restore(arrays)
   return jax.tree_util.tree_map(jnp.asarray, tree), config
 
 

@@ -20,14 +20,15 @@ OUT/<name>/<method>.png (each inversion), and the mean over images per
 method as OUT/compare.csv and OUT/compare.md: MSE, PSNR, LPIPS-Alex,
 LPIPS-VGG, id_dlib (when dlib finds a face in the input), the refinement
 seconds per image, and on synthetic inputs the PSNR inside (psnr_in) and
-outside (psnr_out, the pasted patch) the known in-domain region.
+outside (psnr_out, the pasted patch) the known in-domain region and the
+edit fidelity: the edits' PSNR against the true edits G(e(w_true)) outside
+the patch (edit_psnr_in, `pipeline.edit_fidelity`).
 """
 import contextlib
 import os
 import time
 
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -39,7 +40,7 @@ from dhr_jax.models import hfgi as hfgi_lib
 
 METHODS = ("embedding", "pti", "hfgi", "dhr")
 TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg", "id_dlib", "psnr_in",
-         "psnr_out", "seconds")
+         "psnr_out", "edit_psnr_in", "seconds")
 
 
 def method_title(method, config):
@@ -89,25 +90,13 @@ def validate(config):
   return methods
 
 
-def _unrefined_edits(G, codes, edits):
-  """{label: image} of the edits of one image's codes (1, L, D), rendered by
-  the generator itself."""
-  if not edits:
-    return {}
-  edited = jnp.concatenate([e.fn(codes) for e in edits], axis=1)[0]
-  images = np.asarray(pipeline.synthesize(G, edited))
-  labels = [l for e in edits for l in e.labels]
-  return {l: images[j] for j, l in enumerate(labels)}
-
-
 def _hfgi_outputs(G, H, codes, x, edits):
   """(images (n, H, W, 3), [{label: image}]) of HFGI for codes (n, L, D)."""
   x256 = io.resize_target(np.asarray(x))
   images = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x256))
   rendered = [{} for _ in range(codes.shape[0])]
   if edits:
-    edited = jnp.concatenate([e.fn(codes) for e in edits], axis=1)
-    labels = [l for e in edits for l in e.labels]
+    edited, labels = pipeline.edited_codes(edits, codes)
     for j, label in enumerate(labels):
       out = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x256,
                                             edited_codes=edited[:, j]))
@@ -135,7 +124,7 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
     t = time.perf_counter()
     if method == "embedding":
       images = emb.embedded[:n]
-      rendered = [_unrefined_edits(G, emb.codes[i:i + 1], edits)
+      rendered = [pipeline.generator_edits(G, emb.codes[i:i + 1], edits)
                   for i in range(n)]
     elif method == "hfgi":
       if hfgi is None:
@@ -161,6 +150,8 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
             images[i], emb.embedded[i], emb.target[i], mask[i],
             ground_truth[name])
         m.update(psnr_in=gt["psnr_in"], psnr_out=gt["psnr_out"])
+        m.update(pipeline.edit_fidelity(G, ground_truth[name], edits,
+                                        rendered[i]))
       out[name]["methods"][method] = dict(image=images[i],
                                           edits=rendered[i], metrics=m)
   return out

@@ -190,6 +190,16 @@ def random_direction(seed, style_dim):
   return (n / np.linalg.norm(n)).astype(np.float32)
 
 
+def edited_codes(edits, codes):
+  """Every edit of codes (B, L, D) → (codes (B, S, L, D), S labels)."""
+  edited = jnp.concatenate([e.fn(codes) for e in edits], axis=1)
+  labels = [l for e in edits for l in e.labels]
+  if edited.shape[1] != len(labels):
+    raise PipelineError(f"edits produced {edited.shape[1]} codes for "
+                        f"{len(labels)} labels")
+  return edited, labels
+
+
 def render_edits(G, refined, edits):
   """{label: (H, W, 3) float image} of every edit of ONE refined inversion.
 
@@ -200,12 +210,18 @@ def render_edits(G, refined, edits):
   """
   if not edits:
     return {}
-  codes = jnp.concatenate([e.fn(refined.codes) for e in edits], axis=1)
-  labels = [l for e in edits for l in e.labels]
-  if codes.shape[1] != len(labels):
-    raise PipelineError(f"edits produced {codes.shape[1]} codes for "
-                        f"{len(labels)} labels")
+  codes, labels = edited_codes(edits, refined.codes)
   images = np.asarray(editing.render(G, refined, codes)[0])
+  return {l: images[j] for j, l in enumerate(labels)}
+
+
+def generator_edits(G, codes, edits):
+  """{label: image} of every edit of ONE image's codes (1, L, D), rendered
+  by the generator itself (no refinement)."""
+  if not edits:
+    return {}
+  codes, labels = edited_codes(edits, jnp.asarray(codes, jnp.float32))
+  images = np.asarray(synthesize(G, codes[0]))
   return {l: images[j] for j, l in enumerate(labels)}
 
 
@@ -238,30 +254,58 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
           for i in range(x.shape[0])]
 
 
-def ground_truth_metrics(image, embedded, target, mask, gt_out):
+@dataclasses.dataclass(frozen=True)
+class GroundTruth:
+  """What a synthetic input is made of.
+
+  out: (H, W) bool, True on the pasted (out-of-domain) patch; codes:
+  (n_latent, style_dim), the W+ codes the generator drew the rest from.
+  """
+  out: np.ndarray
+  codes: np.ndarray
+
+
+def ground_truth_metrics(image, embedded, target, mask, truth):
   """How well DSS and the refinement did on a synthetic image (one image).
 
-  gt_out: (H, W) bool, True on the pasted out-of-domain patch. Returns the
-  recall of the patch as out-of-domain, the IoU of the out-of-domain mask
-  with it, the fraction of the rest kept in-domain, and PSNR inside and
-  outside the patch for the embedding alone and after refinement.
+  truth: its `GroundTruth`. Returns the recall of the patch as
+  out-of-domain, the IoU of the out-of-domain mask with it, the fraction of
+  the rest kept in-domain, and PSNR inside and outside the patch for the
+  embedding alone and after refinement.
   """
   out = np.asarray(mask)[..., 0] < 0.5
-  gt = np.asarray(gt_out, bool)
-
-  def region_psnr(x, region):
-    x = np.clip(np.asarray(x, np.float32), -1, 1)
-    d = ((x - np.asarray(target, np.float32)) / 2.0) ** 2
-    return psnr(float(np.mean(d[region])))
-
+  gt = np.asarray(truth.out, bool)
   return dict(
       gt_recall=float(np.mean(out[gt])),
       gt_iou=float(np.sum(out & gt) / max(np.sum(out | gt), 1)),
       gt_rest_in=float(np.mean(~out[~gt])),
-      psnr_in_embed=region_psnr(embedded, ~gt),
-      psnr_in=region_psnr(image, ~gt),
-      psnr_out_embed=region_psnr(embedded, gt),
-      psnr_out=region_psnr(image, gt))
+      psnr_in_embed=_region_psnr(embedded, target, ~gt),
+      psnr_in=_region_psnr(image, target, ~gt),
+      psnr_out_embed=_region_psnr(embedded, target, gt),
+      psnr_out=_region_psnr(image, target, gt))
+
+
+def _region_psnr(x, reference, region):
+  x = np.clip(np.asarray(x, np.float32), -1, 1)
+  d = ((x - np.asarray(reference, np.float32)) / 2.0) ** 2
+  return psnr(float(np.mean(d[region])))
+
+
+def edit_fidelity(G, truth, edits, rendered):
+  """How closely one image's edits follow the true ones (synthetic inputs).
+
+  The true edit of a synthetic image is the generator's own image of its
+  edited true codes, G(e(w_true)) (no patch: the patch is not the
+  generator's to edit). rendered: {label: (H, W, 3)} the method's edits of
+  `edits`. Returns {'edit_psnr_in': PSNR (dB) outside the patch, mean over
+  the edits}; {} without edits.
+  """
+  true = generator_edits(G, np.asarray(truth.codes)[None], edits)
+  keep = ~np.asarray(truth.out, bool)
+  if not true:
+    return {}
+  return dict(edit_psnr_in=float(np.mean([
+      _region_psnr(rendered[l], true[l], keep) for l in true])))
 
 
 # --------------------------------------------------------------------------
@@ -274,14 +318,15 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   G(w) for a seeded z, with a crop of the `skimage.data` astronaut (a real
   photograph, far from what a small random generator draws) pasted over a
   square of side patch_fraction·size at a seeded position. Returns
-  (target uint8 (H, W, 3), gt_out (H, W) bool). Deterministic in
-  (G, seed, index).
+  (target uint8 (H, W, 3), `GroundTruth`). Deterministic in (G, seed,
+  index).
   """
   rng = np.random.RandomState([seed, index])
   size = G.config["size"]
   z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
   w = G.mapping(G.params, z)
-  clean = G.synthesis(G.params, jnp.repeat(w[:, None], G.n_latent, 1))
+  wplus = jnp.repeat(w[:, None], G.n_latent, 1)
+  clean = G.synthesis(G.params, wplus)
   target = segmentation.to_uint8(clean)[0]
   n = max(4, int(round(size * patch_fraction)))
   y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
@@ -292,7 +337,7 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   target[y0:y0 + n, x0:x0 + n] = np.asarray(crop)
   gt = np.zeros((size, size), bool)
   gt[y0:y0 + n, x0:x0 + n] = True
-  return target, gt
+  return target, GroundTruth(out=gt, codes=np.asarray(wplus[0]))
 
 
 # --------------------------------------------------------------------------
@@ -571,7 +616,7 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       padding is dropped from the results.
     names: n image names (they seed the per-image randomness).
     edits: `EditSpec`s rendered for every image.
-    ground_truth: optional {name: (H, W) bool out-of-domain patch}.
+    ground_truth: optional {name: `GroundTruth`} of synthetic inputs.
     progress: optional `progress(stage)`, told the stage as it starts
       ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
       'edits'); the refinement steps are reported from XLA's callback

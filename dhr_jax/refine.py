@@ -620,7 +620,7 @@ def save_refined(directory, refinement, G, index=0, *, overwrite=False):
     deltas[name], fix = split_delta(x[0], base[name])
     if fix is not None:
       fixes[name] = fix
-  # orbax wants string keys without odd characters: index leaves by position.
+  # Plain string keys (no '/', no odd characters): leaves by position.
   names = sorted(deltas)
   tree = {
       "delta": {str(i): deltas[n] for i, n in enumerate(names)},
@@ -640,7 +640,9 @@ def save_refined(directory, refinement, G, index=0, *, overwrite=False):
                                           for f in fixes.values())),
       "noise": "generator" if own_noise else "stored",
   }
-  return checkpoint.save(directory, tree, KIND, config, overwrite=overwrite)
+  # local: every process of a multi-process run writes its own images.
+  return checkpoint.save(directory, tree, KIND, config, overwrite=overwrite,
+                         local=True)
 
 
 def load_refined(directory, G):

@@ -614,20 +614,22 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
   process, n_processes = jax.process_index(), jax.process_count()
-  # Process k refines every n-th of the sorted inputs; images are
-  # independent (and their keys come from their names), so they come out
-  # the same whichever process, batch or position they land in.
-  mine = entries[process::n_processes]
+  # Batches are fixed slices of the sorted inputs, and process k takes every
+  # n-th batch: an image is computed in the same batch, at the same
+  # position, whether the run is resumed or split over processes. Which
+  # images share a batch changes the float rounding of batched operations
+  # (an LPIPS metric moved by 1e-8 when an image changed partners), so this
+  # is what keeps every output the same bytes.
+  chunks = [entries[start:start + b] for start in range(0, len(entries), b)]
+  numbered = list(enumerate(chunks, 1))[process::n_processes]
+  mine = [e for _, chunk in numbered for e in chunk]
   if n_processes > 1:
     skipped = sum(complete(n) for n, _ in mine)
     logging.info("process %d of %d: %d of the %d input(s)", process, n_processes,
                  len(mine), len(entries))
   progress = _Progress(len(mine), skipped, listener=listener)
-  n_batches = -(-len(mine) // b)
-  # Batches are fixed slices of the sorted inputs, so a resumed run computes
-  # every image in the same batch as an uninterrupted one.
-  for start in range(0, len(mine), b):
-    chunk = mine[start:start + b]
+  n_batches = len(chunks)
+  for number, chunk in numbered:
     todo = [n for n, _ in chunk if not complete(n)]
     if not todo:
       continue
@@ -643,7 +645,7 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         progress.update(1)
     if not any(n in todo for n in names):
       continue
-    progress.start_batch(start // b + 1, n_batches, todo)
+    progress.start_batch(number, n_batches, todo)
     t0 = time.perf_counter()
     landmarks, notes = None, {}
     if models.parser is not None:

@@ -156,6 +156,32 @@ def test_checkpoint_kind_message_grammar(tmp_path):
     checkpoint.load(tmp_path / "c", "stylegan2")
 
 
+def test_local_checkpoint_round_trip(tmp_path):
+  """local=True (arrays.npz, written by one process alone) reads back as
+  orbax's form does: the same nested dicts, the same arrays."""
+  import jax
+  from dhr_jax import checkpoint
+  tree = {"delta": {"0": np.arange(6, dtype=np.float32).reshape(2, 3),
+                    "1": np.ones((), np.float32)},
+          "exact": {"0": {"index": np.array([1, 4], np.int32),
+                          "value": np.array([0.5, -2.0], np.float32)}},
+          "codes": np.full((3, 4), 0.25, np.float32)}
+  for local in (False, True):
+    d = tmp_path / f"local_{local}"
+    checkpoint.save(d, tree, "refined", {"k": 1}, local=local)
+    assert (d / "arrays.npz").is_file() == local
+    got, config = checkpoint.load(d, "refined")
+    assert config == {"k": 1}
+    flat = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]
+    assert [p for p, _ in flat(got)] == [p for p, _ in flat(tree)]
+    for (_, a), (_, b) in zip(flat(got), flat(tree)):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="without '/'"):
+    checkpoint.save(tmp_path / "bad", {"a/b": np.zeros(1)}, "refined", {},
+                    local=True)
+
+
 def test_encoder_generator_mismatch_refused_when_loaded(tmp_path,
                                                         monkeypatch):
   """A 64² generator with a 32² e4e bundle: refused by load_models, before

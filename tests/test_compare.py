@@ -50,7 +50,7 @@ def test_compare_writes_a_row_per_method(compared):
   for row in rows.values():
     assert row["images"] == "1"
     for c in ("mse", "psnr", "lpips_alex", "lpips_vgg", "psnr_in",
-              "psnr_out", "seconds"):
+              "psnr_out", "edit_psnr_in", "seconds"):
       assert np.isfinite(float(row[c])), (row["method"], c, row[c])
   md = open(os.path.join(workdir, "compare.md")).read().splitlines()
   assert md[0].startswith("| method | images | mse |")
@@ -106,3 +106,30 @@ def test_compare_refuses_an_unknown_method(tmp_path):
   assert len(lines) == 1 and "config.compare.methods" in lines[0]
   assert "'nope'" in lines[0] and "embedding, pti, hfgi, dhr" in lines[0]
   assert not (tmp_path / "o").exists()
+
+
+
+def test_edit_fidelity_against_the_true_edits():
+  """edit_psnr_in compares an image's edits with G(e(w_true)) outside the
+  patch: the true edits themselves score exactly (inf), the edits of other
+  codes finitely, and what is inside the patch does not count."""
+  import jax
+  from dhr_jax import pipeline
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=1,
+                     channels=8)
+  _, truth = pipeline.synthetic_case(G, 0, 0)
+  direction = np.random.RandomState(0).randn(32).astype(np.float32)
+  edits = [pipeline.interfacegan("d", direction, [-1.0, 1.0])]
+  true = pipeline.generator_edits(G, truth.codes[None], edits)
+  assert sorted(true) == ["d_-1", "d_1"]
+  assert pipeline.edit_fidelity(G, truth, edits, true) == {
+      "edit_psnr_in": float("inf")}
+  spoiled = {l: np.where(truth.out[..., None], 5.0, im)
+             for l, im in true.items()}
+  assert pipeline.edit_fidelity(G, truth, edits, spoiled) == {
+      "edit_psnr_in": float("inf")}
+  other = pipeline.generator_edits(G, truth.codes[None] + 0.5, edits)
+  got = pipeline.edit_fidelity(G, truth, edits, other)["edit_psnr_in"]
+  assert np.isfinite(got) and got > 0
+  assert pipeline.edit_fidelity(G, truth, [], {}) == {}

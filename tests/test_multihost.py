@@ -57,7 +57,8 @@ def test_two_processes_equal_one(tmp_path):
         + _cli_overrides(setup), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path)))
   outs = [p.communicate(timeout=900) for p in procs]
-  # The corrupt input is process 1's (files[1::2] = b_gray, d_broken):
+  # The corrupt input is process 1's (batches of 2 over the sorted files:
+  # (a_rgb, b_gray), (c_rgba, d_broken), (e_wide); process 1 the second):
   # process 1 exits 1 for it, and process 0's summary names it.
   assert [p.returncode for p in procs] == [1, 1], [o[1][-3000:] for o in outs]
   assert all("Traceback" not in err for _, err in outs)

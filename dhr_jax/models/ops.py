@@ -198,14 +198,9 @@ def conv_hwio(x, kernel, strides, padding):
 def _conv_hwio_jvp(strides, padding, primals, tangents):
   (x, kernel), (dx, dkernel) = primals, tangents
   conv = lambda x, k, **kw: _conv_hwio(x, k, strides, padding, **kw)
-  parts = []
-  if not isinstance(dx, SymbolicZero):
-    parts.append(jax.lax.platform_dependent(
-        dx, kernel, cpu=functools.partial(conv, kernel_layout="HWOI"),
-        default=conv))
-  if not isinstance(dkernel, SymbolicZero):
-    parts.append(conv(x, dkernel))
-  return conv(x, kernel), sum(parts[1:], parts[0])
+  # The kernel's tangent is XLA's convolution on every backend (LPIPS's
+  # weights are never trained), hence `conv` in the place of the taps.
+  return conv(x, kernel), _tangent(conv, conv, x, kernel, dx, dkernel)
 
 
 conv_hwio.defjvp(_conv_hwio_jvp, symbolic_zeros=True)
