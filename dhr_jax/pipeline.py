@@ -286,8 +286,9 @@ def ground_truth_metrics(image, embedded, target, mask, truth):
 
 
 def _region_psnr(x, reference, region):
-  x = np.clip(np.asarray(x, np.float32), -1, 1)
-  d = ((x - np.asarray(reference, np.float32)) / 2.0) ** 2
+  # Both as pictures are seen: clipped to [-1, 1].
+  clip = lambda a: np.clip(np.asarray(a, np.float32), -1, 1)
+  d = ((clip(x) - clip(reference)) / 2.0) ** 2
   return psnr(float(np.mean(d[region])))
 
 

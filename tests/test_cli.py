@@ -376,7 +376,7 @@ def test_index_html_lists_every_image_with_its_metrics(tiny):
 def test_edit_pass_counts_failed_images_as_failed(tiny, tmp_path, capsys):
   workdir = str(tmp_path / "copy")
   shutil.copytree(tiny["workdir"], workdir)
-  shutil.rmtree(os.path.join(workdir, "synthetic_1", "refined", "arrays"))
+  os.remove(os.path.join(workdir, "synthetic_1", "refined", "arrays.npz"))
   outcome = run_lib.edit(tiny["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["synthetic_0"]
