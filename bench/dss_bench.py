@@ -10,7 +10,11 @@ the fraction of the rest kept in-domain, plus timings.
   python bench/dss_bench.py [--size 64] [--seeds 0 1 2] [--steps 40]
 """
 import argparse
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
