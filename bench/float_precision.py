@@ -428,7 +428,7 @@ def _primitive_cases():
   each test's comparison re-run (tests/test_*.py name the case)."""
   import torch
   import torch.nn.functional as F
-  from dhr_jax import alignment, embedding, lpips
+  from dhr_jax import alignment, lpips
   from dhr_jax.models import e4e, farl, ops
   f32 = lambda a: np.asarray(a, np.float64)
   cases = {}

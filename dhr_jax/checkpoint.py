@@ -14,6 +14,7 @@ synchronises every save across all processes.
 """
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +40,30 @@ def _flatten(tree, prefix=""):
   out = {}
   for key, value in tree.items():
     key = str(key)
+    where = prefix + key
     if not key or "/" in key:
       raise ValueError(f"checkpoint keys must be non-empty without '/': "
-                       f"{prefix + key!r}")
+                       f"{where!r}")
     if isinstance(value, dict):
-      out.update(_flatten(value, prefix + key + "/"))
+      if not value:
+        raise ValueError(f"local checkpoints hold no empty dicts: {where!r}")
+      out.update(_flatten(value, where + "/"))
+    elif isinstance(value, (list, tuple)):
+      raise ValueError(f"local checkpoints hold dicts of arrays, not lists: "
+                       f"{where!r}")
     else:
-      out[prefix + key] = np.asarray(value)
+      out[where] = np.asarray(value)
   return out
+
+
+def _write_npz(path, flat):
+  """np.load's .npz, with a fixed time stamp on every member so the same
+  arrays always give the same bytes (np.savez stamps the current time)."""
+  with open(path, "wb") as f, zipfile.ZipFile(f, "w") as z:
+    for key, a in flat.items():
+      info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+      with z.open(info, "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, a, allow_pickle=False)
 
 
 def _unflatten(flat):
@@ -61,7 +78,8 @@ def _unflatten(flat):
 
 
 def save(directory, tree, kind, config, *, overwrite=False, local=False):
-  """Writes `tree` (nested dicts/lists of arrays) and `config` under `directory`.
+  """Writes `tree` (nested dicts/lists of arrays; dicts only with local=True)
+  and `config` under `directory`.
 
   Refuses to replace an existing checkpoint unless `overwrite`; the write goes
   to a sibling temp directory first so a crash never leaves half a checkpoint
@@ -74,14 +92,14 @@ def save(directory, tree, kind, config, *, overwrite=False, local=False):
     raise CheckpointError(
         f"{directory} already exists and is not empty; choose another --dst "
         "or remove it first (converters never overwrite silently).")
+  flat = _flatten(tree) if local else None  # refused before anything is made
   tmp = directory + ".tmp-write"
   if os.path.exists(tmp):
     import shutil
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   if local:
-    with open(os.path.join(tmp, _NPZ), "wb") as f:
-      np.savez(f, **_flatten(tree))
+    _write_npz(os.path.join(tmp, _NPZ), flat)
   else:
     host_tree = jax.tree_util.tree_map(lambda x: np.asarray(x), tree)
     _checkpointer().save(os.path.join(tmp, _ARRAYS), host_tree)
@@ -134,12 +152,15 @@ def load(directory, kind=None):
     try:
       with np.load(npz, allow_pickle=False) as f:
         tree = _unflatten({k: f[k] for k in f.files})
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, KeyError,
+            zipfile.BadZipFile) as e:
       raise CheckpointError(f"{npz} is unreadable ({e}); write it again.")
   elif os.path.isdir(arrays):
     tree = _checkpointer().restore(arrays)
   else:
-    raise CheckpointError(f"{arrays} is missing; re-run the converter.")
+    raise CheckpointError(f"{directory} holds neither {_ARRAYS}/ nor {_NPZ}; "
+                          "write it again (re-run the converter, or the run "
+                          "for a refined image).")
   return jax.tree_util.tree_map(jnp.asarray, tree), config
 
 

@@ -279,8 +279,9 @@ def _synthetic_inputs(config, workdir, G):
 def fingerprint(config):
   """Hash of the settings that determine an image's outputs.
 
-  Edits (re-done by --mode=edit) and the batch size (results do not depend
-  on it) are left out; a marker with another fingerprint is stale.
+  Edits (re-done by --mode=edit) and the batch size (it changes results by
+  float rounding only) are left out; a marker with another fingerprint is
+  stale.
   """
   d = config.to_dict()
   d.pop("edit", None)
@@ -335,7 +336,7 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
   files = []
   refine.save_refined(os.path.join(directory, "refined"), r.refined, G,
                       overwrite=True)
-  files.append("refined/config.json")
+  files += ["refined/arrays.npz", "refined/config.json"]
   inp, inv = io.to_uint8(r.target), io.to_uint8(r.image)
   mask = io.mask_to_uint8(r.mask)
   _write_png(directory, "input.png", inp, files)
@@ -614,6 +615,12 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     logging.info("%d image(s) already complete in %s; skipping them",
                  skipped, workdir)
   process, n_processes = jax.process_index(), jax.process_count()
+  if n_processes > 1 and (jax.device_count()
+                          != n_processes * jax.local_device_count()):
+    # Each process cuts the batches itself, from its own device count.
+    raise UserError(f"every process needs the same number of devices; this "
+                    f"one has {jax.local_device_count()} of the "
+                    f"{jax.device_count()} in {n_processes} processes")
   # Batches are fixed slices of the sorted inputs, and process k takes every
   # n-th batch: an image is computed in the same batch, at the same
   # position, whether the run is resumed or split over processes. Which
@@ -624,6 +631,11 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
   numbered = list(enumerate(chunks, 1))[process::n_processes]
   mine = [e for _, chunk in numbered for e in chunk]
   if n_processes > 1:
+    if len(chunks) < n_processes:
+      logging.warning("%d batch(es) for %d processes: %d process(es) have "
+                      "nothing to do (lower --config.batch_size to share "
+                      "the work)", len(chunks), n_processes,
+                      n_processes - len(chunks))
     skipped = sum(complete(n) for n, _ in mine)
     logging.info("process %d of %d: %d of the %d input(s)", process, n_processes,
                  len(mine), len(entries))
@@ -857,8 +869,8 @@ def _edit_entries(workdir, G, edits, entries, photo_dirs=()):
 
 
 def _quiet_orbax(record):
-  # orbax logs every checkpoint step at INFO; one refined/ per image would
-  # bury the run's own messages.
+  # orbax logs every checkpoint step at INFO, which would bury the run's own
+  # messages among those of loading the models.
   return (record.levelno >= std_logging.WARNING
           or "orbax" not in record.pathname)
 

@@ -177,9 +177,24 @@ def test_local_checkpoint_round_trip(tmp_path):
     for (_, a), (_, b) in zip(flat(got), flat(tree)):
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match="without '/'"):
-    checkpoint.save(tmp_path / "bad", {"a/b": np.zeros(1)}, "refined", {},
-                    local=True)
+  # The same arrays give the same bytes (fixed time stamps in the zip).
+  checkpoint.save(tmp_path / "again", tree, "refined", {"k": 1}, local=True)
+  assert ((tmp_path / "again" / "arrays.npz").read_bytes()
+          == (tmp_path / "local_True" / "arrays.npz").read_bytes())
+  for bad, match in (({"a/b": np.zeros(1)}, "without '/'"),
+                     ({"a": [np.zeros(1)]}, "not lists"),
+                     ({"a": {}}, "no empty dicts")):
+    with pytest.raises(ValueError, match=match):
+      checkpoint.save(tmp_path / "bad", bad, "refined", {}, local=True)
+  assert not list(tmp_path.glob("bad*"))  # refused before writing anything
+  # A damaged file is one clear error, not a zip traceback.
+  npz = tmp_path / "local_True" / "arrays.npz"
+  npz.write_bytes(npz.read_bytes()[:100])
+  with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    checkpoint.load(tmp_path / "local_True", "refined")
+  npz.unlink()
+  with pytest.raises(checkpoint.CheckpointError, match="neither arrays/"):
+    checkpoint.load(tmp_path / "local_True", "refined")
 
 
 def test_encoder_generator_mismatch_refused_when_loaded(tmp_path,

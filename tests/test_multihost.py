@@ -79,7 +79,7 @@ def test_two_processes_equal_one(tmp_path):
       a, b = json.loads(a), json.loads(b)
       a["metrics"].pop("seconds"), b["metrics"].pop("seconds")
     assert a == b, f
-  for name in GOOD:  # the refined states' arrays, which _files leaves out
+  for name in GOOD:  # the refined states' arrays, also as arrays
     ta, _ = checkpoint.load(os.path.join(one, name, "refined"))
     tb, _ = checkpoint.load(os.path.join(two, name, "refined"))
     for u, v in zip(jax.tree_util.tree_leaves(ta),
