@@ -391,7 +391,11 @@ def test_index_html_lists_every_image_with_its_metrics(tiny):
 def test_edit_pass_counts_failed_images_as_failed(tiny, tmp_path, capsys):
   workdir = str(tmp_path / "copy")
   shutil.copytree(tiny["workdir"], workdir)
-  os.remove(os.path.join(workdir, "synthetic_1", "refined", "arrays.npz"))
+  # A damaged refined state (a missing file would make the image unfinished,
+  # to be refined again by `run`).
+  npz = os.path.join(workdir, "synthetic_1", "refined", "arrays.npz")
+  with open(npz, "r+b") as f:
+    f.truncate(100)
   outcome = run_lib.edit(tiny["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["synthetic_0"]
