@@ -30,6 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dhr_jax import compare
+from dhr_jax import compile_cache
 from dhr_jax import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +43,11 @@ _MODE = flags.DEFINE_enum(
     "again for every finished image of --workdir from its saved refined/ "
     "state (no refinement); compare: every method of config.compare from "
     "one embedding (the default with configs/compare.py).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "",
+    "Folder of JAX's persistent compilation cache, so that a second run on "
+    "the same settings does not compile again; '' = $JAX_COMPILATION_CACHE_DIR "
+    "or ~/.cache/dhr_jax/xla, 'none' = off.")
 
 
 def parse_flags(argv):
@@ -54,6 +60,7 @@ def main(argv):
           "--config.KEY=VALUE)", file=sys.stderr)
     return 2
   config, mode = _CONFIG.value, _MODE.value
+  compile_cache.enable(_CACHE.value)
   if mode == "run" and config is not None and "compare" in config:
     mode = "compare"
   return runner.main(config, _WORKDIR.value, mode,

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from dhr_jax import checkpoint
+from dhr_jax import compile_cache
 from dhr_jax import editing
 from dhr_jax import faces
 from dhr_jax import io
@@ -577,6 +578,9 @@ def _define_flags():
   flags.DEFINE_integer("port", 7860, "Port; 0 = any free port.")
   flags.DEFINE_float("max_upload_mb", 25, "Largest upload accepted.")
   flags.DEFINE_float("max_megapixels", 50, "Largest photo accepted.")
+  flags.DEFINE_string("compilation_cache", "", "JAX's persistent "
+                      "compilation cache folder ('' = the default, 'none' = "
+                      "off; see dhr_jax.compile_cache).")
 
 
 def _parse_flags(argv):
@@ -600,6 +604,7 @@ def _main(argv):
           "'.[app]'", file=sys.stderr)
     return 2
   F = flags.FLAGS
+  compile_cache.enable(F.compilation_cache)
   return serve(_CONFIG.value, F.workdir, F.host, F.port, F.max_upload_mb,
                F.max_megapixels)
 
