@@ -3,6 +3,7 @@
     python bench/refine_bench.py                          # 256² and 1024², batches 1 2 4
     python bench/refine_bench.py --sizes 256 --batches 1
     python bench/refine_bench.py --no-lpips --xla-weight-grad   # compare gradients
+    python bench/refine_bench.py --batches 1 --official EXTRACT  # beside the official loop
 
 Weights do not change the cost, so the generator is a stand-in with random
 weights of the official config-f shapes (style_dim 512, 8 mapping layers,
@@ -22,11 +23,19 @@ Printed per (size, batch), as a markdown row:
   * images/s through the paper's schedule, 50·weights + 50·offset steps;
   * peak memory: the process's peak resident set (host, compilation
     included) and, on an accelerator, its peak device memory.
+
+With `--official EXTRACT` (GANInverter's `models` and `criteria` extracted as
+../shared/bench_official/README.md says; needs the `convert` extra) each size
+is first timed with the official loop (../shared/bench_official/
+bench_official_refine.py: median over 3 steps of each kind, batch 1), in the
+same run, and a second table sets its weights/offset steps and schedule
+beside dhr_jax's batch-1 figures, with the ratio official ÷ dhr_jax.
 """
 import argparse
 import dataclasses
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -38,6 +47,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 FEATURE_STEPS, WEIGHT_STEPS = 100, 50
+OFFICIAL_BENCH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))), "shared", "bench_official")
 
 
 def use_xla_weight_gradients():
@@ -114,7 +126,7 @@ def measure(size, batch, lpips_on, feature_idx):
   t_w = step_seconds(spec, G, codes, target, mask, lp, hyper)
   frozen = dataclasses.replace(spec, weights_frozen=True)
   t_o = step_seconds(frozen, G, codes, target, mask, lp, hyper)
-  schedule = WEIGHT_STEPS * t_w + (FEATURE_STEPS - WEIGHT_STEPS) * t_o
+  schedule = schedule_seconds(t_w, t_o)
   host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   stats = jax.devices()[0].memory_stats() or {}
   device = (f"{stats['peak_bytes_in_use'] / 2 ** 30:.2f}"
@@ -134,6 +146,11 @@ def main(argv=None):
   ap.add_argument("--xla-weight-grad", action="store_true",
                   help="use XLA's convolution weight gradients instead of "
                   "ops' CPU matrix-product ones (for comparison)")
+  ap.add_argument("--official", metavar="EXTRACT", default=None,
+                  help="GANInverter extract (models/, criteria/): also time "
+                  "the official loop at batch 1, in the same run")
+  ap.add_argument("--official-bench", default=OFFICIAL_BENCH,
+                  help="folder of bench_official_refine.py")
   ap.add_argument("--one", nargs=2, type=int, metavar=("SIZE", "BATCH"),
                   help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -154,7 +171,9 @@ def main(argv=None):
   print("| size | batch | compile (s) | step, weights (s) | step, offset (s) "
         "| images/s (100 steps) | peak host (GiB) | peak device (GiB) |")
   print("|---|---|---|---|---|---|---|---|", flush=True)
+  side_by_side = []
   for size in [int(s) for s in args.sizes.split(",")]:
+    off = official(args, size) if args.official else None
     for batch in [int(b) for b in args.batches.split(",")]:
       cmd = [sys.executable, os.path.abspath(__file__), "--one", str(size),
              str(batch)]
@@ -162,11 +181,49 @@ def main(argv=None):
       cmd += ["--xla-weight-grad"] * args.xla_weight_grad
       if args.feature_idx is not None:
         cmd += ["--feature-idx", str(args.feature_idx)]
-      rc = subprocess.call(cmd)
-      if rc:
-        why = " (killed: out of memory?)" if rc in (-9, 137) else ""
-        print(f"| {size} | {batch} | failed, exit {rc}{why} |", flush=True)
+      p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+      print(p.stdout, end="", flush=True)
+      if p.returncode:
+        why = " (killed: out of memory?)" if p.returncode in (-9, 137) else ""
+        print(f"| {size} | {batch} | failed, exit {p.returncode}{why} |",
+              flush=True)
+      elif off and batch == 1:
+        cells = p.stdout.strip().splitlines()[-1].split("|")
+        side_by_side.append((size, off, float(cells[4]), float(cells[5])))
+  if side_by_side:
+    print("\n| size | official weights / offset step (s) | dhr_jax weights / "
+          "offset step (s) | 100-step schedule, official ÷ dhr_jax |")
+    print("|---|---|---|---|")
+    for size, (ow, oo), w, o in side_by_side:
+      ratio = (schedule_seconds(ow, oo) / schedule_seconds(w, o))
+      print(f"| {size} | {ow:.2f} / {oo:.2f} | {w:.2f} / {o:.2f} | "
+            f"{ratio:.2f}× |", flush=True)
   return 0
+
+
+def schedule_seconds(weights_step, offset_step):
+  """The paper's schedule: 50 steps with the weight update, 50 without."""
+  return (WEIGHT_STEPS * weights_step
+          + (FEATURE_STEPS - WEIGHT_STEPS) * offset_step)
+
+
+def official(args, size, steps=3):
+  """(weights, offset) step medians of the official loop, or None."""
+  if args.no_lpips or args.feature_idx is not None:
+    print(f"# official loop not timed: it runs MSE + LPIPS-Alex at the "
+          "default feature index only", flush=True)
+    return None
+  script = os.path.join(args.official_bench, "bench_official_refine.py")
+  p = subprocess.run([sys.executable, script, args.official, str(size),
+                      str(steps)], capture_output=True, text=True)
+  m = re.search(r"weights-step median ([0-9.]+)s.*offset-step median "
+                r"([0-9.]+)s", p.stdout)
+  if p.returncode or not m:
+    print(f"# official loop at {size}² failed (exit {p.returncode}): "
+          f"{(p.stderr or p.stdout).strip()[-400:]}", flush=True)
+    return None
+  print(f"# {p.stdout.strip()}", flush=True)
+  return float(m.group(1)), float(m.group(2))
 
 
 if __name__ == "__main__":
