@@ -48,7 +48,7 @@ def tame(G, std=0.4, n=16):
   photograph. The image is a sum of ToRGB outputs (linear in their weights
   and biases), so scaling those scales the image.
   """
-  z = jax.random.normal(jax.random.PRNGKey(123), (n, G.config["style_dim"]))
+  z = jax.random.normal(jax.random.PRNGKey(123), (n, G.z_dim))
   w = jnp.repeat(G.mapping(G.params, z)[:, None], G.n_latent, axis=1)
   s = std / float(jnp.std(jax.jit(G.synthesis)(G.params, w)))
   syn = dict(G.params["synthesis"])

@@ -8,7 +8,8 @@ Accepted sources: {'g_ema': state_dict, 'latent_avg'?} (rosinality), a
 pSp/e4e/HFGI bundle {'state_dict': {'decoder.*': ...}, 'latent_avg'?}, a
 GANInverter checkpoint {'decoder': state_dict, 'encoder': {'latent_avg',
 ...}?, ...}, or a bare state dict.
-The architecture (size, style_dim, n_mlp, channels) is read off the shapes.
+The architecture (size, style_dim, n_mlp, channels, z_dim, layer_features)
+is read off the shapes.
 An NVIDIA stylegan2-ada-pytorch pickle is read by converters/nvidia_pickle.py
 (nothing in the file is executed or imported; NVIDIA's code is not needed)
 and its G_ema mapped by converters/stylegan2_ada.py, which says what differs
@@ -81,8 +82,12 @@ def _fixed_buffers(config):
 def infer_config(sd, src):
   """Architecture from state-dict shapes; a clear error if it isn't StyleGAN2."""
   try:
-    style_dim = sd["style.1.weight"].shape[0]
     n_mlp = len([k for k in sd if re.fullmatch(r"style\.\d+\.weight", k)])
+    # rosinality's mapping is style_dim wide throughout; one converted from
+    # NVIDIA's may take a wider or narrower z and have other hidden widths.
+    first = np.shape(sd["style.1.weight"])
+    z_dim, layer_features = first[-1], first[0]  # (out, in); check_keys vets
+    style_dim = sd[f"style.{n_mlp}.weight"].shape[0]
     n_rgb = len([k for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k)])
     size = 2 ** (n_rgb + 2)
     channels = {4: sd["input.input"].shape[1]}
@@ -94,13 +99,14 @@ def infer_config(sd, src):
         f"{src}: not a rosinality StyleGAN2 generator state dict (no key "
         f"{e.args[0]!r}); pass the .pt holding 'g_ema' or an e4e/pSp bundle."
     ) from None
-  return generator_config(size, style_dim, n_mlp, channels, lr_mlp)
+  return generator_config(size, style_dim, n_mlp, channels, lr_mlp,
+                          z_dim=z_dim, layer_features=layer_features)
 
 
 def expected_shapes(config):
   """{official name: shape} of every entry a checkpoint of `config` holds."""
   g = Generator(config, None, None)
-  z = jax.ShapeDtypeStruct((1, config["style_dim"]), jnp.float32)
+  z = jax.ShapeDtypeStruct((1, g.z_dim), jnp.float32)
   wp = jax.ShapeDtypeStruct((1, config["n_latent"], config["style_dim"]),
                             jnp.float32)
   noise = [jax.ShapeDtypeStruct(s, jnp.float32) for s in noise_shapes(config)]
@@ -230,6 +236,13 @@ def _convert(args):
       print(f"note: conv_clamp={out['config']['conv_clamp']} is recorded in "
             f"{args.dst}['config']; rosinality's Generator does not clamp, so "
             "its images differ where activations exceed it", file=sys.stderr)
+    c = g.config
+    if (g.z_dim, c.get("layer_features") or c["style_dim"]) != (
+        c["style_dim"],) * 2:
+      print(f"note: the mapping of {args.dst} takes z_dim={g.z_dim} through "
+            f"layer_features={c['layer_features']} to style_dim="
+            f"{c['style_dim']}; rosinality's Generator has one width and "
+            "cannot load it (this converter reads it back)", file=sys.stderr)
     torch.save(out, args.dst)
     return args.dst
   if nvidia_pickle.is_pickle(args.src):
@@ -250,7 +263,8 @@ def _args(parser):
       "plain containers and module records, imports nothing from the file "
       "(NVIDIA's code is not needed) and refuses any other global by name. "
       "Refused: conditional generators (c_dim > 0), architecture other than "
-      "'skip', StyleGAN3 pickles (a different architecture).")
+      "'skip', StyleGAN3 pickles (a different architecture). z_dim and the "
+      "mapping's layer_features may differ from w_dim.")
 
 
 def main(argv=None):

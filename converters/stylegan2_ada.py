@@ -2,14 +2,17 @@
 that converters/stylegan2.py converts.
 
 The pickle is read by converters/nvidia_pickle.py (nothing in it is
-executed); the architecture — z/w dimension, resolution, channels per
-resolution, mapping depth and lr multiplier, conv_clamp — comes from the
-modules' attributes and tensor shapes in the file.
+executed); the architecture — z and w dimensions, the mapping's hidden
+width (layer_features), resolution, channels per resolution, mapping depth
+and lr multiplier, conv_clamp — comes from the modules' attributes and
+tensor shapes in the file.
 
 NVIDIA's generator and the rosinality one compute the same function apart
 from `conv_clamp`, which the dhr_jax generator takes as config. Checked
 against NVIDIA's code, layer by layer:
-- mapping: normalize_2nd_moment(z) is PixelNorm (eps 1e-8 inside the rsqrt);
+- mapping: normalize_2nd_moment(z) is PixelNorm (eps 1e-8 inside the rsqrt)
+  over z's own width (z_dim); fc0 takes z_dim to layer_features, the last
+  layer gives w_dim (the dhr_jax config's z_dim, layer_features, style_dim);
   FullyConnectedLayer's gains (lr/√fan_in on the weight, lr on the bias,
   weights stored ÷lr) and bias_act lrelu (0.2, gain √2) are EqualLinear +
   fused_leaky_relu; `mapping.w_avg` is latent_avg, and truncation is the
@@ -33,8 +36,9 @@ NVIDIA's float32 evaluation (`force_fp32=True`), not its fp16 one.
 
 Refused, naming the reason: conditional generators (c_dim > 0),
 architecture other than 'skip', StyleGAN3 generators (a different,
-alias-free architecture), img_channels ≠ 3, z_dim ≠ w_dim, a resampling
-filter other than [1,3,3,1], layers with other activations/kernels.
+alias-free architecture), img_channels ≠ 3, a generator without z
+(z_dim = 0), a resampling filter other than [1,3,3,1], layers with other
+activations/kernels.
 """
 import re
 import sys
@@ -101,9 +105,8 @@ def read_g_ema(data, src):
     _refuse(src, f"a conditional generator (c_dim={c_dim}); dhr_jax's "
             "generator has no class input")
   z_dim, w_dim = _attr(g, "z_dim", src, "G_ema"), _attr(g, "w_dim", src, "G_ema")
-  if z_dim != w_dim:
-    _refuse(src, f"z_dim={z_dim} differs from w_dim={w_dim}; dhr_jax's "
-            "mapping keeps one width")
+  if not z_dim:
+    _refuse(src, f"z_dim={z_dim!r}: a generator without a latent input")
   if _attr(g, "img_channels", src, "G_ema") != 3:
     _refuse(src, f"img_channels={g.attrs['img_channels']}; only RGB "
             "generators convert")
@@ -152,13 +155,19 @@ def read_g_ema(data, src):
   conv_clamp = None if conv_clamp is None else float(conv_clamp)
 
   nv = nvidia_pickle.state_dict(g)
+  # MappingNetwork keeps layer_features only as the hidden layers' shape.
+  fc0 = nv.get("mapping.fc0.weight")
+  if fc0 is None or np.ndim(fc0) != 2:
+    _refuse(src, "missing mapping.fc0.weight")
+  layer_features = fc0.shape[0] if n_mlp > 1 else w_dim
   channels = {}
   for r in res:
     w = nv.get(f"synthesis.b{r}.conv1.weight")
     if w is None:
       _refuse(src, f"missing synthesis.b{r}.conv1.weight")
     channels[r] = w.shape[0]
-  check_keys(src, nv, _nvidia_shapes(size, w_dim, n_mlp, channels,
+  check_keys(src, nv, _nvidia_shapes(size, (z_dim, layer_features, w_dim),
+                                     n_mlp, channels,
                                      "w_avg" in mapping.buffers))
   for name in [k for k in nv if k.endswith("resample_filter")]:
     if not np.allclose(nv[name], _FILTER):
@@ -172,12 +181,15 @@ def read_g_ema(data, src):
           {"conv_clamp": conv_clamp, "lr_mlp": lr_mlp})
 
 
-def _nvidia_shapes(size, w_dim, n_mlp, channels, with_w_avg):
-  """{NVIDIA state-dict name: shape} of an unconditional 'skip' Generator."""
+def _nvidia_shapes(size, widths, n_mlp, channels, with_w_avg):
+  """{NVIDIA state-dict name: shape} of an unconditional 'skip' Generator;
+  widths: (z_dim, layer_features, w_dim)."""
+  z_dim, hidden, w_dim = widths
+  features = [z_dim] + [hidden] * (n_mlp - 1) + [w_dim]
   out = {}
   for i in range(n_mlp):
-    out[f"mapping.fc{i}.weight"] = (w_dim, w_dim)
-    out[f"mapping.fc{i}.bias"] = (w_dim,)
+    out[f"mapping.fc{i}.weight"] = (features[i + 1], features[i])
+    out[f"mapping.fc{i}.bias"] = (features[i + 1],)
   if with_w_avg:
     out["mapping.w_avg"] = (w_dim,)
 

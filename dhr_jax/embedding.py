@@ -75,7 +75,7 @@ def latent_stats(G, key, n=10000):
   The spread is the projector's sqrt(Σ_i ‖w_i − w̄‖² / n): the RMS distance to
   the mean, which scales the latent noise.
   """
-  z = jax.random.normal(key, (n, G.config["style_dim"]))
+  z = jax.random.normal(key, (n, G.z_dim))
   w = G.mapping(G.params, z)
   mean = jnp.mean(w, axis=0)
   std = jnp.sqrt(jnp.sum((w - mean) ** 2) / n)

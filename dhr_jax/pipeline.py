@@ -324,7 +324,7 @@ def synthetic_case(G, seed, index, patch_fraction=1 / 3):
   """
   rng = np.random.RandomState([seed, index])
   size = G.config["size"]
-  z = jnp.asarray(rng.standard_normal((1, G.config["style_dim"])), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((1, G.z_dim)), jnp.float32)
   w = G.mapping(G.params, z)
   wplus = jnp.repeat(w[:, None], G.n_latent, 1)
   clean = G.synthesis(G.params, wplus)

@@ -2,6 +2,7 @@
 through a real .pt file and our converter."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -310,3 +311,27 @@ def test_generator_config_is_static_and_read_only():
     g.config["size"] = 32
   with pytest.raises(TypeError, match="read-only"):
     g.config["channels"]["16"] = 8
+
+
+def test_mapping_widths_default_to_style_dim_and_may_differ():
+  """rosinality's mapping is style_dim wide throughout (the default); an
+  NVIDIA one may take z_dim → layer_features → style_dim. The widths are
+  static config read back from the rosinality layout's shapes, and a
+  checkpoint written before they were recorded reads as rosinality's."""
+  g = init_generator(jax.random.PRNGKey(0), size=8, style_dim=16, n_mlp=2,
+                     channels=8)
+  assert (g.config["z_dim"], g.config["layer_features"], g.z_dim) == (16,) * 3
+  old = {k: v for k, v in g.config.items() if k not in ("z_dim",
+                                                          "layer_features")}
+  assert dhr_jax.Generator(old, g.params, g.noise).z_dim == 16
+  zw = init_generator(jax.random.PRNGKey(0), size=8, style_dim=16, n_mlp=3,
+                      channels=8, z_dim=24, layer_features=20)
+  m = zw.params["mapping"]
+  assert [m[f"style_{i}"]["weight"].shape for i in (1, 2, 3)] == [
+      (20, 24), (20, 20), (16, 20)]
+  assert zw.latent_avg.shape == (16,)  # mean_latent draws z of width 24
+  sd = conv.to_torch_state_dict(zw.params, zw.noise)
+  tree, config = conv.convert_generator(sd, latent_avg=zw.latent_avg)
+  assert config == dict(zw.config)
+  with pytest.raises(ValueError, match=re.escape("z must be (B, 24)")):
+    zw.mapping(zw.params, jnp.zeros((1, 16)))

@@ -30,6 +30,9 @@ from dhr_jax import editing, refine
 from dhr_jax.models.stylegan2 import Generator
 
 PKL = os.path.join(GOLDEN, "stylegan2_ada_64.pkl")
+# Made by tests/fixtures/make_stylegan2_ada_zw.py (see the .txt beside it):
+# z 128 → hidden 96 → w 64, 32², NVIDIA's outputs in the .npz.
+ZW = os.path.join(REPO, "tests", "fixtures", "stylegan2_ada_zw_32")
 
 
 def nchw(x):
@@ -47,15 +50,19 @@ sys.exit(stylegan2.main(sys.argv[1:]))
 """
 
 
+def _convert_without_nvidia(pkl, tmp):
+  run = subprocess.run(
+      [sys.executable, "-c", _NO_NVIDIA, "--src", pkl, "--dst",
+       str(tmp / "ckpt")], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  return dhr_jax.load_generator(str(tmp / "ckpt"))
+
+
 @pytest.fixture(scope="module")
 def ada(golden, tmp_path_factory):
   manifest, arrays = golden("stylegan2_ada_64")
   tmp = tmp_path_factory.mktemp("ada")
-  run = subprocess.run(
-      [sys.executable, "-c", _NO_NVIDIA, "--src", PKL, "--dst",
-       str(tmp / "ckpt")], cwd=REPO, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr
-  return dhr_jax.load_generator(str(tmp / "ckpt")), manifest, arrays, tmp
+  return _convert_without_nvidia(PKL, tmp), manifest, arrays, tmp
 
 
 def test_config_from_the_pickle(ada, rule):
@@ -64,6 +71,7 @@ def test_config_from_the_pickle(ada, rule):
   assert (c["size"], c["style_dim"], c["n_mlp"], c["n_latent"]) == (64, 256, 8, 10)
   assert c["channels"] == {"4": 256, "8": 256, "16": 128, "32": 64, "64": 32}
   assert c["conv_clamp"] == 4.0 and c["lr_mlp"] == 0.01
+  assert c["z_dim"] == c["layer_features"] == 256 and G.z_dim == 256
   nv = rule.state_dict_from_manifest(manifest)
   np.testing.assert_array_equal(G.latent_avg, nv["mapping.w_avg"])
   np.testing.assert_array_equal(G.params["synthesis"]["input"]["input"][0],
@@ -93,8 +101,8 @@ def test_tensors_read_bit_exact(rule, golden):
 TOL = 1e-4
 
 
-def test_parity_with_nvidia(ada):
-  G, _, a, _ = ada
+def _check_parity(G, a):
+  """Every output of an NVIDIA fixture (the golden file's layout), ≤ TOL."""
   z = jnp.asarray(a["z"])
   w = G.mapping(G.params, z)
   ws = jnp.repeat(w[:, None], G.n_latent, axis=1)
@@ -109,11 +117,82 @@ def test_parity_with_nvidia(ada):
   off = [jnp.zeros_like(n) for n in G.noise]
   assert rel_l2(nchw(G.synthesis(G.params, ws_in, off)),
                 a["image_nonoise"]) <= TOL
+
+
+def test_parity_with_nvidia(ada):
+  G, _, a, _ = ada
+  _check_parity(G, a)
+  ws_in = jnp.asarray(a["ws_in"])
   # The fixture exercises the clamp: without it the image is far off
   # (measured: 8.0e-2).
   unclamped = Generator({**G.config, "conv_clamp": None}, G.params, G.noise)
   assert rel_l2(nchw(unclamped.synthesis(G.params, ws_in)),
                 a["image_from_ws"]) > 1e-2
+
+
+# --------------------------------------------------------------------------
+# z_dim ≠ w_dim (and a hidden mapping width of its own): NVIDIA's
+# MappingNetwork sizes fc0 z_dim → layer_features, the last layer → w_dim.
+
+
+@pytest.fixture(scope="module")
+def ada_zw(rule, tmp_path_factory):
+  manifest, arrays = rule.load_golden(ZW + ".npz")
+  tmp = tmp_path_factory.mktemp("ada_zw")
+  return (_convert_without_nvidia(ZW + ".pkl", tmp), manifest, arrays, tmp)
+
+
+def test_zw_widths_from_the_pickle(ada_zw, rule):
+  G, manifest, _, _ = ada_zw
+  c = G.config
+  assert (c["z_dim"], c["layer_features"], c["style_dim"]) == (128, 96, 64)
+  assert (c["size"], c["n_mlp"], c["n_latent"], c["conv_clamp"]) == (
+      32, 3, 8, 256.0)
+  assert c["channels"] == {"4": 32, "8": 32, "16": 32, "32": 16}
+  m = G.params["mapping"]
+  assert [m[f"style_{i}"]["weight"].shape for i in (1, 2, 3)] == [
+      (96, 128), (96, 96), (64, 96)]
+  # G_ema is what converts (the training copy G holds other values).
+  data = nvidia_pickle.load(ZW + ".pkl")
+  want = rule.state_dict_from_manifest(manifest)
+  assert set(data) == {"training_set_kwargs", "G", "D", "G_ema",
+                       "augment_pipe"}
+  np.testing.assert_array_equal(m["style_1"]["weight"],
+                                want["mapping.fc0.weight"])
+  np.testing.assert_array_equal(G.latent_avg, want["mapping.w_avg"])
+  assert not np.array_equal(
+      nvidia_pickle.state_dict(data["G"])["mapping.fc0.weight"],
+      want["mapping.fc0.weight"])
+
+
+# The fixture's own float32 error, measured as for the golden file: our
+# model in float64 differs from it by ≤ 1.7e-7 relative (w 5.3e-8, images
+# 1.6e-7..1.7e-7), our float32 evaluation by ≤ 2.4e-7; TOL stands.
+def test_zw_parity_with_nvidia(ada_zw):
+  G, _, a, _ = ada_zw
+  assert a["z"].shape == (2, 128) and a["ws_in"].shape == (2, 8, 64)
+  _check_parity(G, a)
+  with pytest.raises(ValueError, match=re.escape("z must be (B, 128)")):
+    G.mapping(G.params, jnp.zeros((1, 64)))
+
+
+def test_zw_to_torch_round_trip(ada_zw, capsys):
+  """The rosinality layout holds the widths in its shapes; converting back
+  restores them (rosinality's own Generator cannot load it: one width)."""
+  G, _, _, tmp = ada_zw
+  assert conv.main(["--to-torch", "--src", str(tmp / "ckpt"), "--dst",
+                    str(tmp / "back.pt")]) == 0
+  assert ("takes z_dim=128 through layer_features=96 to style_dim=64"
+          in capsys.readouterr().err)
+  back = torch.load(tmp / "back.pt", weights_only=True)
+  assert tuple(back["g_ema"]["style.1.weight"].shape) == (96, 128)
+  assert conv.main(["--src", str(tmp / "back.pt"), "--dst",
+                    str(tmp / "again")]) == 0
+  again = dhr_jax.load_generator(str(tmp / "again"))
+  assert again.config == G.config
+  for x, y in zip(jax.tree_util.tree_leaves(again.params),
+                  jax.tree_util.tree_leaves(G.params)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_to_torch_records_conv_clamp_and_round_trips(ada, rule, capsys):
@@ -215,6 +294,10 @@ def _grey(g):
   g.attrs["img_channels"] = 1
 
 
+def _no_z(g):
+  g.attrs["z_dim"] = 0
+
+
 def _box_filter(g):
   conv0 = g.modules["synthesis"].modules["b8"].modules["conv0"]
   conv0.buffers["resample_filter"] = np.ones((4, 4), np.float32) / 16
@@ -227,6 +310,7 @@ def _box_filter(g):
      "different, alias-free architecture"),
     (_mixed_lr, "the mapping lr_multiplier differs between layers"),
     (_grey, "img_channels=1; only RGB generators convert"),
+    (_no_z, "z_dim=0: a generator without a latent input"),
     (_box_filter, "synthesis.b8.conv0.resample_filter is not the [1,3,3,1] "
      "filter"),
 ])

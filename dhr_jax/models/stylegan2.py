@@ -20,7 +20,9 @@ is the same function up to one difference, carried as config: `conv_clamp`
 clamps each synthesis layer's output (after bias, leaky ReLU and its √2 gain)
 and each ToRGB output (after its bias, before the skip sum) to ±conv_clamp.
 Its z normalisation (normalize_2nd_moment) is PixelNorm, its w_avg is
-`latent_avg`; converters/stylegan2_ada.py maps its weights. Layers NVIDIA
+`latent_avg`; its z and hidden mapping widths, independent of w_dim there,
+are config (`z_dim`, `layer_features`; both style_dim for rosinality's);
+converters/stylegan2_ada.py maps its weights. Layers NVIDIA
 runs in fp16 (num_fp16_res) run in float32 here.
 """
 import functools
@@ -160,16 +162,23 @@ class ConstantInput(nn.Module):
 
 
 class Mapping(nn.Module):
-  """z → w: PixelNorm, then n_mlp equalised linear layers (lr ×0.01)."""
+  """z → w: PixelNorm, then n_mlp equalised linear layers (lr ×0.01).
+
+  The z width is the input's. layer_features: the width of the hidden
+  layers (NVIDIA's `layer_features`), None for style_dim as rosinality's.
+  """
   style_dim: int
   n_mlp: int
   lr_mlp: float = 0.01
+  layer_features: Optional[int] = None
 
   @nn.compact
   def __call__(self, z):
     x = ops.pixel_norm(z)
+    hidden = self.layer_features or self.style_dim
     for i in range(1, self.n_mlp + 1):  # official names start at style.1
-      x = EqualLinear(self.style_dim, lr_mul=self.lr_mlp, activate=True,
+      x = EqualLinear(self.style_dim if i == self.n_mlp else hidden,
+                      lr_mul=self.lr_mlp, activate=True,
                       name=f"style_{i}")(x)
     return x
 
@@ -241,12 +250,15 @@ def truncate(w, psi, w_avg):
 
 
 def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
-                     conv_clamp=None):
+                     conv_clamp=None, z_dim=None, layer_features=None):
   """The config dict stored with a checkpoint; channels: {res: C} or one int.
 
   conv_clamp: NVIDIA's clamp of every synthesis layer's and ToRGB's output
   to ±conv_clamp (256 in NVIDIA-trained stylegan2-ada nets); None for the
   rosinality generator and TF-converted nets.
+  z_dim, layer_features: the widths of z and of the hidden mapping layers;
+  None for style_dim, as in rosinality's generator (NVIDIA's networks set
+  them independently of w_dim = style_dim).
   """
   log_size = int(math.log2(size))
   if 2 ** log_size != size or size < 8:
@@ -265,6 +277,8 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
       "channels": {str(r): int(channels[r]) for r in res},
       "n_latent": 2 * log_size - 2, "num_layers": 2 * log_size - 3,
       "conv_clamp": None if conv_clamp is None else float(conv_clamp),
+      "z_dim": int(z_dim or style_dim),
+      "layer_features": int(layer_features or style_dim),
   }
 
 
@@ -309,7 +323,8 @@ class Generator:
   @property
   def _mapping(self):
     c = self.config
-    return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01))
+    return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01),
+                   c.get("layer_features"))
 
   @property
   def _synthesis(self):
@@ -322,8 +337,16 @@ class Generator:
   def n_latent(self):
     return self.config["n_latent"]
 
+  @property
+  def z_dim(self):
+    """Width of z; style_dim unless the config says otherwise (checkpoints
+    written before z_dim was recorded are rosinality-shaped)."""
+    return self.config.get("z_dim") or self.config["style_dim"]
+
   def mapping(self, params, z):
-    """z (B, style_dim) → w (B, style_dim)."""
+    """z (B, z_dim) → w (B, style_dim)."""
+    if z.shape[-1] != self.z_dim:
+      raise ValueError(f"z must be (B, {self.z_dim}), got {z.shape}")
     return self._mapping.apply({"params": params["mapping"]}, z)
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
@@ -374,19 +397,20 @@ class Generator:
 
   def mean_latent(self, key, n=4096):
     """Mean of mapping(z) over n random z: the usual W-space average."""
-    z = jax.random.normal(key, (n, self.config["style_dim"]))
+    z = jax.random.normal(key, (n, self.z_dim))
     return jnp.mean(self.mapping(self.params, z), axis=0)
 
 
 def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
-                   lr_mlp=0.01, noise_strength=0.1, conv_clamp=None):
+                   lr_mlp=0.01, noise_strength=0.1, conv_clamp=None,
+                   z_dim=None, layer_features=None):
   """A stand-in generator with seeded random weights (tests, demo).
 
   Noise strengths are set to `noise_strength` (the official init is 0, which
   would hide noise-handling mistakes from the tests that use this).
   """
   config = generator_config(size, style_dim, n_mlp, channels, lr_mlp,
-                            conv_clamp)
+                            conv_clamp, z_dim, layer_features)
   g = Generator(config, None, None)
   k_init, k_noise, k_avg = jax.random.split(key, 3)
   noise = g.make_noise(k_noise)
@@ -395,7 +419,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
   # random numbers, which costs seconds per test.
   shapes = {
       "mapping": jax.eval_shape(g._mapping.init, k_init,
-                                jnp.zeros((1, style_dim)))["params"],
+                                jnp.zeros((1, g.z_dim)))["params"],
       "synthesis": jax.eval_shape(
           g._synthesis.init, k_init,
           jnp.zeros((1, config["n_latent"], style_dim)), noise)["params"],
