@@ -11,6 +11,11 @@ and optionally the FaRL face parser for the class-wise thresholds:
 
     python -m converters.farl --src face_parsing.farl.celebm.main_ema_181500_jit.pt \
         --dst ckpt/farl
+
+and the paper's identity network for its ID metric:
+
+    python -m converters.curricularface --src CurricularFace_Backbone.pth \
+        --dst ckpt/curricularface
 """
 import ml_collections
 
@@ -44,6 +49,10 @@ def get_config():
       generator="",
       # FaRL parser (converters.farl); "" = DSS with one threshold, no parsing.
       parser="",
+      # CurricularFace IR-101 (converters.curricularface): adds the paper's
+      # ID metric, column id_curricularface (needs the `faces` extra: dlib
+      # finds the landmarks MTCNN finds in the official script); "" = off.
+      id_network="",
   ))
 
   config.embedding = ml_collections.ConfigDict(dict(

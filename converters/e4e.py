@@ -59,9 +59,9 @@ def bottleneck_shapes(prefix, c_in, depth, se=True):
 
 def expected_shapes(n_styles):
   """{official encoder key: shape} of Encoder4Editing(50, 'ir_se')."""
-  from dhr_jax.models import e4e
+  from dhr_jax.models import e4e, irse
   shapes = stem_shapes("input_layer", 3, 64)
-  for i, (c_in, depth, _) in enumerate(e4e.unit_specs()):
+  for i, (c_in, depth, _) in enumerate(irse.unit_specs(e4e.NUM_LAYERS)):
     shapes.update(bottleneck_shapes(f"body.{i}", c_in, depth))
   for i in range(n_styles):
     for j in range(e4e.style_block_convs(i)):
@@ -136,13 +136,13 @@ def convert_encoder(state_dict, src="<state_dict>"):
   Raises ConversionError naming every missing, unexpected or mis-shaped key
   (BatchNorm num_batches_tracked counters are ignored).
   """
-  from dhr_jax.models import e4e
+  from dhr_jax.models import e4e, irse
   n_styles, size = _infer_styles(src, state_dict)
   ignore = [k for k in state_dict if k.endswith("num_batches_tracked")]
   check_keys(src, state_dict, expected_shapes(n_styles), ignore=ignore)
   sd = state_dict
   params = convert_stem(sd, "input_layer")
-  for i, (c_in, depth, _) in enumerate(e4e.unit_specs()):
+  for i, (c_in, depth, _) in enumerate(irse.unit_specs(e4e.NUM_LAYERS)):
     params[f"body_{i}"] = convert_bottleneck(sd, f"body.{i}", c_in, depth)
   for i in range(n_styles):
     p = f"styles.{i}"

@@ -2,6 +2,7 @@
 
 Public API (imported lazily so `import dhr_jax` stays cheap):
   load_generator, load_encoder, load_parser   — converted checkpoints
+  load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   domain_specific_segmentation                — the in/out-of-domain mask
   hybrid_refine → Refinement                  — weight + feature refinement
@@ -19,6 +20,8 @@ _EXPORTS = {
     "truncate": "dhr_jax.models.stylegan2",
     "load_encoder": "dhr_jax.models.e4e",
     "load_parser": "dhr_jax.models.farl",
+    "load_id_network": "dhr_jax.models.curricularface",
+    "id_curricularface": "dhr_jax.identity",
     "load_hfgi": "dhr_jax.models.hfgi",
     "hfgi_invert": "dhr_jax.models.hfgi",
     "load_lpips": "dhr_jax.lpips",

@@ -164,3 +164,84 @@ def warp_from_frame(frames, matrices, image_size, frame_size=FRAME_SIZE):
       [matrices[..., :2] * scale,
        (matrices[..., 2:] + 0.5) * scale - 0.5], -1)
   return _resample(frames, to_map, image_size)
+
+
+# --------------------------------------------------------------------------
+# The identity network's 112² crop (GANInverter's MTCNN alignment)
+
+IDENTITY_CROP_SIZE = 112
+
+# get_reference_facial_points(default_square=True) of the official MTCNN
+# alignment: the 96×112 template's five points (eye centres, nose tip, mouth
+# corners) shifted 8 px right to centre them in a 112² square.
+IDENTITY_REFERENCE_112 = np.array([
+    [30.29459953, 51.69630051],
+    [65.53179932, 51.50139999],
+    [48.02519989, 71.73660278],
+    [33.54930115, 92.3655014],
+    [62.72990036, 92.20410156],
+]) + np.array([8.0, 0.0])
+
+
+def _cp2tform_nonreflective(uv, xy):
+  """MATLAB cp2tform's 'nonreflective similarity' fit as the official
+  matlab_cp2tform computes it: least squares for the map xy → uv, inverted.
+  Returns the 3×3 matrix T in row-vector form ([x y 1] = [u v 1] T)."""
+  x, y = xy[:, :1], xy[:, 1:]
+  m = xy.shape[0]
+  ones, zeros = np.ones((m, 1)), np.zeros((m, 1))
+  a = np.vstack([np.hstack([x, y, ones, zeros]),
+                 np.hstack([y, -x, zeros, ones])])
+  b = np.vstack([uv[:, :1], uv[:, 1:]])
+  if np.linalg.matrix_rank(a) < 4:
+    raise ValueError("a similarity transform needs two distinct landmarks")
+  sc, ss, tx, ty = np.squeeze(np.linalg.lstsq(a, b, rcond=None)[0])
+  t = np.linalg.inv(np.array([[sc, -ss, 0.0], [ss, sc, 0.0], [tx, ty, 1.0]]))
+  t[:, 2] = (0.0, 0.0, 1.0)
+  return t
+
+
+def _row_apply(t, uv):
+  return (np.hstack([uv, np.ones((uv.shape[0], 1))]) @ t)[:, :2]
+
+
+def identity_transform(points, reference=IDENTITY_REFERENCE_112):
+  """(2, 3) matrix image → 112² crop, as the official alignment finds it.
+
+  The official `warp_and_crop_face` (align_type 'similarity') calls
+  matlab_cp2tform's `get_similarity_transform_for_cv2(src, ref,
+  reflective=True)`: the best non-reflective similarity and the best one
+  composed with a mirror are both fitted, and the one with the smaller
+  residual is kept. The residuals are measured against the reference with
+  its x negated (the official code negates the reference in place before
+  measuring), which this reproduces; for any face whose points are in
+  their usual order the non-reflective fit wins, mirrored point sets get
+  the mirror. points (5, 2) (x, y) pixels in image order (float32, as the
+  official code casts them); float64 arithmetic as numpy's.
+  """
+  uv = np.asarray(points, np.float32)
+  xy = np.asarray(reference, np.float32).copy()
+  t1 = _cp2tform_nonreflective(uv, xy)
+  xy[:, 0] = -xy[:, 0]   # the reference both residuals are measured against
+  t2 = _cp2tform_nonreflective(uv, xy) @ np.diag([-1.0, 1.0, 1.0])
+  norm1 = np.linalg.norm(_row_apply(t1, uv) - xy)
+  norm2 = np.linalg.norm(_row_apply(t2, uv) - xy)
+  t = t1 if norm1 <= norm2 else t2
+  return t[:, :2].T
+
+
+def identity_crops(images, points, size=IDENTITY_CROP_SIZE):
+  """The official 112² identity crops of uint8 images, as float32 grey levels.
+
+  images: (B, H, W, 3) with values in [0, 255] (uint8 photos or inversions
+  quantised as saved); points: (B, 5, 2) five landmarks per image. Each
+  crop is cv2.warpAffine's default (bilinear, constant zero border) of the
+  image through `identity_transform`, rounded to integers as cv2 writes
+  uint8 (round half to even). Returns (B, size, size, 3) float32 in
+  [0, 255]; `/ 127.5 - 1` gives the network's input.
+  """
+  points = np.asarray(points)
+  m = np.stack([identity_transform(p) for p in points]).astype(np.float32)
+  crops = warp_affine(jnp.asarray(images, jnp.float32), jnp.asarray(m),
+                      (size, size))
+  return jnp.clip(jnp.round(crops), 0.0, 255.0)

@@ -18,7 +18,8 @@ Writes OUT/<name>/grid.png (a row per method, titled with its name:
 inversion and every edit; the first row the input and DSS's mask),
 OUT/<name>/<method>.png (each inversion), and the mean over images per
 method as OUT/compare.csv and OUT/compare.md: MSE, PSNR, LPIPS-Alex,
-LPIPS-VGG, id_dlib (when dlib finds a face in the input), the refinement
+LPIPS-VGG, id_dlib (when dlib finds a face in the input), id_curricularface
+(the paper's ID metric, with config.model.id_network), the refinement
 seconds per image, and on synthetic inputs the PSNR inside (psnr_in) and
 outside (psnr_out, the pasted patch) the known in-domain region and the
 edit fidelity: the edits' PSNR against the true edits G(e(w_true)) outside
@@ -32,6 +33,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from dhr_jax import identity
 from dhr_jax import io
 from dhr_jax import photos
 from dhr_jax import pipeline
@@ -39,7 +41,8 @@ from dhr_jax import runner
 from dhr_jax.models import hfgi as hfgi_lib
 
 METHODS = ("embedding", "pti", "hfgi", "dhr")
-TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg", "id_dlib", "psnr_in",
+TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg", "id_dlib",
+         "id_curricularface", "psnr_in",
          "psnr_out", "edit_psnr_in", "seconds")
 
 
@@ -224,6 +227,7 @@ def run(config, workdir):
                            "comparison yet; align the photos with a normal "
                            "run first and compare its face crops")
   face_models = runner._face_models(config)
+  id_net = runner.load_id_network(config, face_models)
   hfgi_path = config.model.get("hfgi", "")
   with contextlib.ExitStack() as held:
     if os.path.isdir(workdir):
@@ -248,11 +252,11 @@ def run(config, workdir):
         raise runner.UserError(str(e)) from None
       held.enter_context(runner._lock(workdir))
     return _compare(config, workdir, entries, models, edits, methods, H,
-                    face_models)
+                    face_models, id_net)
 
 
 def _compare(config, workdir, entries, models, edits, methods, H,
-             face_models):
+             face_models, id_net=None):
   G = models.G
   gt = None
   if config.data.input == "synthetic":
@@ -286,6 +290,9 @@ def _compare(config, workdir, entries, models, edits, methods, H,
           ids = photos.identity_metrics(face_models, entry["target"],
                                         r["image"], {})
           r["metrics"].update(ids)
+          if id_net is not None:
+            r["metrics"].update(identity.metrics(
+                id_net, face_models, entry["target"], r["image"]))
       directory = os.path.join(workdir, io.output_name(name))
       for method, r in entry["methods"].items():
         io.save_png(os.path.join(directory, f"{method}.png"),

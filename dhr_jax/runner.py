@@ -42,12 +42,14 @@ from dhr_jax import checkpoint
 from dhr_jax import config_files
 from dhr_jax import editing
 from dhr_jax import faces
+from dhr_jax import identity
 from dhr_jax import io
 from dhr_jax import lpips
 from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import refine
 from dhr_jax import segmentation
+from dhr_jax.models import curricularface
 from dhr_jax.models import e4e
 from dhr_jax.models import farl
 from dhr_jax.models import stylegan2
@@ -71,6 +73,8 @@ _E4E_CMD = ("python -m converters.e4e --src e4e_ffhq_encode.pt "
 _G_CMD = "python -m converters.stylegan2 --src stylegan2-ffhq-config-f.pt --dst {path}"
 _FARL_CMD = ("python -m converters.farl --src "
              "face_parsing.farl.celebm.main_ema_181500_jit.pt --dst {path}")
+_ID_CMD = ("python -m converters.curricularface --src "
+           "CurricularFace_Backbone.pth --dst {path}")
 
 
 def load_generator(config):
@@ -91,6 +95,24 @@ def load_generator(config):
   except checkpoint.CheckpointError as e:
     raise UserError(f"{e} (convert with: "
                     f"{(_G_CMD if m.generator else _E4E_CMD).format(path=path)})"
+                    ) from None
+
+
+def load_id_network(config, face_models):
+  """The paper's ID network of config.model.id_network (None when unset);
+  its metric needs dlib's landmarks (`face_models`)."""
+  path = config.model.get("id_network", "")
+  if not path:
+    return None
+  if not os.path.exists(path):
+    raise _missing(path, "ID network checkpoint", _ID_CMD.format(path=path))
+  if face_models is None:
+    raise UserError("config.model.id_network: the ID metric finds its "
+                    "landmarks with dlib; pip install 'dhr_jax[faces]'")
+  try:
+    return curricularface.load_id_network(path)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{e} (convert with: {_ID_CMD.format(path=path)})"
                     ) from None
 
 
@@ -565,6 +587,7 @@ def run(config, workdir, *, models=None, progress=None):
     except io.ImageError as e:
       raise UserError(str(e)) from None
   face_models = _face_models(config)
+  id_net = load_id_network(config, face_models)
   with contextlib.ExitStack() as held:
     # A workdir that exists may be another run's: refuse now, not after the
     # models are loaded. A new one is locked as soon as it is made.
@@ -581,11 +604,11 @@ def run(config, workdir, *, models=None, progress=None):
         raise UserError(str(e)) from None
       held.enter_context(_lock(workdir))
     return _run_batches(config, workdir, entries, models, edits, t_start,
-                        face_models, progress)
+                        face_models, progress, id_net)
 
 
 def _run_batches(config, workdir, entries, models, edits, t_start,
-                 face_models=None, listener=None):
+                 face_models=None, listener=None, id_net=None):
   G = models.G
   edit_names = [e.name for e in edits]
   gt = None
@@ -694,6 +717,9 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         if face_models is not None:
           r.metrics.update(photos.identity_metrics(face_models, r.target,
                                                    r.image, r.edits))
+        if id_net is not None:
+          r.metrics.update(identity.metrics(id_net, face_models, r.target,
+                                            r.image))
         write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
                     edit_names, notes.get(r.name))
       progress.update(1)
@@ -735,9 +761,11 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
 
 def _columns(rows):
   columns = ["name"] + list(pipeline.METRICS) + ["seconds"]
-  # id_dlib (the faces extra): inversion first, then each edit.
+  # id_dlib (the faces extra): inversion first, then each edit; then the
+  # paper's ID metric (config.model.id_network).
   ids = sorted({c for r in rows for c in r if c.startswith("id_dlib")},
                key=lambda c: (c != "id_dlib", c))
+  ids += [identity.COLUMN] * any(identity.COLUMN in r for r in rows)
   return columns + [c for c in pipeline.GT_METRICS
                     if any(c in r for r in rows)] + ids
 

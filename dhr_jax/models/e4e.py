@@ -8,9 +8,9 @@ its own copy (the editability constraint of e4e). The coarse styles (0-2) read
 the 16² trunk output, the middle ones (3-6) the 32² FPN level and the fine ones
 the 64² level.
 
-The encoder is never trained here, so BatchNorm is folded into a frozen affine
-map of its running statistics, and the statistics live in the same `params`
-tree as the weights (one pytree in, W+ codes out).
+The trunk is `dhr_jax.models.irse`'s (shared with HFGI and the identity
+network): BatchNorm is a frozen affine map of its running statistics, which
+live in the same `params` tree as the weights (one pytree in, W+ codes out).
 """
 import functools
 import math
@@ -21,9 +21,9 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from dhr_jax.models import ops
-
 from dhr_jax import checkpoint
+from dhr_jax.models import irse
+from dhr_jax.models import ops
 from dhr_jax.models.frozen import freeze
 
 INPUT_SIZE = 256  # e4e is trained on 256² crops; its style heads assume it.
@@ -31,9 +31,7 @@ STYLE_DIM = 512
 COARSE_END = 3    # styles [0, 3) from the 16² map
 MIDDLE_END = 7    # styles [3, 7) from 32², the rest from 64²
 
-# IR-SE50: (in_channels, depth, units) per stage; each stage starts with a
-# stride-2 unit.
-IR_SE50_STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
+NUM_LAYERS = 50  # IR-SE50
 
 
 def style_count(size):
@@ -44,90 +42,10 @@ def style_count(size):
   return 2 * log_size - 2
 
 
-def unit_specs():
-  """[(in_channels, depth, stride)] of the 24 bottleneck units."""
-  specs = []
-  for c_in, depth, units in IR_SE50_STAGES:
-    specs.append((c_in, depth, 2))
-    specs += [(depth, depth, 1)] * (units - 1)
-  return specs
-
-
 def style_block_convs(i):
   """Number of stride-2 convolutions of GradualStyleBlock i (down to 1²)."""
   spatial = 16 if i < COARSE_END else 32 if i < MIDDLE_END else 64
   return int(math.log2(spatial))
-
-
-def _pad1():
-  # PyTorch padding=1; "SAME" would pad (0, 1) for stride 2 and shift the grid.
-  return ((1, 1), (1, 1))
-
-
-class FrozenBatchNorm(nn.Module):
-  """BatchNorm2d in eval mode: running statistics are parameters."""
-  eps: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    mean = self.param("mean", nn.initializers.zeros, (c,))
-    var = self.param("var", nn.initializers.ones, (c,))
-    return (x - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
-
-
-class PReLU(nn.Module):
-  """Leaky ReLU with one learned negative slope per channel."""
-
-  @nn.compact
-  def __call__(self, x):
-    alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],))
-    return jnp.where(x >= 0, x, alpha * x)
-
-
-class SqueezeExcite(nn.Module):
-  """Channel gating from globally pooled features (reduction 16)."""
-  reduction: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    s = jnp.mean(x, axis=(1, 2))
-    s = nn.relu(nn.Dense(c // self.reduction, use_bias=False, name="fc1")(s))
-    s = nn.sigmoid(nn.Dense(c, use_bias=False, name="fc2")(s))
-    return x * s[:, None, None, :]
-
-
-class BottleneckIRSE(nn.Module):
-  """bottleneck_IR_SE: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut;
-  with se=False the plain bottleneck_IR (HFGI's small networks)."""
-  in_channels: int
-  depth: int
-  stride: int
-  se: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    s = self.stride
-    if self.in_channels == self.depth:
-      # MaxPool2d(kernel 1, stride s) is plain subsampling.
-      shortcut = x[:, ::s, ::s, :]
-    else:
-      shortcut = nn.Conv(self.depth, (1, 1), (s, s), padding="VALID",
-                         use_bias=False, name="shortcut_conv")(x)
-      shortcut = FrozenBatchNorm(name="shortcut_bn")(shortcut)
-    r = FrozenBatchNorm(name="bn1")(x)
-    r = nn.Conv(self.depth, (3, 3), padding=_pad1(), use_bias=False,
-                name="conv1")(r)
-    r = PReLU(name="prelu")(r)
-    r = nn.Conv(self.depth, (3, 3), (s, s), padding=_pad1(), use_bias=False,
-                name="conv2")(r)
-    r = FrozenBatchNorm(name="bn2")(r)
-    if self.se:
-      r = SqueezeExcite(name="se")(r)
-    return r + shortcut
 
 
 class GradualStyleBlock(nn.Module):
@@ -138,7 +56,7 @@ class GradualStyleBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     for j in range(self.num_convs):
-      x = nn.Conv(self.features, (3, 3), (2, 2), padding=_pad1(),
+      x = nn.Conv(self.features, (3, 3), (2, 2), padding=irse.pad1(),
                   name=f"conv_{j}")(x)
       x = nn.leaky_relu(x, 0.01)  # torch.nn.LeakyReLU() default slope
     if x.shape[1:3] != (1, 1):
@@ -163,14 +81,7 @@ class Encoder4Editing(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(64, (3, 3), padding=_pad1(), use_bias=False,
-                name="input_conv")(x)
-    x = FrozenBatchNorm(name="input_bn")(x)
-    x = PReLU(name="input_prelu")(x)
-    feats = {}
-    for i, (c_in, depth, stride) in enumerate(unit_specs()):
-      x = BottleneckIRSE(c_in, depth, stride, name=f"body_{i}")(x)
-      feats[i] = x
+    feats = irse.body(irse.stem(x), NUM_LAYERS, se=True)
     c1, c2, c3 = feats[6], feats[20], feats[23]  # 64², 32², 16²
 
     p2 = upsample_bilinear_aligned(c3, c2.shape[1:3]) + nn.Conv(

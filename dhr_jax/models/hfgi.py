@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from dhr_jax import checkpoint
+from dhr_jax.models import irse
 from dhr_jax.models import ops
-from dhr_jax.models.e4e import BottleneckIRSE, FrozenBatchNorm, PReLU
 from dhr_jax.models.stylegan2 import feature_modulation, feature_resolution
 
 KIND = "hfgi"
@@ -68,23 +68,11 @@ def module_name(prefix):
   return prefix.replace(".", "_")
 
 
-def _pad1():
-  return ((1, 1), (1, 1))
-
-
-def _stem(x, features):
-  """conv_layer1: 3×3 conv (no bias), BatchNorm, PReLU."""
-  x = nn.Conv(features, (3, 3), padding=_pad1(), use_bias=False,
-              name="input_conv")(x)
-  x = FrozenBatchNorm(name="input_bn")(x)
-  return PReLU(name="input_prelu")(x)
-
-
 def _stage(x, net, stage):
   """The bottlenecks of one official Sequential (e.g. 'dconv_layer2')."""
   for prefix, c_in, depth, stride in unit_specs(net):
     if prefix.split(".")[0] == stage:
-      x = BottleneckIRSE(c_in, depth, stride, se=False,
+      x = irse.BottleneckIRSE(c_in, depth, stride, se=False,
                          name=module_name(prefix))(x)
   return x
 
@@ -100,7 +88,7 @@ class ResidualAligner(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    f1 = _stem(x, ALIGN_STEM)
+    f1 = irse.stem(x, ALIGN_STEM)
     f2 = _stage(f1, "grid_align", "conv_layer2")
     f3 = _stage(f2, "grid_align", "conv_layer3")
     f4 = _stage(f3, "grid_align", "conv_layer4")
@@ -119,10 +107,12 @@ class ConditionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, (3, 3), padding=_pad1(), name="conv_0")(x)
+    x = nn.Conv(self.features, (3, 3), padding=irse.pad1(),
+                name="conv_0")(x)
     # ScaledLeakyReLU is leaky_relu(x, 0.2)·√2: fused_leaky_relu, no bias.
     x = ops.fused_leaky_relu(x, 0.0)
-    return nn.Conv(self.features, (3, 3), padding=_pad1(), name="conv_1")(x)
+    return nn.Conv(self.features, (3, 3), padding=irse.pad1(),
+                   name="conv_1")(x)
 
 
 class ResidualEncoder(nn.Module):
@@ -132,7 +122,7 @@ class ResidualEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    f = _stem(x, RESIDUE_STEM)
+    f = irse.stem(x, RESIDUE_STEM)
     f = _stage(f, "residue", "conv_layer2")
     f = _stage(f, "residue", "conv_layer3")
     size = (self.condition_size,) * 2
