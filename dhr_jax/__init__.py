@@ -8,6 +8,7 @@ Public API (imported lazily so `import dhr_jax` stays cheap):
   hybrid_refine → Refinement                  — weight + feature refinement
   edit_codes, render                          — editing refined inversions
   save_refined, load_refined                  — one refined image on disk
+  paper_metrics                               — MSE/PSNR/LPIPS as the paper
 """
 import importlib
 
@@ -39,6 +40,7 @@ _EXPORTS = {
     "save_refined": "dhr_jax.refine",
     "load_refined": "dhr_jax.refine",
     "run_batch": "dhr_jax.pipeline",
+    "paper_metrics": "dhr_jax.metrics",
 }
 _RENAMED = {"load_lpips": "load"}
 

@@ -18,9 +18,11 @@ Writes OUT/<name>/grid.png (a row per method, titled with its name:
 inversion and every edit; the first row the input and DSS's mask),
 OUT/<name>/<method>.png (each inversion), and the mean over images per
 method as OUT/compare.csv and OUT/compare.md: MSE, PSNR, LPIPS-Alex,
-LPIPS-VGG, id_dlib (when dlib finds a face in the input), id_curricularface
-(the paper's ID metric, with config.model.id_network), the refinement
-seconds per image, and on synthetic inputs the PSNR inside (psnr_in) and
+LPIPS-VGG, MSE, PSNR and LPIPS-Alex as the paper scores them (paper_mse,
+paper_psnr, paper_lpips_alex: `metrics.paper_metrics`), id_dlib (when dlib
+finds a face in the input), id_curricularface (the paper's ID metric, with
+config.model.id_network), the refinement seconds per image, and on
+synthetic inputs the PSNR inside (psnr_in) and
 outside (psnr_out, the pasted patch) the known in-domain region and the
 edit fidelity: the edits' PSNR against the true edits G(e(w_true)) outside
 the patch (edit_psnr_in, `pipeline.edit_fidelity`).
@@ -41,9 +43,9 @@ from dhr_jax import runner
 from dhr_jax.models import hfgi as hfgi_lib
 
 METHODS = ("embedding", "pti", "hfgi", "dhr")
-TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg", "id_dlib",
-         "id_curricularface", "psnr_in",
-         "psnr_out", "edit_psnr_in", "seconds")
+TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg") + pipeline.PAPER_METRICS + (
+    "id_dlib", "id_curricularface", "psnr_in", "psnr_out", "edit_psnr_in",
+    "seconds")
 
 
 def method_title(method, config):

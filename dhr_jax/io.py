@@ -183,10 +183,14 @@ def resize_target(images, size=256):
   at the generator's size is resized, which is the same picture when the
   input is at the generator's size (FFHQ-aligned 1024² crops).
   """
-  from PIL import Image
-  out = [np.asarray(Image.fromarray(u).resize((size, size), Image.BILINEAR),
-                    np.float32) for u in to_uint8(images)]
-  return np.stack(out) / 127.5 - 1.0
+  return resize_uint8(to_uint8(images), size).astype(np.float32) / 127.5 - 1.0
+
+
+def resize_uint8(images, size=256):
+  """(B, H, W, 3) uint8 → (B, size, size, 3) uint8 by PIL's bilinear resize,
+  what torchvision's `Resize((size, size))` does to a PIL image."""
+  return np.stack([np.asarray(Image.fromarray(np.asarray(u, np.uint8)).resize(
+      (size, size), Image.BILINEAR)) for u in images])
 
 
 # --------------------------------------------------------------------------

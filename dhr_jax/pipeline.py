@@ -36,13 +36,18 @@ import skimage.data
 from dhr_jax import editing
 from dhr_jax import embedding as embedding_lib
 from dhr_jax import io
+from dhr_jax import metrics as metrics_lib
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
 from dhr_jax.models.stylegan2 import Generator
 
 EMBEDDINGS = ("e4e", "optim")
+# The paper's protocol (`metrics.paper_metrics`: the inversion as a truncated
+# uint8 picture, both images at 256², MSE on [-1, 1], PSNR = 10·log10(2/MSE),
+# LPIPS-Alex), beside the full-resolution float metrics above.
+PAPER_METRICS = ("paper_mse", "paper_psnr", "paper_lpips_alex")
 METRICS = ("mse", "psnr", "lpips_alex", "lpips_vgg", "in_domain",
-           "out_of_domain")
+           "out_of_domain") + PAPER_METRICS
 GT_METRICS = ("gt_recall", "gt_iou", "gt_rest_in", "psnr_in_embed",
               "psnr_in", "psnr_out_embed", "psnr_out")
 
@@ -239,6 +244,7 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
 
   image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
   saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
+  The paper_* entries are `metrics.paper_metrics` of the unclipped image.
   """
   # LPIPS on the device arrays as given; only MSE needs host copies.
   xa = jnp.clip(jnp.asarray(image, jnp.float32), -1.0, 1.0)
@@ -248,9 +254,18 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   alex = np.asarray(lpips_alex.jit_distance(lpips_alex.params, xa, ya))
   vgg = np.asarray(lpips_vgg.jit_distance(lpips_vgg.params, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
+  # The uint8 target is the input as inverted (the pixels written as
+  # input.png): the runner loads each file as u / 127.5 − 1 at the
+  # generator's size, which io.to_uint8 maps back to u exactly. (The
+  # official script resizes the file itself; the same picture for inputs at
+  # the generator's size, such as FFHQ-aligned 1024² crops.)
+  paper = metrics_lib.paper_metrics(image, io.to_uint8(y), lpips_alex)
   return [dict(mse=float(mse[i]), psnr=psnr(mse[i]),
                lpips_alex=float(alex[i]), lpips_vgg=float(vgg[i]),
-               in_domain=float(inside[i]), out_of_domain=float(1 - inside[i]))
+               in_domain=float(inside[i]), out_of_domain=float(1 - inside[i]),
+               paper_mse=float(paper["mse"][i]),
+               paper_psnr=float(paper["psnr"][i]),
+               paper_lpips_alex=float(paper["lpips"][i]))
           for i in range(x.shape[0])]
 
 

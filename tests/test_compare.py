@@ -58,6 +58,36 @@ def test_compare_writes_a_row_per_method(compared):
       "| optim only", "| PTI", "| DHR"]
 
 
+def test_paper_metrics_columns(compared):
+  """compare.csv/md carry the paper's protocol beside the float metrics,
+  from the method's inversion and the input file."""
+  from dhr_jax import metrics
+  _, workdir, _ = compared
+  rows = _table(workdir)
+  md = open(os.path.join(workdir, "compare.md")).read().splitlines()
+  assert "| lpips_vgg | paper_mse | paper_psnr | paper_lpips_alex |" in md[0]
+  target = np.asarray(Image.open(os.path.join(workdir, "inputs",
+                                              "synthetic_0.png")))[None]
+  for method, title in (("embedding", "optim only"), ("pti", "PTI"),
+                        ("dhr", "DHR")):
+    row = {c: float(rows[title][c]) for c in
+           ("paper_mse", "paper_psnr", "paper_lpips_alex")}
+    # One image: the mean PSNR is the PSNR of the mean MSE (csv: 6 digits).
+    assert row["paper_psnr"] == pytest.approx(
+        10 * np.log10(2 / row["paper_mse"]), abs=1e-3)
+    assert 0 < row["paper_lpips_alex"] < 2
+    # The float inversion is not saved, only <method>.png, rounded where the
+    # paper truncates: each pixel of the picture the paper scores is within
+    # one level δ = 2/255 of the png's, before and after the (convex)
+    # resize, so |MSE_png − MSE| ≤ δ·(2·√MSE + δ).
+    png = np.asarray(Image.open(os.path.join(workdir, "synthetic_0",
+                                             f"{method}.png")))[None]
+    got = metrics.paper_metrics(png / np.float32(127.5) - 1, target)
+    d = 2 / 255
+    assert abs(got["mse"][0] - row["paper_mse"]) <= d * (
+        2 * np.sqrt(row["paper_mse"]) + d), method
+
+
 def test_refinement_beats_the_embedding_on_the_patch(compared):
   _, workdir, _ = compared
   rows = _table(workdir)

@@ -186,7 +186,8 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
 
   header, rows = _metrics_rows(workdir)
   assert header == ["name", "mse", "psnr", "lpips_alex", "lpips_vgg",
-                    "in_domain", "out_of_domain", "seconds"]
+                    "in_domain", "out_of_domain", "paper_mse", "paper_psnr",
+                    "paper_lpips_alex", "seconds"]
   assert [r["name"] for r in rows] == list(GOOD)
   for r in rows:
     mse, psnr = float(r["mse"]), float(r["psnr"])
@@ -252,6 +253,40 @@ def test_refined_state_renders_the_inversion(setup):
     # The refinement moved the weights: not the plain generator's image.
     plain = io.to_uint8(np.asarray(G.synthesis(G.params, r.codes)))[0]
     assert np.abs(plain.astype(int) - saved).max() > 0
+
+
+def test_paper_metrics_columns_from_the_written_images(setup):
+  """metrics.csv's paper_* columns are `paper_metrics` of the inversion (the
+  refined state re-rendered: the saved png is rounded, the paper truncates
+  the float image) against input.png."""
+  from dhr_jax import metrics, refine
+  from dhr_jax.models.stylegan2 import load_generator
+  G = load_generator(setup["bundle"])
+  _, rows = _metrics_rows(setup["workdir"])
+  images, targets = [], []
+  for name in GOOD:
+    d = os.path.join(setup["workdir"], name)
+    r = refine.load_refined(os.path.join(d, "refined"), G)
+    images.append(np.asarray(editing.render(G, r))[0])
+    targets.append(np.asarray(Image.open(os.path.join(d, "input.png"))))
+  want = metrics.paper_metrics(np.stack(images), np.stack(targets))
+  # Measured (x86_64 Xeon): ≤ 1.5e-6 relative, the csv's 6 significant
+  # digits (≤ 5e-6). The re-render differs from the run's image by float32
+  # round-off (~1e-6 a pixel, bench/float_precision.py), which can move an
+  # element across a uint8 level (δ = 2/255) on another CPU; allowed: two of
+  # the N = 3·32² elements. Each moves the MSE by ≤ δ·(4 + δ)/N (|error| ≤ 2
+  # before the convex resize), the PSNR by 10/ln 10 of that over the MSE,
+  # LPIPS-Alex by ≤ 4.7e-5 (measured: one level at 20 random elements of a
+  # 32² image; bound 1e-4 each).
+  d, n = 2 / 255, 3 * 32 * 32
+  for i, r in enumerate(rows):
+    mse = float(r["paper_mse"])
+    dmse = 2 * d * (4 + d) / n
+    assert abs(mse - want["mse"][i]) <= 5e-6 * mse + dmse
+    assert abs(float(r["paper_psnr"]) - want["psnr"][i]) <= (
+        5e-5 + 10 / np.log(10) * dmse / mse)
+    assert abs(float(r["paper_lpips_alex"]) - want["lpips"][i]) <= (
+        5e-7 + 2 * 1e-4)
 
 
 def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
