@@ -7,10 +7,14 @@ Needs the converted e4e bundle (encoder + the StyleGAN2 it was trained with):
 
     python -m converters.e4e --src e4e_ffhq_encode.pt --dst ckpt/e4e_ffhq
 
-and optionally the FaRL face parser for the class-wise thresholds:
+and the FaRL face parser (facer's celebm/448) for DSS's class-wise
+thresholds and parsing mask:
 
     python -m converters.farl --src face_parsing.farl.celebm.main_ema_181500_jit.pt \
         --dst ckpt/farl
+
+(--config.model.parser=none runs without it: one threshold for every
+superpixel, no parsing mask; not the paper's DSS.)
 
 and the paper's identity network for its ID metric:
 
@@ -47,8 +51,12 @@ def get_config():
       checkpoint="ckpt/e4e_ffhq",
       # Another generator checkpoint (converters.stylegan2); "" = the bundle's.
       generator="",
-      # FaRL parser (converters.farl); "" = DSS with one threshold, no parsing.
-      parser="",
+      # FaRL parser (converters.farl). 'none' (or '') = DSS with one
+      # threshold and no parsing mask, not the paper's (a warning says so).
+      # The parser's five landmarks come from dlib's detector with the
+      # `faces` extra (RetinaFace's weights, the official code's, are not to
+      # be had offline), else from the FFHQ template.
+      parser="ckpt/farl",
       # CurricularFace IR-101 (converters.curricularface): adds the paper's
       # ID metric, column id_curricularface (needs the `faces` extra: dlib
       # finds the landmarks MTCNN finds in the official script); "" = off.

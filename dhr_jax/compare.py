@@ -111,8 +111,10 @@ def _hfgi_outputs(G, H, codes, x, edits):
 
 
 def compare_batch(models, config, methods, target, names, *, edits=(),
-                  ground_truth=None, hfgi=None, progress=None):
-  """Every method on one batch from one embedding.
+                  ground_truth=None, hfgi=None, progress=None,
+                  landmarks=None):
+  """Every method on one batch from one embedding (landmarks: the parser's,
+  as `pipeline.run_batch` takes them).
 
   Returns {name: {'target', 'mask', 'methods': {method: {'image', 'edits',
   'metrics'}}}}; methods that fail (non-finite output) are left out of an
@@ -120,7 +122,7 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
   """
   G = models.G
   emb = pipeline.segment_and_embed(models, config, target, names,
-                                   progress=progress)
+                                   progress=progress, landmarks=landmarks)
   n = len(names)
   x, mask = emb.x[:n], emb.dss.mask[:n]
   out = {name: dict(target=emb.target[i], mask=np.asarray(mask[i]),
@@ -281,9 +283,13 @@ def _compare(config, workdir, entries, models, edits, methods, H,
                            reason=runner._short(str(e))))
     if not names:
       continue
+    landmarks = None
+    if models.parser is not None:  # as a run finds them
+      landmarks, _ = photos.parser_landmarks(face_models, np.stack(images))
     try:
       results = compare_batch(models, config, methods, np.stack(images),
-                              names, edits=edits, ground_truth=gt, hfgi=H)
+                              names, edits=edits, ground_truth=gt, hfgi=H,
+                              landmarks=landmarks)
     except pipeline.PipelineError as e:
       raise runner.UserError(str(e)) from None
     for name, entry in results.items():

@@ -30,6 +30,8 @@ from dhr_jax import io
 
 FACES_FILE = "faces.json"
 TEMPLATE_NOTE = "canonical FFHQ template (no face found in the input)"
+NO_FACE_NOTE = ("no face found: no parsing mask, class 0 for every "
+                "superpixel (the official fallback)")
 NO_EXTRA_NOTE = ("canonical FFHQ template (the faces extra is not installed: "
                  "pip install 'dhr_jax[faces]')")
 
@@ -149,12 +151,25 @@ def paste_photo(workdir, name, path, stamp=None):
   return written
 
 
-def parser_landmarks(models, targets):
+def parser_landmarks(models, targets, *, aligned_crops=False):
   """Five landmarks per image for the face parser, and how each was found.
 
-  targets: (B, H, W, 3) in [-1, 1] (aligned faces). Returns ((B, 5, 2)
-  float32, [note or '' per image]): the image's own detected landmarks, or
-  the canonical template with a note saying why.
+  The official code detects faces with RetinaFace and parses the
+  top-scoring one; RetinaFace's weights are not to be had offline, so
+  dlib's HOG detector (`models`, the `faces` extra) stands in and its
+  top-scoring face gives the five points. Without the extra (models None)
+  every image gets the canonical FFHQ template (the inputs are meant to be
+  FFHQ-aligned).
+
+  targets: (B, H, W, 3) in [-1, 1]. aligned_crops: the images are faces
+  this run aligned from detections (config.data.align), so a face is known
+  to be there and the template stands in where the detector misses it on
+  the crop. Otherwise an image without a face gets an all-NaN row, which
+  DSS reads as "no face": no parsing mask and class 0 for every superpixel,
+  as the official code does when RetinaFace finds nothing.
+
+  Returns ((B, 5, 2) float32, [note or '' per image]): the note says why
+  an image has no detected landmarks.
   """
   images = io.to_uint8(targets)
   out, notes = [], []
@@ -162,10 +177,18 @@ def parser_landmarks(models, targets):
     if models is None:
       out.append(alignment.ffhq_landmarks(img.shape[0]))
       notes.append(NO_EXTRA_NOTE)
-      continue
-    five, found = faces.landmarks_or_template(models, img)
-    out.append(five)
-    notes.append("" if found else TEMPLATE_NOTE)
+    elif aligned_crops:
+      five, found = faces.landmarks_or_template(models, img)
+      out.append(five)
+      notes.append("" if found else TEMPLATE_NOTE)
+    else:
+      found = faces.detect(models, img)
+      if found:
+        out.append(max(found, key=lambda f: f.score).five)
+        notes.append("")
+      else:
+        out.append(np.full((5, 2), np.nan))
+        notes.append(NO_FACE_NOTE)
   return np.stack(out).astype(np.float32), notes
 
 

@@ -638,7 +638,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
       'edits'); the refinement steps are reported from XLA's callback
       thread while the compiled loop runs.
     landmarks: optional (n, 5, 2) five landmarks per image for the parser
-      (`dhr_jax.photos.parser_landmarks`); None: the canonical FFHQ ones.
+      (`dhr_jax.photos.parser_landmarks`; an all-NaN row: no face found);
+      None: the canonical FFHQ ones.
 
   Returns:
     ([ImageResult] for the n real images, {stage: seconds}).

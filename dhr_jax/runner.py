@@ -75,6 +75,61 @@ _FARL_CMD = ("python -m converters.farl --src "
              "face_parsing.farl.celebm.main_ema_181500_jit.pt --dst {path}")
 _ID_CMD = ("python -m converters.curricularface --src "
            "CurricularFace_Backbone.pth --dst {path}")
+_FARL_SOURCE = ("(facer's FaRL celebm/448 parser, github.com/FacePerceiver/"
+                "facer release models-v1)")
+_NO_PARSER_HINT = ("; or run without a parser, not the paper's DSS: "
+                   "--config.model.parser=none")
+# config.model.parser values meaning "no parser" ("" is the old spelling).
+NO_PARSER = ("none", "")
+
+
+def parser_path(config):
+  """The face parser's checkpoint path of `config.model.parser`, or None
+  when the run goes without one ('none', or the old '')."""
+  value = config.model.parser.strip()
+  return None if value.lower() in NO_PARSER else value
+
+
+def _thresholds_in_words(c):
+  if c.adaptive:
+    return "Otsu's threshold of each image's superpixel scores"
+  return f"one threshold ({c.single_threshold:g}) for every superpixel"
+
+
+def dss_description(config):
+  """What DSS does under `config`, in words (summary.json's "dss")."""
+  c = config.dss
+  if parser_path(config) is None:
+    return (f"no parser: {_thresholds_in_words(c)}, no parsing mask; not "
+            "the paper's DSS")
+  if c.adaptive:
+    return (f"FaRL parser: parsing mask, but {_thresholds_in_words(c)} "
+            "instead of one per parsing class; not the paper's DSS")
+  return ("the paper's: FaRL parser, a threshold per parsing class and the "
+          "parsing mask")
+
+
+def no_parser_warning(config):
+  """The one line a run without a parser starts with."""
+  return (f"config.model.parser={config.model.parser!r}: DSS without a face "
+          f"parser uses {_thresholds_in_words(config.dss)} and no parsing "
+          "mask; not the paper's DSS (convert the parser: "
+          f"{_FARL_CMD.format(path='ckpt/farl')})")
+
+
+def landmarks_description(config, face_models):
+  """Where the parser's landmarks come from (summary.json's
+  "parser_landmarks"); None without a parser."""
+  if parser_path(config) is None:
+    return None
+  if face_models is None:
+    return ("canonical FFHQ template (the faces extra is not installed); "
+            "the official code detects faces with RetinaFace")
+  if config.data.get("align", False):
+    return ("dlib's landmarks of each aligned face (the FFHQ template "
+            "where the detector misses it)")
+  return ("dlib HOG detector, top-scoring face (RetinaFace's weights are "
+          "not to be had offline); no face: no parsing mask, class 0")
 
 
 def load_generator(config):
@@ -139,15 +194,21 @@ def load_models(config, mesh=None):
       raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
                       f"not fit model.checkpoint {m.checkpoint!r}: {e}"
                       ) from None
-  if m.parser:
-    if not os.path.exists(m.parser):
-      raise _missing(m.parser, "parser checkpoint",
-                     _FARL_CMD.format(path=m.parser))
+  path = parser_path(config)
+  if path is not None:
+    if not os.path.exists(path):
+      cmd = _FARL_CMD.format(path=path)
+      raise UserError(f"{_missing(path, 'parser checkpoint', cmd)} "
+                      f"{_FARL_SOURCE}{_NO_PARSER_HINT}")
     try:
-      parser = farl.load_parser(m.parser)
+      parser = farl.load_parser(path)
     except checkpoint.CheckpointError as e:
       raise UserError(f"{e} (convert with: "
-                      f"{_FARL_CMD.format(path=m.parser)})") from None
+                      f"{_FARL_CMD.format(path=path)}){_NO_PARSER_HINT}"
+                      ) from None
+  elif m.checkpoint != "stand-in":
+    # The stand-in generator (the demo) makes no faces: nothing to parse.
+    logging.warning("%s", no_parser_warning(config))
   try:
     vgg, alex = lpips.load("vgg"), lpips.load("alex")
   except lpips.LPIPSWeightsError as e:
@@ -306,12 +367,14 @@ def fingerprint(config):
   """Hash of the settings that determine an image's outputs.
 
   Edits (re-done by --mode=edit) and the batch size (it changes results by
-  float rounding only) are left out; a marker with another fingerprint is
-  stale.
+  float rounding only) are left out, the spellings of "no parser" are one;
+  a marker with another fingerprint is stale.
   """
   d = config.to_dict()
   d.pop("edit", None)
   d.pop("batch_size", None)
+  if parser_path(config) is None:
+    d["model"]["parser"] = ""  # 'none' and '' are the same run
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()
                         ).hexdigest()[:16]
 
@@ -688,7 +751,9 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     t0 = time.perf_counter()
     landmarks, notes = None, {}
     if models.parser is not None:
-      landmarks, why = photos.parser_landmarks(face_models, np.stack(images))
+      landmarks, why = photos.parser_landmarks(
+          face_models, np.stack(images),
+          aligned_crops=bool(config.data.get("align", False)))
       notes = {n: dict(landmarks=w or "detected") for n, w in zip(names, why)}
     try:
       results, times = pipeline.run_batch(
@@ -756,7 +821,8 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
       skipped += share["skipped"]
     order = {name: i for i, (name, _) in enumerate(entries)}
     failed.sort(key=lambda f: order.get(f["name"], len(order)))
-  return _finish(config, workdir, entries, failed, skipped, t_start, "run")
+  return _finish(config, workdir, entries, failed, skipped, t_start, "run",
+                 face_models)
 
 
 def _columns(rows):
@@ -786,9 +852,11 @@ def _write_index(workdir, entries, failed, stamp, rows=None):
                            for r in rows], _columns(rows), failed)
 
 
-def _finish(config, workdir, entries, failed, skipped, t_start, mode):
+def _finish(config, workdir, entries, failed, skipped, t_start, mode,
+            face_models=None):
   """metrics.csv, summary.json and index.html from every complete image;
-  the outcome."""
+  the outcome. face_models: dlib's, if the run had them (the parser's
+  landmarks came from them)."""
   stamp = fingerprint(config)
   rows = _rows(workdir, entries, stamp)
   columns = _columns(rows)
@@ -799,7 +867,11 @@ def _finish(config, workdir, entries, failed, skipped, t_start, mode):
       mode=mode, images=len(entries), done=len(rows), failed=failed,
       skipped_complete=skipped, means=means, config=config.to_dict(),
       versions=_versions(), devices=[str(d) for d in jax.devices()],
-      seconds=time.time() - t_start, fingerprint=stamp)
+      seconds=time.time() - t_start, fingerprint=stamp,
+      dss=dss_description(config))
+  landmarks = landmarks_description(config, face_models)
+  if landmarks is not None:
+    summary["parser_landmarks"] = landmarks
   if jax.process_count() > 1:
     summary["processes"] = jax.process_count()
   io.write_json(os.path.join(workdir, "summary.json"), summary)

@@ -295,14 +295,28 @@ def tiny(tmp_path_factory):
   capture = base / "stderr.txt"
   # The progress bar writes to stderr; keep what it wrote.
   saved = sys.stderr
+  warnings, warning = [], run_lib.logging.warning
+  run_lib.logging.warning = lambda msg, *a: warnings.append(msg % a)
   with open(capture, "w") as f:
     sys.stderr = f
     try:
       outcome = run_lib.run(config, workdir)
     finally:
       sys.stderr = saved
+      run_lib.logging.warning = warning
   return dict(base=base, workdir=workdir, config=config, outcome=outcome,
-              stderr=capture.read_text())
+              stderr=capture.read_text(), warnings=warnings)
+
+
+def test_demo_runs_without_a_parser_and_records_it(tiny):
+  # The stand-in makes no faces: no parser, no warning about it, but
+  # summary.json says the DSS is not the paper's.
+  assert tiny["config"].model.parser == "none"
+  assert not [w for w in tiny["warnings"] if "parser" in w]
+  summary = json.load(open(os.path.join(tiny["workdir"], "summary.json")))
+  assert summary["dss"] == (
+      "no parser: Otsu's threshold of each image's superpixel scores, no "
+      "parsing mask; not the paper's DSS")
 
 
 def test_tiny_run_shows_stages_while_a_batch_runs(tiny):

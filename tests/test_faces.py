@@ -354,10 +354,19 @@ def test_parser_landmarks_and_identity_metrics(models, astronaut_aligned):
   blank = np.zeros_like(x)
   lm, notes = photos.parser_landmarks(models, np.stack([x, blank]))
   np.testing.assert_array_equal(lm[0], faces.detect(models, al.image)[0].five)
+  # A flat grey image has no face: an all-NaN row, DSS's "no face".
+  assert np.isnan(lm[1]).all()
+  assert notes == ["", photos.NO_FACE_NOTE]
+  # Crops aligned from a detection hold a face: the template stands in.
+  lm, notes = photos.parser_landmarks(models, np.stack([x, blank]),
+                                      aligned_crops=True)
+  np.testing.assert_array_equal(lm[0], faces.detect(models, al.image)[0].five)
   np.testing.assert_array_equal(lm[1], alignment.ffhq_landmarks(256))
   assert notes == ["", photos.TEMPLATE_NOTE]
-  lm, notes = photos.parser_landmarks(None, x[None])
-  assert notes == [photos.NO_EXTRA_NOTE]
+  lm, notes = photos.parser_landmarks(None, np.stack([x, blank]))
+  np.testing.assert_array_equal(lm, np.stack([alignment.ffhq_landmarks(256)]
+                                             * 2).astype(np.float32))
+  assert notes == [photos.NO_EXTRA_NOTE] * 2
   shifted = np.roll(x, 2, axis=(0, 1))
   m = photos.identity_metrics(models, x, x, {"shifted": shifted,
                                              "grey": blank})
@@ -368,6 +377,28 @@ def test_parser_landmarks_and_identity_metrics(models, astronaut_aligned):
   assert m["id_dlib_shifted"] > 0.99
   assert m["id_dlib_grey"] < 0.9
   assert photos.identity_metrics(models, blank, x, {}) == {}
+
+
+def test_parser_landmarks_take_the_top_scoring_face(models):
+  # As the official code takes RetinaFace's top-scoring face: here the
+  # larger face, blurred, scores lower than the smaller sharp one.
+  from PIL import ImageFilter
+  from dhr_jax import photos
+  a = data.astronaut()
+  square = np.zeros((896, 896, 3), np.uint8)
+  square[:512, :512] = np.asarray(
+      Image.fromarray(a).filter(ImageFilter.GaussianBlur(1.75)))
+  square[64:448, 512:] = np.asarray(
+      Image.fromarray(a[:, ::-1]).resize((384, 384), Image.LANCZOS))
+  found = faces.detect(models, square)
+  # Measured: the blurred astronaut (90 px box) scores 0.583, the mirrored
+  # one (62 px) 0.857; both above MIN_SCORE (0.5).
+  assert [f.box[0] > 512 for f in found] == [False, True]
+  assert found[0].size > found[1].size and found[0].score < found[1].score
+  lm, notes = photos.parser_landmarks(
+      models, square[None].astype(np.float32) / 127.5 - 1.0)
+  np.testing.assert_array_equal(lm[0], found[1].five)
+  assert notes == [""]
 
 
 # ------------------------------------------------------------ run.py, aligned

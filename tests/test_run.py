@@ -96,7 +96,8 @@ def _make_inputs(directory):
 
 # The small pipeline every run here uses, in-process (_config) and through
 # the CLI (_cli_overrides): one list, so the two cannot drift apart.
-_SMALL = (("batch_size", 2), ("embedding.n_mean_latent", 500),
+_SMALL = (("model.parser", "none"),  # no converted parser at hand
+          ("batch_size", 2), ("embedding.n_mean_latent", 500),
           ("dss.coarse_steps", 3), ("dss.n_segments", 16),
           ("refine.feature_idx", 3),  # the 8² feature of the 32² generator
           ("refine.feature_steps", 4), ("refine.weight_steps", 2),
@@ -119,11 +120,16 @@ def setup(tmp_path_factory):
   inputs = _make_inputs(str(base / "inputs"))
   config = _config(bundle, inputs)
   workdir = str(base / "reference")
+  warnings, warning = [], run_lib.logging.warning
+  run_lib.logging.warning = lambda msg, *a: warnings.append(msg % a)
   t0 = time.time()
-  outcome = run_lib.run(config, workdir)
+  try:
+    outcome = run_lib.run(config, workdir)
+  finally:
+    run_lib.logging.warning = warning
   print(f"reference run: {time.time() - t0:.1f} s")
   return dict(base=base, bundle=bundle, inputs=inputs, config=config,
-              workdir=workdir, outcome=outcome)
+              workdir=workdir, outcome=outcome, warnings=warnings)
 
 
 def _files(workdir):
@@ -182,6 +188,16 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
   assert summary["failed"][0]["file"].endswith("d_broken.png")
   assert "not an image" in summary["failed"][0]["reason"]
   assert summary["config"]["refine"]["feature_steps"] == 4
+  # Without the parser the run says, first thing and in summary.json, that
+  # its DSS is not the paper's.
+  assert setup["warnings"][0] == (
+      "config.model.parser='none': DSS without a face parser uses one "
+      "threshold (0.7) for every superpixel and no parsing mask; not the "
+      "paper's DSS (convert the parser: python -m converters.farl --src "
+      "face_parsing.farl.celebm.main_ema_181500_jit.pt --dst ckpt/farl)")
+  assert summary["dss"] == ("no parser: one threshold (0.7) for every "
+                            "superpixel, no parsing mask; not the paper's DSS")
+  assert "parser_landmarks" not in summary
   assert {"jax", "flax", "dhr_jax"} <= set(summary["versions"])
 
   header, rows = _metrics_rows(workdir)
@@ -450,6 +466,31 @@ def test_cli_exit_status_and_one_line_errors(setup, tmp_path):
   assert "Traceback" not in p.stderr
   errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "python -m converters.e4e" in errors[0]
+
+
+def test_default_config_without_the_parser_exits_2(tmp_path):
+  # configs/dhr.py as it is, with an e4e bundle but no converted parser
+  # (ckpt/farl under the working directory): one line naming both ways on,
+  # and nothing created.
+  p = subprocess.run(
+      [sys.executable, os.path.join(REPO, "run.py"),
+       "--config=" + os.path.join(REPO, "configs", "dhr.py"),
+       "--config.data.input=" + os.path.join(_make_inputs(
+           str(tmp_path / "inputs")), "a_rgb.png"),
+       "--config.model.checkpoint=" + _make_bundle(str(tmp_path)),
+       "--workdir=" + str(tmp_path / "out")],
+      capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert "Traceback" not in p.stderr
+  assert [l for l in p.stderr.splitlines() if l.startswith("error:")] == [
+      "error: parser checkpoint 'ckpt/farl' not found. Convert the released "
+      "PyTorch file first: python -m converters.farl --src "
+      "face_parsing.farl.celebm.main_ema_181500_jit.pt --dst ckpt/farl "
+      "(facer's FaRL celebm/448 parser, github.com/FacePerceiver/facer "
+      "release models-v1); or run without a parser, not the paper's DSS: "
+      "--config.model.parser=none"]
+  assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------
