@@ -550,7 +550,7 @@ def segment_and_embed(models, config, target, names, *, progress=None,
       G, x_loss, models.lpips_vgg, key=coarse_keys,
       steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
   dss = segmentation.domain_specific_segmentation(
-      x, coarse=inv.image, coarse_codes=inv.codes,
+      x, coarse=inv.last_step_image, coarse_codes=inv.codes,
       lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
       landmarks=None if landmarks is None else _pad(landmarks, b))
   times["dss"] = time.perf_counter() - t
