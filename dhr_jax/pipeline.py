@@ -445,7 +445,7 @@ def embed(models, config, target, names, seed, coarse_codes=None,
       keys = _shard(models, image_keys(seed, names, "embedding"))
       init = codes if config.space == "w+" else codes[:, 0]
       if loss_target is None:
-        loss_target = io.resize_target(target)
+        loss_target = _shard(models, io.resize_target(target))
       res = embedding_lib.optimize_latent(
           G, loss_target, models.lpips_vgg, key=keys, steps=int(config.steps),
           space=config.space, lr=float(config.lr),
