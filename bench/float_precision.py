@@ -267,8 +267,8 @@ def embedding_values(tmp, x64):
   (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
   del tmp
   from dhr_jax import lpips
-  from dhr_jax.embedding import (_embed_batch, latent_stats, learning_rates,
-                                 noise_levels)
+  from dhr_jax.embedding import (_draw_batch, _embed_batch, latent_stats,
+                                 learning_rates, noise_levels)
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=2,
                      channels=32)
@@ -293,8 +293,11 @@ def embedding_values(tmp, x64):
 
   def run(idx, keys, space, steps, mse):
     shape = (len(idx), 32) if space == "w" else (len(idx), G.n_latent, 32)
-    codes, image, _, hist = _embed_batch(
-        gen, lp, jnp.asarray(targets[idx], dt), keys,
+    noise0, eps = _draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
+                              (1,) + shape[1:], steps)
+    codes, image, _, hist, _ = _embed_batch(
+        gen, lp, jnp.asarray(targets[idx], dt), _cast(noise0, dt),
+        _cast(eps, dt),
         jnp.broadcast_to(jnp.asarray(mean, dt), shape),
         jnp.asarray(learning_rates(steps), dt),
         jnp.asarray(noise_levels(steps) * std, dt), jnp.asarray(1e5, dt),

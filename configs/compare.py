@@ -14,7 +14,12 @@ config.compare.methods: any of embedding (the codes alone: e4e-only),
 pti, hfgi (only when config.model.hfgi names a converted HFGI checkpoint),
 dhr. config.compare.pti: the refine settings PTI replaces (configs/pti.py's;
 in the demo its step count is the demo's refinement's, so that both methods
-get the same budget).
+get the same budget). config.compare.pti_pivot: 'w' (PTI's own W pivot, a
+fresh optimisation from latent_avg with config.compare.pti_embedding,
+configs/pti.py's embedding: GANInverter's pti_pivot.yaml; titled "PTI (W
+pivot)") or 'embedding' (the run's shared embedding, e.g. the e4e codes:
+"PTI (e4e pivot)"). In the demo the W pivot gets the coarse inversion's 40
+steps instead of 450, to stay quick.
 """
 import os
 
@@ -36,13 +41,18 @@ def get_config(arg="dhr"):
   if arg not in ("dhr", "demo"):
     raise ValueError(f"configs/compare.py:{arg}: use :demo or nothing")
   config = _config("demo.py" if arg == "demo" else "dhr.py")
-  pti = _config("pti.py").refine
-  pti = {k: pti[k] for k in _PTI_KEYS}
+  pti_config = _config("pti.py")
+  pti = {k: pti_config.refine[k] for k in _PTI_KEYS}
+  pivot = pti_config.embedding
   if arg == "demo":
     pti.update(feature_steps=config.refine.feature_steps,
                weight_steps=config.refine.feature_steps)
+    # The demo's budget: as many pivot steps as its coarse inversion.
+    pivot.steps = config.dss.coarse_steps
   config.model.hfgi = ""
   config.compare = ml_collections.ConfigDict(dict(
       methods="embedding,pti,hfgi,dhr",
-      pti=ml_collections.ConfigDict(pti)))
+      pti=ml_collections.ConfigDict(pti),
+      pti_pivot="w",
+      pti_embedding=pivot))
   return config

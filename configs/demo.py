@@ -48,9 +48,10 @@ def get_config():
       seed=0, size=64, style_dim=64, n_mlp=2, channels=64,
       noise_strength=0.1))
 
-  # The embedding is DSS's 40-step coarse W inversion itself (steps = 0):
-  # one optimisation instead of two.
+  # The embedding is DSS's 40-step coarse W inversion itself (init='coarse',
+  # steps = 0): one optimisation instead of two.
   config.embedding.method = "optim"
+  config.embedding.init = "coarse"
   config.embedding.steps = 0
   config.embedding.n_mean_latent = 2000
 

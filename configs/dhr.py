@@ -66,6 +66,10 @@ def get_config():
   config.embedding = ml_collections.ConfigDict(dict(
       method="e4e",   # 'e4e' (the encoder) or 'optim' (projector in W / W+)
       # 'optim' only:
+      # Start: 'latent_avg' (the official optimisation embedding: a fresh
+      # run from the generator's latent_avg) or 'coarse' (continue DSS's
+      # coarse W inversion: fewer steps, not the official embedding).
+      init="latent_avg",
       steps=500,
       space="w+",
       lr=0.1,

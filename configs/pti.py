@@ -7,9 +7,12 @@ Only the generator weights are tuned (refine.mode='weight': no feature
 offset, no mask), for 350 Adam steps at lr 3e-4, on LPIPS-Alex (spatial
 mean) + MSE as a per-element mean (F.mse_loss; refine.mse_norm='element',
 not DHR's masked per-pixel mean), both with weight 1 and no locality
-regulariser (GANInverter's default). The pivot is the e4e inversion; for
-PTI's own W pivot from optimisation (GANInverter's `pti_pivot.yaml`: W space,
-450 steps, lr 5e-3, LPIPS only) pass --config.embedding.method=optim.
+regulariser (GANInverter's default). The pivot is PTI's own W pivot, as
+GANInverter's `pti_pivot.yaml` finds it: a fresh optimisation in W from the
+generator's latent_avg, 450 steps at lr 5e-3 (the projector's ramps, latent
+noise 0.05 decaying over 3/4 of the run, noise maps optimised with the 1e5
+regulariser), LPIPS-VGG only, on the 256² resized input. For the e4e codes
+as the pivot instead ("PTI (e4e pivot)") pass --config.embedding.method=e4e.
 
 Everything else (checkpoints, data, edits, outputs) is configs/dhr.py's.
 """
@@ -22,9 +25,8 @@ def get_config():
   # configs/dhr.py beside this file, from any working directory.
   config = load_config(os.path.join(os.path.dirname(__file__), "dhr.py"))
   config.embedding.update(dict(
-      method="e4e",
-      # The W pivot, used with method='optim' (continuing DSS's coarse W
-      # inversion, as configs/dhr.py's 'optim' does).
+      method="optim",
+      init="latent_avg",
       space="w",
       steps=450,
       lr=5e-3,

@@ -9,7 +9,12 @@ each method of config.compare.methods gives its inversion and edits:
   embedding  the codes rendered by the unrefined generator (e4e only, or the
              optimisation embedding in the demo);
   pti        generator weights tuned alone (`pipeline.refine_batch` with
-             config.refine updated by config.compare.pti: configs/pti.py);
+             config.refine updated by config.compare.pti: configs/pti.py)
+             around its pivot: by default PTI's own W pivot, a fresh
+             optimisation from latent_avg (config.compare.pti_embedding,
+             GANInverter's pti_pivot.yaml), "PTI (W pivot)"; with
+             config.compare.pti_pivot='embedding' the shared embedding,
+             e.g. "PTI (e4e pivot)". Its seconds include the pivot's;
   hfgi       HFGI's consultation of the e4e codes (needs config.model.hfgi;
              skipped with a warning otherwise);
   dhr        hybrid refinement with config.refine.
@@ -28,6 +33,7 @@ edit fidelity: the edits' PSNR against the true edits G(e(w_true)) outside
 the patch (edit_psnr_in, `pipeline.edit_fidelity`).
 """
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -43,6 +49,8 @@ from dhr_jax import runner
 from dhr_jax.models import hfgi as hfgi_lib
 
 METHODS = ("embedding", "pti", "hfgi", "dhr")
+# PTI's pivot: its own W optimisation, or the run's shared embedding.
+PTI_PIVOTS = ("w", "embedding")
 TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg") + pipeline.PAPER_METRICS + (
     "id_dlib", "id_curricularface", "psnr_in", "psnr_out", "edit_psnr_in",
     "seconds")
@@ -52,7 +60,16 @@ def method_title(method, config):
   """The name shown on the grid and in the table."""
   if method == "embedding":
     return f"{config.embedding.method} only"
-  return dict(pti="PTI", hfgi="HFGI", dhr="DHR")[method]
+  if method == "pti":
+    pivot = ("W" if pti_pivot(config) == "w" else
+             config.embedding.method)
+    return f"PTI ({pivot} pivot)"
+  return dict(hfgi="HFGI", dhr="DHR")[method]
+
+
+def pti_pivot(config):
+  """config.compare.pti_pivot ('w' when absent: PTI's own W pivot)."""
+  return config.compare.get("pti_pivot", "w")
 
 
 def methods_of(config):
@@ -88,6 +105,25 @@ def validate(config):
       runner.validate_config(pti_config(config))
     except runner.UserError as e:
       raise runner.UserError(f"config.compare.pti: {e}") from None
+    if pti_pivot(config) not in PTI_PIVOTS:
+      raise runner.UserError(
+          f"config.compare.pti_pivot must be one of {', '.join(PTI_PIVOTS)}; "
+          f"got {pti_pivot(config)!r}")
+    if pti_pivot(config) == "w":
+      e = config.compare.get("pti_embedding")
+      if e is None or e.method != "optim" or e.get(
+          "init", "latent_avg") != "latent_avg":
+        raise runner.UserError(
+            "config.compare.pti_embedding: PTI's W pivot is an optimisation "
+            "from latent_avg (method='optim', init='latent_avg'; see "
+            "configs/compare.py), or set config.compare.pti_pivot=embedding")
+      c = ml_collections.ConfigDict(config.to_dict())
+      c.embedding = e
+      try:
+        runner.validate_config(c)
+      except runner.UserError as err:
+        raise runner.UserError(f"config.compare.pti_embedding: {err}"
+                               ) from None
   if "hfgi" in methods and config.model.get("hfgi", "") and (
       config.embedding.method != "e4e"):
     raise runner.UserError("config.model.hfgi: HFGI consults e4e codes; set "
@@ -138,8 +174,15 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
         continue
       images, rendered = _hfgi_outputs(G, hfgi, emb.codes[:n], x, edits)
     else:
+      start = emb
+      if method == "pti" and pti_pivot(config) == "w":
+        codes, embedded = pipeline.embed(
+            models, config.compare.pti_embedding, emb.x, emb.padded_names,
+            int(config.seed))
+        start = dataclasses.replace(emb, codes=codes,
+                                    embedded=np.asarray(embedded))
       rc = pti_config(config).refine if method == "pti" else config.refine
-      result = pipeline.refine_batch(models, rc, emb, progress=progress)
+      result = pipeline.refine_batch(models, rc, start, progress=progress)
       images = np.asarray(result.image)[:n]
       rendered = [pipeline.render_edits(G, result[i], edits)
                   for i in range(n)]

@@ -6,7 +6,11 @@ its domain-specific segmentation (40 steps in W) and for its 'optim'
 embedding; that is rosinality's StyleGAN2 projector (`projector.py`) except
 for how the generated image meets the target:
 
-  * start from the mean of mapping(z) over `n_mean_latent` samples;
+  * start from the mean latent: the generator checkpoint's `latent_avg`
+    where the official code loads the generator from its StyleGAN2 weights
+    (the 'optim' embedding, PTI's W pivot), the mean of mapping(z) over
+    10,000 samples where it resumes from a trained checkpoint (DHR's coarse
+    inversion, which runs beside the e4e encoder); see `latent_avg_or_mean`;
   * Adam on the latent and on the per-layer noise maps, learning rate
     lr·ramp(t) with t = step/steps, a cosine ramp-down over the last 25 % and a
     linear ramp-up over the first 5 %;
@@ -22,6 +26,12 @@ for how the generated image meets the target:
     average-pools images larger than 256² (generated and target alike) and
     does not clamp: `resize='pool'`;
   * after every step each noise map is renormalised to zero mean, unit std.
+
+The official loop computes a step's loss from the image it generates
+and only then updates the latent: its DSS reads the last step's image (from
+that step's latent and noise maps, before their update), and it returns the
+codes after the last update. `EmbeddingResult` has both, `last_step_image`
+and `codes`.
 
 Every image is optimised on its own: the official script runs a batch with
 one noise tensor per layer whose statistics (and the MSE mean) span the whole
@@ -54,19 +64,25 @@ RESIZES = ("interpolate", "pool")
 class EmbeddingResult:
   """Output of `optimize_latent`.
 
-  codes:  (B, n_latent, style_dim) W+ codes (W results repeated per layer).
+  codes:  (B, n_latent, style_dim) W+ codes after the last update (W
+          results repeated per layer), as the official code returns them.
   image:  (B, H, W, 3) the generator's image of `codes` with `noise`.
   noise:  list of (B, r, r, 1) optimised noise maps, one per layer.
   losses: (B, steps) total loss at every step (as optimised, i.e. with the
           step's latent noise).
   terms:  dict of (B, steps) arrays: 'lpips', 'noise' (regulariser, before
           its weight) and 'mse'.
+  last_step_image: (B, H, W, 3) the image the last step generated and
+          computed its loss from (its noisy latent, its noise maps), before
+          that step's update; full resolution, not clamped. The official
+          DSS compares this one with the input (`coarse_inversion`).
   """
   codes: Any
   image: Any
   noise: list
   losses: Any
   terms: dict
+  last_step_image: Any = None
 
 
 def latent_stats(G, key, n=10000):
@@ -146,61 +162,93 @@ def _to_loss_res(x, res):
                           antialias=True)
 
 
-def _embed_one(G, L, target, key, init, lrs, strengths, noise_weight,
+def _draws(key, noise_shapes, latent_shape, steps):
+  """One image's random numbers: initial noise maps and per-step latent
+  noise (standard normal, scaled by the schedule later)."""
+  k_noise, k_steps = jax.random.split(key)
+  noise_keys = jax.random.split(k_noise, len(noise_shapes))
+  noise0 = [jax.random.normal(k, s) for k, s in zip(noise_keys, noise_shapes)]
+  eps = jax.vmap(lambda k: jax.random.normal(k, latent_shape))(
+      jax.random.split(k_steps, steps))
+  return noise0, eps
+
+
+def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
                mse_weight, *, space, resize):
-  """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d)."""
+  """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d);
+  noise0 [(1, r, r, 1)]; eps (steps, 1, d)|(steps, 1, n, d)."""
   g_params, l_params = G.params, L.params
   n_latent = G.config["n_latent"]
-  k_noise, k_steps = jax.random.split(key)
-  noise_keys = jax.random.split(k_noise, len(G.noise))
-  noise0 = [jax.random.normal(k, n.shape) for k, n in zip(noise_keys, G.noise)]
   target = target[None]
   # The learning rate of step t is lrs[t] (the projector's ramps).
   opt = adam(lambda t: lrs[t])
-  variables = (init[None], noise0)
+  variables = (init[None], list(noise0))
 
   def render(latent, noise):
     wplus = latent[:, None] if space == "w" else latent
     wplus = jnp.broadcast_to(wplus, (1, n_latent, wplus.shape[-1]))
     return G.synthesis(g_params, wplus, noise=noise)
 
-  def loss_fn(variables, k, strength):
+  def loss_fn(variables, e, strength):
     latent, noise = variables
-    latent = latent + jax.random.normal(k, latent.shape) * strength
-    img = render(latent, noise)
-    img = (_box_pool(img, target.shape[1]) if resize == "pool" else
-           ops.resize_generated(img, target.shape[1:3]))
+    latent = latent + e * strength
+    generated = render(latent, noise)
+    img = (_box_pool(generated, target.shape[1]) if resize == "pool" else
+           ops.resize_generated(generated, target.shape[1:3]))
     p = L.distance(l_params, img, target)[0]
     reg = noise_regularizer(noise)
     mse = jnp.mean((img - target) ** 2)
-    return p + noise_weight * reg + mse_weight * mse, (p, reg, mse)
+    return p + noise_weight * reg + mse_weight * mse, (p, reg, mse, generated)
 
   def step(carry, xs):
-    variables, state = carry
-    strength, k = xs
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables, k, strength)
+    variables, state, _ = carry
+    strength, e = xs
+    (loss, (p, reg, mse, generated)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(variables, e, strength)
     updates, state = opt.update(grads, state, variables)
     latent, noise = optax.apply_updates(variables, updates)
     variables = (latent, [normalize_noise(n) for n in noise])
-    return (variables, state), (loss,) + terms
+    # Only the last step's image is kept (a carry, not a per-step output:
+    # 40 full-size images would cost 500 MB at 1024²).
+    return (variables, state, generated), (loss, p, reg, mse)
 
-  (variables, _), history = jax.lax.scan(
-      step, (variables, opt.init(variables)),
-      (strengths, jax.random.split(k_steps, lrs.shape[0])))
+  first = jax.eval_shape(render, *variables)
+  (variables, _, last_image), history = jax.lax.scan(
+      step, (variables, opt.init(variables),
+             jnp.zeros(first.shape, first.dtype)), (strengths, eps))
   latent, noise = variables
   image = render(latent, noise)
   codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
                            (1, n_latent, latent.shape[-1]))
-  return codes[0], image[0], [n[0] for n in noise], history
+  return (codes[0], image[0], [n[0] for n in noise], history,
+          last_image[0])
 
 
 @functools.partial(jax.jit, static_argnames=("space", "resize"))
-def _embed_batch(G, lpips, targets, keys, inits, lrs, strengths, noise_weight,
-                 mse_weight, *, space, resize):
+def _embed_batch(G, lpips, targets, noise0, eps, inits, lrs, strengths,
+                 noise_weight, mse_weight, *, space, resize):
   one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
-  return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(
-      targets, keys, inits, lrs, strengths, noise_weight, mse_weight)
+  return jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None))(
+      targets, noise0, eps, inits, lrs, strengths, noise_weight, mse_weight)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_batch(keys, noise_shapes, latent_shape, steps):
+  return jax.vmap(lambda k: _draws(k, noise_shapes, latent_shape, steps))(
+      keys)
+
+
+def latent_avg_or_mean(G, w_stats):
+  """Where the official optimisation embedding starts when it loads the
+  generator from its StyleGAN2 weights: the checkpoint's `latent_avg`
+  ((style_dim,); a (n_latent, style_dim) one is averaged over its rows).
+  A checkpoint without one (e.g. a converted NVIDIA pickle has it, a bare
+  state dict may not) starts from the sampled mean `w_stats[0]` instead,
+  as the official code does when it resumes from a trained checkpoint."""
+  if G.latent_avg is None:
+    return jnp.asarray(w_stats[0], jnp.float32)
+  avg = jnp.asarray(G.latent_avg, jnp.float32)
+  return avg.mean(0) if avg.ndim == 2 else avg
 
 
 def _is_key_batch(key):
@@ -214,7 +262,8 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
                     noise_regularize=1e5, mse_lambda=0.0, noise=0.05,
                     noise_ramp=0.75, lr_rampdown=0.25, lr_rampup=0.05,
                     w_stats=None, n_mean_latent=10000, init=None,
-                    resize="interpolate"):
+                    resize="interpolate", noise_init=None,
+                    latent_noise=None):
   """Embeds images in W or W+ of generator `G` by optimisation.
 
   Args:
@@ -242,9 +291,15 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
     init: optional starting codes, (B, style_dim) for 'w' or
       (B, n_latent, style_dim) for 'w+' (default: the mean latent).
     resize: 'interpolate' or 'pool', see `target`.
+    noise_init, latent_noise: the random numbers of the run, to replay
+      another run's (e.g. the official code's): the initial noise maps, a
+      list of (B, r, r, 1) like `G.noise`, and the per-step standard normal
+      latent noise, (B, steps, 1, style_dim) for 'w' or (B, steps, 1,
+      n_latent, style_dim) for 'w+' (scaled by the schedule × spread).
+      Default: drawn from the image's key.
 
   Returns:
-    EmbeddingResult (codes, image, noise, losses, terms).
+    EmbeddingResult (codes, image, noise, losses, terms, last_step_image).
   """
   if space not in ("w", "w+"):
     raise ValueError(f"space must be 'w' or 'w+', got {space!r}")
@@ -284,14 +339,31 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
              if resize == "pool" else target)
   lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
   strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
-  codes, image, noise_maps, history = _embed_batch(
-      G, lpips_vgg, targets, keys, init, lrs, strengths,
+  latent_shape = (1, d) if space == "w" else (1, n_latent, d)
+  noise0, eps = _draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
+                            latent_shape, steps)
+  if noise_init is not None:
+    want = [(b,) + tuple(n.shape[1:]) for n in G.noise]
+    got = [tuple(np.shape(n)) for n in noise_init]
+    if got != want:
+      raise ValueError(f"noise_init must have shapes {want}, got {got}")
+    # Each image's maps keep the generator's batch axis of one.
+    noise0 = [jnp.asarray(n, jnp.float32)[:, None] for n in noise_init]
+  if latent_noise is not None:
+    latent_noise = jnp.asarray(latent_noise, jnp.float32)
+    if latent_noise.shape != eps.shape:
+      raise ValueError(f"latent_noise must be {eps.shape}, got "
+                       f"{latent_noise.shape}")
+    eps = latent_noise
+  codes, image, noise_maps, history, last_image = _embed_batch(
+      G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
       jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
       resize=resize)
   losses, p, reg, mse = history
   return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),
                          losses=losses,
-                         terms={"lpips": p, "noise": reg, "mse": mse})
+                         terms={"lpips": p, "noise": reg, "mse": mse},
+                         last_step_image=last_image)
 
 
 def coarse_inversion(G, target, lpips_vgg, *, key, steps=40, **kwargs):
@@ -301,6 +373,13 @@ def coarse_inversion(G, target, lpips_vgg, *, key, steps=40, **kwargs):
   good enough to tell the in-domain regions (the generator can reproduce
   them) from the out-of-domain ones. `target` is the official code's 256²
   `io.resize_target` of the input; keyword arguments as `optimize_latent`.
+  It starts from the sampled mean latent (the official DHR run resumes from
+  the e4e checkpoint, so its optimisation does not use `latent_avg`).
+
+  DSS compares `last_step_image` with the input, as the official code does
+  (its LPIPS `delta` is taken from the last step's generated image, before
+  that step's update); `codes` and `image` are after the update, as the
+  official coarse inversion returns them.
   """
   return optimize_latent(G, target, lpips_vgg, key=key, steps=steps,
                          space="w", **kwargs)

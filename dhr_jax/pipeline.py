@@ -5,8 +5,9 @@ Pure functions of arrays (no file reading or writing; `dhr_jax.runner` and
 
   1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
      error maps, SLIC superpixels, thresholds (and a parser if there is one);
-  2. embedding: W+ codes from the e4e encoder, or by optimisation (the
-     coarse inversion, optionally continued in W or W+);
+  2. embedding: W+ codes from the e4e encoder, or by optimisation in W or
+     W+ (from the generator's latent_avg, or continuing the coarse
+     inversion);
   3. hybrid refinement of the generator weights (in-domain) and a feature
      offset (out-of-domain);
   4. edits of the refined inversion (InterFaceGAN / GANSpace / a seeded
@@ -46,6 +47,8 @@ EMBEDDINGS = ("e4e", "optim")
 # uint8 picture, both images at 256², MSE on [-1, 1], PSNR = 10·log10(2/MSE),
 # LPIPS-Alex), beside the full-resolution float metrics above.
 PAPER_METRICS = ("paper_mse", "paper_psnr", "paper_lpips_alex")
+# Where the optimisation embedding starts (`embed`).
+EMBEDDING_INITS = ("latent_avg", "coarse")
 METRICS = ("mse", "psnr", "lpips_alex", "lpips_vgg", "in_domain",
            "out_of_domain") + PAPER_METRICS
 GT_METRICS = ("gt_recall", "gt_iou", "gt_rest_in", "psnr_in_embed",
@@ -417,11 +420,14 @@ def embed(models, config, target, names, seed, coarse_codes=None,
           loss_target=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
-  'e4e' encodes the images. 'optim' continues DSS's coarse W inversion
-  (`coarse_codes`, which already spent `dss.coarse_steps` steps from the
-  mean latent) for `config.steps` more steps in config.space; steps = 0
-  takes the coarse inversion itself as the embedding. Its loss compares with
-  `loss_target` (default `io.resize_target(target)`, the official 256²).
+  'e4e' encodes the images. 'optim' optimises codes in config.space for
+  config.steps steps from config.init: 'latent_avg' (the official
+  optimisation embedding, PTI's W pivot: a fresh run from the generator's
+  latent_avg, `embedding.latent_avg_or_mean`) or 'coarse' (continues DSS's
+  coarse W inversion `coarse_codes`, which already spent
+  `dss.coarse_steps` steps; a shortcut of this project, e.g. the demo's).
+  steps = 0 takes the start itself. Its loss compares with `loss_target`
+  (default `io.resize_target(target)`, the official 256²).
   """
   method = config.method
   G = models.G
@@ -434,18 +440,27 @@ def embed(models, config, target, names, seed, coarse_codes=None,
     codes = enc.encode(enc.params, target)
     return codes, _synthesize(G, codes)
   if method == "optim":
-    if coarse_codes is None:
-      raise PipelineError("embedding.method='optim' continues the coarse "
-                          "inversion; pass its codes")
     if config.space not in ("w", "w+"):
       raise PipelineError(f"embedding.space must be 'w' or 'w+', got "
                           f"{config.space!r}")
-    codes = coarse_codes
+    start = config.get("init", "latent_avg")
+    if start not in EMBEDDING_INITS:
+      raise PipelineError(f"embedding.init must be one of "
+                          f"{EMBEDDING_INITS}, got {start!r}")
+    if start == "coarse":
+      if coarse_codes is None:
+        raise PipelineError("embedding.init='coarse' continues the coarse "
+                            "inversion; pass its codes")
+      codes = jnp.asarray(coarse_codes, jnp.float32)
+    else:
+      avg = embedding_lib.latent_avg_or_mean(G, models.w_stats)
+      codes = _shard(models, np.broadcast_to(
+          np.asarray(avg), (target.shape[0], G.n_latent, avg.shape[-1])))
     if int(config.steps) > 0:
       keys = _shard(models, image_keys(seed, names, "embedding"))
-      init = coarse_codes if config.space == "w+" else coarse_codes[:, 0]
+      init = codes if config.space == "w+" else codes[:, 0]
       if loss_target is None:
-        loss_target = io.resize_target(target)
+        loss_target = _shard(models, io.resize_target(target))
       res = embedding_lib.optimize_latent(
           G, loss_target, models.lpips_vgg, key=keys, steps=int(config.steps),
           space=config.space, lr=float(config.lr),
@@ -453,7 +468,8 @@ def embed(models, config, target, names, seed, coarse_codes=None,
           init=init)
       codes = res.codes
     # Refinement renders with the generator's fixed noise, not the noise
-    # maps the optimisation tuned, so the embedding is shown the same way.
+    # maps the optimisation tuned, so the embedding is shown the same way
+    # (as the official PTI renders its pivot: randomize_noise=False).
     return codes, _synthesize(G, codes)
   raise PipelineError(f"embedding.method must be one of {EMBEDDINGS}, got "
                       f"{method!r}")
@@ -565,7 +581,7 @@ def segment_and_embed(models, config, target, names, *, progress=None,
       G, x_loss, models.lpips_vgg, key=coarse_keys,
       steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
   dss = segmentation.domain_specific_segmentation(
-      x, coarse=inv.image, coarse_codes=inv.codes,
+      x, coarse=inv.last_step_image, coarse_codes=inv.codes,
       lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
       landmarks=None if landmarks is None else _pad(landmarks, b))
   times["dss"] = time.perf_counter() - t

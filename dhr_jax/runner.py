@@ -299,6 +299,8 @@ def validate_config(config):
   e = config.embedding
   _one_of("embedding.method", e.method, pipeline.EMBEDDINGS)
   _one_of("embedding.space", e.space, ("w", "w+"))
+  _one_of("embedding.init", e.get("init", "latent_avg"),
+          pipeline.EMBEDDING_INITS)
   _at_least("embedding.steps", int(e.steps), 0)
   _at_least("embedding.n_mean_latent", int(e.n_mean_latent), 1)
   _at_least("dss.coarse_steps", int(config.dss.coarse_steps), 1)

@@ -348,7 +348,8 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
     G: the generator for the coarse inversion (with `key`); not needed when
       `coarse` is given.
     key: PRNG key of the coarse inversion.
-    coarse: (B, H, W, 3) coarse inversion computed elsewhere (skips step 1);
+    coarse: (B, H, W, 3) coarse inversion computed elsewhere (skips step 1;
+      the official code's is `coarse_inversion(...).last_step_image`);
       `coarse_codes` are then passed through to the result.
     lpips_vgg: a loaded `lpips.load('vgg')` (loaded here when None).
     parser: parsing model with `.params` and `.parse(params, images)` →
@@ -384,7 +385,8 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
     # The official coarse inversion's target: the input resized to 256².
     inv = embedding.coarse_inversion(G, resize_target(target), lpips_vgg,
                                      key=key, steps=c.coarse_steps)
-    coarse, coarse_codes = inv.image, inv.codes
+    # The official DSS reads the last step's image, before its update.
+    coarse, coarse_codes = inv.last_step_image, inv.codes
   coarse = jnp.asarray(coarse, jnp.float32)
   if coarse.shape != target.shape:
     raise ValueError(f"coarse image {coarse.shape} must match the target "

@@ -1,5 +1,6 @@
 """Optimisation-based embedding: schedule, regulariser, convergence, batching."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,99 @@ def test_bad_arguments(setup):
   with pytest.raises(ValueError, match="init"):
     embedding.optimize_latent(G, targets, L, key=key, steps=2, w_stats=stats,
                               init=jnp.zeros((3, 5)))
+
+
+def test_last_step_image_is_rendered_before_the_update(setup):
+  """The official loop generates a step's image, computes its loss, and
+  only then updates: DSS reads the last step's image from before the update
+  (GANInverter optim_infer.py keeps `delta` at i == optim_step - 1), while
+  the codes are the ones after it. Latent noise off and no lr ramp-up, so
+  the first step already moves the codes."""
+  G, L, targets, stats = setup
+  noise0 = [jax.random.normal(jax.random.PRNGKey(10 + i), n.shape)
+            for i, n in enumerate(G.noise)]
+  kw = dict(key=jax.random.PRNGKey(6), w_stats=stats, noise=0.0,
+            lr_rampup=0.0, noise_init=noise0)
+  one = embedding.optimize_latent(G, targets[:1], L, steps=1, **kw)
+  two = embedding.optimize_latent(G, targets[:1], L, steps=2, **kw)
+  start = jnp.broadcast_to(stats[0], (1, G.n_latent, stats[0].shape[0]))
+  # One forward pass each, in different programs: ~6e-7 relative (bench),
+  # values ≲ 3, so 1e-5; the moved codes change the image by ≥ 1e-2.
+  np.testing.assert_allclose(one.last_step_image,
+                             G.synthesis(G.params, start, noise=noise0),
+                             atol=1e-5)
+  assert np.abs(one.codes - start).max() > 0.05  # one step of lr 0.1
+  assert np.abs(one.image - one.last_step_image).max() > 1e-2
+  # The two-step run's last image is the image of the codes (and noise
+  # maps) after its first step, i.e. the one-step run's final image: both
+  # runs take the same first step (lr 0.1 at t = 0 either way).
+  np.testing.assert_allclose(two.last_step_image, one.image, atol=1e-5)
+  np.testing.assert_allclose(two.image, G.synthesis(
+      G.params, two.codes, noise=two.noise), atol=1e-5)
+  assert np.abs(two.codes - one.codes).max() > 1e-3
+
+
+def test_latent_avg_or_mean():
+  from dhr_jax.models.stylegan2 import init_generator
+  G = init_generator(jax.random.PRNGKey(0), size=8, style_dim=8, n_mlp=1,
+                     channels=4)
+  stats = (jnp.arange(8.0), 1.0)
+  np.testing.assert_array_equal(embedding.latent_avg_or_mean(G, stats),
+                                G.latent_avg)
+  rows = jnp.stack([G.latent_avg, G.latent_avg + 2.0])
+  np.testing.assert_allclose(  # mean of two rows: exact up to 1 ulp
+      embedding.latent_avg_or_mean(G.replace(latent_avg=rows), stats),
+      G.latent_avg + 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(
+      embedding.latent_avg_or_mean(G.replace(latent_avg=None), stats),
+      stats[0])
+
+
+# Five steps of the 512-channel 64² generator with LPIPS-VGG at 128²:
+# ~15 s of CPU time (minutes under load).
+@pytest.mark.slow
+def test_w_pivot_parity_with_official_loop(rule, golden, tmp_path):
+  """PTI's W pivot (GANInverter pti_pivot.yaml, optim_infer.py) against the
+  official loop run for 5 steps: tests/fixtures/pti_pivot_64.md."""
+  import torch
+  import dhr_jax
+  from conftest import REPO, rel_l2
+  from converters import stylegan2 as conv
+  from dhr_jax import lpips
+  f = np.load(os.path.join(REPO, "tests", "fixtures", "pti_pivot_64.npz"))
+  manifest, _ = golden("stylegan2_64")
+  sd = rule.state_dict_from_manifest(manifest)
+  # The checkpoint's latent_avg travels through the converter.
+  torch.save({"g_ema": {k: torch.from_numpy(v) for k, v in sd.items()},
+              "latent_avg": torch.from_numpy(f["latent_avg"])},
+             tmp_path / "g.pt")
+  assert conv.main(["--src", str(tmp_path / "g.pt"),
+                    "--dst", str(tmp_path / "ckpt")]) == 0
+  G = dhr_jax.load_generator(str(tmp_path / "ckpt"))
+  nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))
+  nchw = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))
+  steps = f["codes"].shape[0]
+  stats = (np.zeros(512, np.float32), f["latent_std"])
+  r = embedding.optimize_latent(
+      G, nhwc(f["images_resize"]), lpips.load("vgg"),
+      key=jax.random.PRNGKey(0), steps=steps, space="w", lr=5e-3,
+      w_stats=stats, init=embedding.latent_avg_or_mean(G, stats)[None],
+      noise_init=[nhwc(f[f"noise0_{i}"]) for i in range(len(G.noise))],
+      latent_noise=f["latent_draws"][None])
+  # Bounds: 4 × (the official float32 run's distance to float64 + ours),
+  # both measured from the same inputs (float64: jax x64 here, torch
+  # float64 there; the two float64 runs agree to 4e-8): codes rel. L2
+  # 1.1e-4 + 1.1e-4, final image 1.6e-4 + 5.3e-4, last step's image
+  # 1.3e-4 + 2.7e-4, lpips 5.7e-6 + 4.8e-6 and noise regulariser
+  # 2.5e-7 + 2.4e-6 relative. Measured here (Xeon, 2 cores): 1.4e-4,
+  # 4.6e-4, 2.0e-4, 1.1e-5, 2.6e-6.
+  np.testing.assert_allclose(r.terms["lpips"][0], f["lpips"], rtol=4e-5)
+  np.testing.assert_allclose(r.terms["noise"][0], f["noise_reg"], rtol=1.2e-5)
+  assert rel_l2(r.codes[0, :1], f["codes"][-1]) <= 1e-3
+  np.testing.assert_array_equal(r.codes[0, 0], r.codes[0, -1])  # W
+  assert rel_l2(nchw(r.image), f["final_image"]) <= 3e-3
+  assert rel_l2(nchw(r.last_step_image), f["last_step_image"]) <= 1.6e-3
+  # Not vacuous: the start is latent_avg (the first step has lr 0), and the
+  # image before the last update is 11 % (rel. L2) from the one after it.
+  np.testing.assert_array_equal(f["codes"][0, 0], f["latent_avg"])
+  assert rel_l2(f["last_step_image"], f["final_image"]) > 0.05

@@ -25,10 +25,18 @@ def test_pti_config_is_ganinverters_setting():
   assert rc.weight_lr == 3e-4
   assert rc.l2_lambda == 1.0 and rc.lpips_lambda == 1.0
   assert rc.mse_norm == "element" and dhr.refine.mse_norm == "pixel"
-  assert pti.embedding.method == "e4e"
-  # The W pivot for method='optim' (GANInverter's pti_pivot.yaml).
-  assert (pti.embedding.space, pti.embedding.steps,
-          pti.embedding.lr) == ("w", 450, 5e-3)
+  # The pivot: PTI's own W pivot (GANInverter's pti_pivot.yaml), a fresh
+  # optimisation from latent_avg; LPIPS only (the optimisation's default
+  # latent noise 0.05 / ramp 0.75 and noise regulariser 1e5 are the yaml's).
+  e = pti.embedding
+  assert (e.method, e.init, e.space, e.steps, e.lr, e.mse_lambda) == (
+      "optim", "latent_avg", "w", 450, 5e-3, 0.0)
+  import inspect
+  from dhr_jax import embedding
+  defaults = inspect.signature(embedding.optimize_latent).parameters
+  assert [defaults[k].default for k in ("noise", "noise_ramp",
+                                        "noise_regularize")] == [
+      0.05, 0.75, 1e5]
   # Everything else is DHR's.
   assert pti.model.to_dict() == dhr.model.to_dict()
   assert pti.edit.to_dict() == dhr.edit.to_dict()

@@ -661,9 +661,11 @@ def test_image_keys_follow_names_not_positions():
   assert pipeline.padded_size(2, 4, 1) == 4
 
 
-def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
-  """'optim' starts from DSS's coarse codes (W+ or W) with per-name keys;
-  steps = 0 takes them as they are."""
+def test_optim_embedding_starts_from_latent_avg_or_the_coarse_codes(
+    monkeypatch):
+  """'optim' starts from the generator's latent_avg (the official
+  embedding), or with init='coarse' from DSS's coarse codes (W+ or W), with
+  per-name keys; steps = 0 takes the start as it is."""
   import jax.numpy as jnp
   import ml_collections
   from dhr_jax import embedding, pipeline
@@ -684,8 +686,8 @@ def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
                                      losses=None, terms={})
   monkeypatch.setattr(embedding, "optimize_latent", fake)
   x = jnp.zeros((2, 8, 8, 3))
-  c = ml_collections.ConfigDict(dict(method="optim", steps=0, space="w+",
-                                     lr=0.1, mse_lambda=0.0))
+  c = ml_collections.ConfigDict(dict(method="optim", init="coarse", steps=0,
+                                     space="w+", lr=0.1, mse_lambda=0.0))
   codes, image = pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
   assert not calls
   np.testing.assert_array_equal(codes, coarse)
@@ -703,6 +705,21 @@ def test_optim_embedding_continues_the_coarse_codes(monkeypatch):
   c.space = "w"
   pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
   np.testing.assert_array_equal(calls[-1]["init"], coarse[:, 0])
+  # The official start: latent_avg, whatever the coarse codes are.
+  c.init = "latent_avg"
+  pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  np.testing.assert_array_equal(calls[-1]["init"],
+                                np.broadcast_to(G.latent_avg, (2, 8)))
+  c.steps, c.space = 0, "w+"
+  codes, _ = pipeline.embed(models, c, x, ["p", "q"], 0, None)
+  np.testing.assert_array_equal(
+      codes, np.broadcast_to(G.latent_avg, (2, G.n_latent, 8)))
+  c.init = "mean"
+  with pytest.raises(pipeline.PipelineError, match="embedding.init"):
+    pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  c.init = "coarse"
+  with pytest.raises(pipeline.PipelineError, match="coarse"):
+    pipeline.embed(models, c, x, ["p", "q"], 0, None)
   c.method = "psp"
   with pytest.raises(pipeline.PipelineError, match="e4e"):
     pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
