@@ -71,7 +71,7 @@ def test_paper_metrics_columns(compared):
   assert "| lpips_vgg | paper_mse | paper_psnr | paper_lpips_alex |" in md[0]
   target = np.asarray(Image.open(os.path.join(workdir, "inputs",
                                               "synthetic_0.png")))[None]
-  for method, title in (("embedding", "optim only"), ("pti", "PTI"),
+  for method, title in (("embedding", "optim only"), ("pti", PTI),
                         ("dhr", "DHR")):
     row = {c: float(rows[title][c]) for c in
            ("paper_mse", "paper_psnr", "paper_lpips_alex")}
