@@ -317,7 +317,10 @@ def refine_map_values(tmp, x64):
     spec = refine.refine_spec(G, meta["feature_idx"], "hybrid", alex.net)
     hyper = _cast(refine.make_hyper(meta["weight_lr"], meta["feature_lr"],
                                     1.0, 1.0), dt)
+    # The jitted loop is cached by shapes: a cached program would keep
+    # the other path.
     refine.map_images = map_images
+    refine._refine_batch.clear_cache()
     try:
       _, o, _, img, _, _ = refine._refine_batch(
           spec, meta["feature_steps"], meta["weight_steps"],
@@ -326,6 +329,7 @@ def refine_map_values(tmp, x64):
           _cast(list(G.noise), dt), _cast(alex.params, dt), hyper)
     finally:
       refine.map_images = mapped
+      refine._refine_batch.clear_cache()
     out[name + "_image"] = np.asarray(img, np.float64)
     out[name + "_offset"] = np.asarray(o, np.float64)
 
