@@ -35,7 +35,7 @@ refine_map (refine.map_images; tests/test_refine.py::
   3 weight steps) with the FULL objective (MSE + LPIPS-Alex), batch 1 and a
   batch of 4 (the fixture's image and three variants: shifted codes, rolled
   target and mask). float32 through lax.map (the CPU default) and through
-  vmap, vmap again with the target moved by ~1 ulp (×(1 + 1e-7·N(0, 1))),
+  vmap, both again with the target moved by ~1 ulp (×(1 + 1e-7·N(0, 1))),
   and float64; printed per image: relative L2 of the final image and offset
   against float64 and between the float32 programs. The ulp-perturbed run
   measures how much the loop amplifies one rounding of its input. Also
@@ -362,6 +362,7 @@ def refine_map_values(tmp, x64):
   run("map_b4", 4, mapped)
   run("vmap_b1", 1, vmapped)
   run("vmap_b1_ulp", 1, vmapped, perturb=True)
+  run("map_b1_ulp", 1, mapped, perturb=True)
   # vmap of 4 images with a weight copy each is slow on CPU (grouped
   # convolutions); batch 4 through vmap is left out.
   return out
@@ -379,6 +380,8 @@ def report_refine_map(f32, f64):
            {k: f32["vmap_b1_" + k] for k in ("image", "offset")}),
           ("f32 vmap: target ±1 ulp vs exact", "vmap_b1_ulp",
            {k: f32["vmap_b1_" + k] for k in ("image", "offset")}),
+          ("f32 lax.map: target ±1 ulp vs exact", "map_b1_ulp",
+           {k: f32["map_b1_" + k] for k in ("image", "offset")}),
           ("f32 lax.map: image 0 of batch 4 vs 1", "map_b4",
            {k: f32["map_b1_" + k] for k in ("image", "offset")}))
   for name in ("in", "out"):
