@@ -5,6 +5,7 @@ numeric bounds of the test suite.
     python bench/float_precision.py --part stylegan2_64   # ~20 min
     python bench/float_precision.py --part refine         # ~15-40 min
     python bench/float_precision.py --part refine_tiny|embedding|primitives
+    python bench/float_precision.py --part refine_map     # ~30-60 min
 
 Each part evaluates one computation of the tests twice, in float32 (as the
 tests do) and in float64 (jax x64, each in its own process), from the same
@@ -27,6 +28,21 @@ refine (tests/test_run.py::test_two_device_sharded_run_equals_single_device):
 
 refine_tiny (tests/test_refine.py): the vmapped six-step loop against one
   jitted step per call, each against float64.
+
+refine_map (refine.map_images; tests/test_refine.py::
+  test_map_path_close_to_float64): the official loop of the dhr_refine_64
+  fixture (its 64² stand-in generator, codes, target and mask, 6 feature /
+  3 weight steps) with the FULL objective (MSE + LPIPS-Alex), batch 1 and a
+  batch of 4 (the fixture's image and three variants: shifted codes, rolled
+  target and mask). float32 through lax.map (the CPU default) and through
+  vmap, both again with the target moved by ~1 ulp (×(1 + 1e-7·N(0, 1))),
+  and float64; printed per image: relative L2 of the final image and offset
+  against float64 and between the float32 programs. The ulp-perturbed run
+  measures how much the loop amplifies one rounding of its input. Also
+  printed: ∂(L_in, L_out)/∂image at the start, float32 against float64, and
+  how much of that error sits in its 8 worst pixels (a max-pool window of
+  AlexNet's first layer that picks another maximum in float32 routes its
+  gradient to another pixel). float64 runs batch 4 only (~30 min).
 
 embedding (tests/test_embedding.py): an image's W run in two batches, and
   W+ runs batched and one by one, against float64 (same random draws).
@@ -258,6 +274,128 @@ def report_refine(f32, f64):
           f"counts it {worst_as_test(x[0], y[0]):.2e})  image "
           f"{worst(x[1], y[1]):.2e}  (max |Δ| {np.max(np.abs(x[1] - y[1])):.2e})"
           f"  metrics {metric:.2e} (|Δ| / max(1, |m|))")
+
+
+# ------------------------------------------------------------- refine_map
+
+def _refine_64_case(batch):
+  """The dhr_refine_64 fixture's inputs (NHWC), batch 1 or the fixture's
+  image followed by batch − 1 variants of it."""
+  rule = _rule_module()
+  manifest, arrays = rule.load_golden(os.path.join(
+      os.path.dirname(rule.__file__), "dhr_refine_64.npz"))
+  nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
+  codes, target = arrays["codes"], nhwc(arrays["target"])
+  mask = nhwc(arrays["mask_full"])
+  rs = np.random.RandomState(0)
+  codes = np.concatenate([codes] + [
+      codes + 0.3 * rs.randn(*codes.shape).astype(np.float32)
+      for _ in range(batch - 1)])
+  target = np.concatenate([target] + [np.roll(target, 7 * i, axis=2)
+                                      for i in range(1, batch)])
+  mask = np.concatenate([mask] + [np.roll(mask, 5 * i, axis=1)
+                                  for i in range(1, batch)])
+  return manifest["meta"], codes, target, mask
+
+
+def refine_map_values(tmp, x64):
+  from dhr_jax import lpips, refine
+  alex = lpips.load("alex")
+  G = _generator_64(tmp)[0]
+  cases = {b: _refine_64_case(b) for b in (1, 4)}
+  _precision(x64)
+  dt = _dtype()
+  mapped = refine.map_images
+  vmapped = lambda fn, *xs: jax.vmap(fn)(*xs)
+  out = {}
+
+  def run(name, batch, map_images, perturb=False):
+    meta, codes, target, mask = cases[batch]
+    if perturb:
+      target = target * (1 + 1e-7 * np.random.RandomState(5).randn(
+          *target.shape)).astype(np.float32)
+    spec = refine.refine_spec(G, meta["feature_idx"], "hybrid", alex.net)
+    hyper = _cast(refine.make_hyper(meta["weight_lr"], meta["feature_lr"],
+                                    1.0, 1.0), dt)
+    # The jitted loop is cached by shapes: a cached program would keep
+    # the other path.
+    refine.map_images = map_images
+    refine._refine_batch.clear_cache()
+    try:
+      _, o, _, img, _, _ = refine._refine_batch(
+          spec, meta["feature_steps"], meta["weight_steps"],
+          _cast(G.params["synthesis"], dt), jnp.asarray(codes, dt),
+          jnp.asarray(target, dt), jnp.asarray(mask, dt),
+          _cast(list(G.noise), dt), _cast(alex.params, dt), hyper)
+    finally:
+      refine.map_images = mapped
+      refine._refine_batch.clear_cache()
+    out[name + "_image"] = np.asarray(img, np.float64)
+    out[name + "_offset"] = np.asarray(o, np.float64)
+
+  # ∂(L_in, L_out)/∂image at the start (the generator's own image), the
+  # gradient every update starts from.
+  meta, codes, target, mask = cases[1]
+  spec = refine.refine_spec(G, meta["feature_idx"], "hybrid", alex.net)
+  m_f = refine.area_pool(jnp.asarray(mask, dt),
+                         refine.feature_resolution(meta["feature_idx"]))
+
+  @jax.jit
+  def start_grads(params, noise, lp, codes, target, mask):
+    image = G.synthesis({"synthesis": params}, codes, noise)
+    losses = lambda x: refine.refinement_losses(
+        x, target, mask, m_f, 1.0, 1.0, lp, alex.net)
+    _, back = jax.vjp(losses, image)
+    one, zero = jnp.ones((), dt), jnp.zeros((), dt)
+    return back((one, zero))[0], back((zero, one))[0]
+
+  g_in, g_out = start_grads(
+      _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt),
+      _cast(alex.params, dt), jnp.asarray(codes, dt), jnp.asarray(target, dt),
+      jnp.asarray(mask, dt))
+  out["start_grad_in"] = np.asarray(g_in, np.float64)
+  out["start_grad_out"] = np.asarray(g_out, np.float64)
+  if x64:
+    run("b4", 4, mapped)  # images are independent: image 0 is batch 1's
+    return out
+  run("map_b1", 1, mapped)
+  run("map_b4", 4, mapped)
+  run("vmap_b1", 1, vmapped)
+  run("vmap_b1_ulp", 1, vmapped, perturb=True)
+  run("map_b1_ulp", 1, mapped, perturb=True)
+  # vmap of 4 images with a weight copy each is slow on CPU (grouped
+  # convolutions); batch 4 through vmap is left out.
+  return out
+
+
+def report_refine_map(f32, f64):
+  print("refine_map (64², MSE + LPIPS-Alex, 6/3 steps): relative L2 per "
+        "image, final image / offset")
+  ref = {"image": f64["b4_image"], "offset": f64["b4_offset"]}
+  rows = (("f32 lax.map, batch 1 vs f64", "map_b1", ref),
+          ("f32 lax.map, batch 4 vs f64", "map_b4", ref),
+          ("f32 vmap, batch 1 vs f64", "vmap_b1", ref),
+          ("f32 vmap, target ±1 ulp, vs f64", "vmap_b1_ulp", ref),
+          ("f32 lax.map vs vmap, batch 1", "map_b1",
+           {k: f32["vmap_b1_" + k] for k in ("image", "offset")}),
+          ("f32 vmap: target ±1 ulp vs exact", "vmap_b1_ulp",
+           {k: f32["vmap_b1_" + k] for k in ("image", "offset")}),
+          ("f32 lax.map: target ±1 ulp vs exact", "map_b1_ulp",
+           {k: f32["map_b1_" + k] for k in ("image", "offset")}),
+          ("f32 lax.map: image 0 of batch 4 vs 1", "map_b4",
+           {k: f32["map_b1_" + k] for k in ("image", "offset")}))
+  for name in ("in", "out"):
+    a, b = f32["start_grad_" + name], f64["start_grad_" + name]
+    err = np.sum((a - b) ** 2, -1).ravel()
+    print(f"  ∂L_{name}/∂image at the start, f32 vs f64: "
+          f"{rel_l2(a, b):.2e}; share of the squared error in its 8 worst "
+          f"pixels {np.sort(err)[-8:].sum() / err.sum():.2f}")
+  for label, a, b in rows:
+    n = min(len(f32[a + "_image"]), len(b["image"]))
+    vals = [f"{rel_l2(f32[a + '_image'][i], b['image'][i]):.2e} / "
+            f"{rel_l2(f32[a + '_offset'][i], b['offset'][i]):.2e}"
+            for i in range(n)]
+    print(f"  {label:38s} " + "  ".join(vals))
 
 
 # ---------------------------------------------- embedding and refine_tiny
@@ -573,7 +711,8 @@ PARTS = {"stylegan2_64": (stylegan2_64_values, report_stylegan2_64),
          "refine": (refine_values, report_refine),
          "primitives": (primitives_values, report_primitives),
          "embedding": (embedding_values, report_embedding),
-         "refine_tiny": (refine_tiny_values, report_refine_tiny)}
+         "refine_tiny": (refine_tiny_values, report_refine_tiny),
+         "refine_map": (refine_map_values, report_refine_map)}
 
 
 def _evaluate(part, x64):

@@ -368,7 +368,12 @@ def map_images(fn, *xs):
   grouped one (a group per image), which XLA CPU runs as a naive loop (64²,
   batch 2: 49 s a weight step, one image ~8 s): on CPU the images are
   refined one after another, which also holds one image's activations at a
-  time; other backends vmap them.
+  time; other backends vmap them. Both give the same float32 gradients
+  (64², LPIPS + MSE, first step: 3.7e-7 apart, equally far from float64);
+  their final images may still differ by ~1e-3 (3.0e-3 there), as far as
+  a one-ulp change of the target moves vmap's (1.7e-3): the loop's discrete
+  choices (a max-pool maximum in LPIPS, Adam's first ~lr·sign(g) steps)
+  flip with rounding (bench/float_precision.py --part refine_map).
   """
   if jax.default_backend() == "cpu":
     return jax.lax.map(lambda x: fn(*x), xs)
