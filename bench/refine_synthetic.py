@@ -66,9 +66,9 @@ def make_cases(G, n, seed, patch_fraction):
   masks (n, H, W, 1) with 1 = in-domain)."""
   from PIL import Image
   from skimage import data
-  size, d = G.config["size"], G.config["style_dim"]
+  size = G.config["size"]
   rng = np.random.RandomState(seed)
-  z = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((n, G.z_dim)), jnp.float32)
   w = G.mapping(G.params, z)
   w_true = jnp.repeat(w[:, None], G.n_latent, axis=1)
   clean = np.asarray(jax.jit(G.synthesis)(G.params, w_true))
@@ -139,7 +139,7 @@ def run(argv=None):
   # The spread of W: per coordinate (code noise) and the mean distance of a
   # code from the average code (edit lengths).
   z = jax.random.normal(jax.random.PRNGKey(args.seed + 2),
-                        (4096, args.style_dim))
+                        (4096, G.z_dim))
   w = np.asarray(G.mapping(G.params, z), np.float64)
   w_std = jnp.asarray(w.std(0), jnp.float32)
   radius = float(np.mean(np.linalg.norm(w - w.mean(0), axis=1)))

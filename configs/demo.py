@@ -5,8 +5,8 @@
 A small StyleGAN2 with seeded random weights stands in for the FFHQ
 generator. Its own images, each with a photograph patch pasted at a known
 place (the out-of-domain part), are the inputs (written to OUT/inputs/).
-Embedding is by optimisation in W+, DSS has no parser and thresholds each
-image's superpixel scores adaptively (Otsu: the stand-in's LPIPS scale is not
+The embedding is DSS's coarse W inversion itself, DSS has no parser and
+thresholds each image's superpixel scores adaptively (Otsu: the stand-in's LPIPS scale is not
 a face generator's), refinement is hybrid, and one edit moves the codes along
 a seeded random direction. The metrics table compares the mask with the
 known patch and the reconstruction inside / outside it before (embedding)

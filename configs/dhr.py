@@ -16,7 +16,8 @@ thresholds and parsing mask:
 (--config.model.parser=none runs without it: one threshold for every
 superpixel, no parsing mask; not the paper's DSS.)
 
-and the paper's identity network for its ID metric:
+and, optionally, the paper's identity network for its ID metric
+(--config.model.id_network=ckpt/curricularface adds id_curricularface):
 
     python -m converters.curricularface --src CurricularFace_Backbone.pth \
         --dst ckpt/curricularface

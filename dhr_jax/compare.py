@@ -274,7 +274,6 @@ def run(config, workdir):
                            "comparison yet; align the photos with a normal "
                            "run first and compare its face crops")
   face_models = runner._face_models(config)
-  id_net = runner.load_id_network(config, face_models)
   hfgi_path = config.model.get("hfgi", "")
   with contextlib.ExitStack() as held:
     if os.path.isdir(workdir):
@@ -299,11 +298,11 @@ def run(config, workdir):
         raise runner.UserError(str(e)) from None
       held.enter_context(runner._lock(workdir))
     return _compare(config, workdir, entries, models, edits, methods, H,
-                    face_models, id_net)
+                    face_models)
 
 
 def _compare(config, workdir, entries, models, edits, methods, H,
-             face_models, id_net=None):
+             face_models):
   G = models.G
   gt = None
   if config.data.input == "synthetic":
@@ -341,9 +340,9 @@ def _compare(config, workdir, entries, models, edits, methods, H,
           ids = photos.identity_metrics(face_models, entry["target"],
                                         r["image"], {})
           r["metrics"].update(ids)
-          if id_net is not None:
+          if models.id_network is not None:
             r["metrics"].update(identity.metrics(
-                id_net, face_models, entry["target"], r["image"]))
+                models.id_network, face_models, entry["target"], r["image"]))
       directory = os.path.join(workdir, io.output_name(name))
       for method, r in entry["methods"].items():
         io.save_png(os.path.join(directory, f"{method}.png"),

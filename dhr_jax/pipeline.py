@@ -70,7 +70,8 @@ class Models:
   G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
   (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
   w_stats: (mean, spread) of W for the optimisation-based inversions;
-  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  id_network: optional IR-101 of the paper's ID metric (scored on host, not
+  replicated);  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
   device alone.
   """
   G: Generator
@@ -79,6 +80,7 @@ class Models:
   encoder: Any = None
   parser: Any = None
   w_stats: Any = None
+  id_network: Any = None
   mesh: Any = None
 
   def __post_init__(self):
@@ -114,7 +116,7 @@ def _shard(models, x):
 
 
 def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
-                   seed=0, n_mean_latent=10000, mesh=None):
+                   id_network=None, seed=0, n_mean_latent=10000, mesh=None):
   """Bundles the models; replicates their weights over `mesh` (None: the
   first local device alone).
 
@@ -130,7 +132,8 @@ def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
   w_stats = jax.device_put(embedding_lib.latent_stats(G, key, n_mean_latent),
                            _replicated(mesh))
   return Models(G=G, lpips_vgg=lpips_vgg, lpips_alex=lpips_alex,
-                encoder=encoder, parser=parser, w_stats=w_stats, mesh=mesh)
+                encoder=encoder, parser=parser, w_stats=w_stats,
+                id_network=id_network, mesh=mesh)
 
 
 def image_key(seed, name, stage):

@@ -70,8 +70,8 @@ from flax import struct
 from dhr_jax import checkpoint
 from dhr_jax import lpips as lpips_lib
 from dhr_jax.models.frozen import FrozenConfig
-from dhr_jax.models.stylegan2 import (Generator, feature_resolution,
-                                      noise_shapes)
+from dhr_jax.models.stylegan2 import (Generator, complete_config,
+                                      feature_resolution, noise_shapes)
 from dhr_jax.optim import adam
 
 MODES = ("hybrid", "weight", "feature")
@@ -494,7 +494,8 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
 
   Args:
     G: the generator (`load_generator` / `init_generator`).
-    codes: (B, n_latent, style_dim) W+ codes of the coarse inversion.
+    codes: (B, n_latent, style_dim) W+ codes of the embedding (e4e, the
+      optimisation, PTI's pivot).
     target: (B, H, W, 3) images in [-1, 1] at the generator's size.
     mask: (B, H, W, 1) binary domain-specific mask, 1 = in-domain. Ignored
       (may be None) in modes 'weight' (m = 1) and 'feature' (m = 0).
@@ -654,8 +655,8 @@ def load_refined(directory, G):
   """Reads a `save_refined` directory back for generator G → a `Refinement`
   of one image (no image or losses)."""
   tree, config = checkpoint.load(directory, KIND)
-  if json.dumps(config["generator"], sort_keys=True) != json.dumps(
-      G.config, sort_keys=True):
+  same = lambda c: json.dumps(complete_config(c), sort_keys=True)
+  if same(config["generator"]) != same(G.config):
     raise checkpoint.CheckpointError(
         f"{directory} was refined on a generator with config "
         f"{config['generator']}, not this one ({dict(G.config)}); load it "

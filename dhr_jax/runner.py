@@ -99,12 +99,20 @@ def _thresholds_in_words(c):
 def dss_description(config):
   """What DSS does under `config`, in words (summary.json's "dss")."""
   c = config.dss
+  # Named variants of the official DSS that are switched on.
+  variants = "".join(
+      f", dss.{k}={c[k]!r}" for k, allowed in segmentation.CHOICES.items()
+      if c.get(k, allowed[0]) != allowed[0])
   if parser_path(config) is None:
-    return (f"no parser: {_thresholds_in_words(c)}, no parsing mask; not "
-            "the paper's DSS")
+    return (f"no parser: {_thresholds_in_words(c)}, no parsing mask"
+            f"{variants}; not the paper's DSS")
   if c.adaptive:
     return (f"FaRL parser: parsing mask, but {_thresholds_in_words(c)} "
-            "instead of one per parsing class; not the paper's DSS")
+            f"instead of one per parsing class{variants}; not the paper's "
+            "DSS")
+  if variants:
+    return (f"FaRL parser, a threshold per parsing class and the parsing "
+            f"mask{variants}; not the paper's DSS")
   return ("the paper's: FaRL parser, a threshold per parsing class and the "
           "parsing mask")
 
@@ -177,6 +185,8 @@ def load_models(config, mesh=None):
   m = config.model
   method = config.embedding.method
   _one_of("embedding.method", method, pipeline.EMBEDDINGS)
+  # First: a wrong ID network path is found before the big models load.
+  id_network = load_id_network(config, _face_models(config))
   G = load_generator(config)
   encoder = parser = None
   if method == "e4e":
@@ -214,8 +224,9 @@ def load_models(config, mesh=None):
   except lpips.LPIPSWeightsError as e:
     raise UserError(str(e)) from None
   return pipeline.prepare_models(
-      G, vgg, alex, encoder=encoder, parser=parser, seed=int(config.seed),
-      n_mean_latent=int(config.embedding.n_mean_latent), mesh=mesh)
+      G, vgg, alex, encoder=encoder, parser=parser, id_network=id_network,
+      seed=int(config.seed), n_mean_latent=int(config.embedding.n_mean_latent),
+      mesh=mesh)
 
 
 def edit_directions(edit_config, G):
@@ -368,13 +379,16 @@ def _synthetic_inputs(config, workdir, G):
 def fingerprint(config):
   """Hash of the settings that determine an image's outputs.
 
-  Edits (re-done by --mode=edit) and the batch size (it changes results by
-  float rounding only) are left out, the spellings of "no parser" are one;
+  Edits (re-done by --mode=edit), the ID network (a metric only) and the
+  batch size (it changes results by float rounding only) are left out, the
+  spellings of "no parser" are one;
   a marker with another fingerprint is stale.
   """
   d = config.to_dict()
   d.pop("edit", None)
   d.pop("batch_size", None)
+  # The ID network adds a metric column; it changes no image.
+  d["model"].pop("id_network", None)
   if parser_path(config) is None:
     d["model"]["parser"] = ""  # 'none' and '' are the same run
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()
@@ -652,7 +666,6 @@ def run(config, workdir, *, models=None, progress=None):
     except io.ImageError as e:
       raise UserError(str(e)) from None
   face_models = _face_models(config)
-  id_net = load_id_network(config, face_models)
   with contextlib.ExitStack() as held:
     # A workdir that exists may be another run's: refuse now, not after the
     # models are loaded. A new one is locked as soon as it is made.
@@ -669,11 +682,11 @@ def run(config, workdir, *, models=None, progress=None):
         raise UserError(str(e)) from None
       held.enter_context(_lock(workdir))
     return _run_batches(config, workdir, entries, models, edits, t_start,
-                        face_models, progress, id_net)
+                        face_models, progress)
 
 
 def _run_batches(config, workdir, entries, models, edits, t_start,
-                 face_models=None, listener=None, id_net=None):
+                 face_models=None, listener=None):
   G = models.G
   edit_names = [e.name for e in edits]
   gt = None
@@ -784,9 +797,9 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
         if face_models is not None:
           r.metrics.update(photos.identity_metrics(face_models, r.target,
                                                    r.image, r.edits))
-        if id_net is not None:
-          r.metrics.update(identity.metrics(id_net, face_models, r.target,
-                                            r.image))
+        if models.id_network is not None:
+          r.metrics.update(identity.metrics(models.id_network, face_models,
+                                            r.target, r.image))
         write_image(workdir, r, G, config, dict(chunk)[r.name], stamp, share,
                     edit_names, notes.get(r.name))
       progress.update(1)

@@ -316,7 +316,8 @@ def test_demo_runs_without_a_parser_and_records_it(tiny):
   summary = json.load(open(os.path.join(tiny["workdir"], "summary.json")))
   assert summary["dss"] == (
       "no parser: Otsu's threshold of each image's superpixel scores, no "
-      "parsing mask; not the paper's DSS")
+      "parsing mask, dss.vanished_superpixels='own_pixels'; not the paper's "
+      "DSS")
 
 
 def test_tiny_run_shows_stages_while_a_batch_runs(tiny):

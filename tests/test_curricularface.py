@@ -245,7 +245,6 @@ def test_run_refuses_missing_id_network(tmp_path, monkeypatch):
   assert config.model.id_network == ""   # off by default
   config.data.input = str(inputs)
   config.model.id_network = str(tmp_path / "idnet")
-  monkeypatch.setattr(runner, "load_models", lambda *a: 1 / 0)
   monkeypatch.setattr(runner, "_face_models", lambda c: object())
   with pytest.raises(runner.UserError,
                      match=r"python -m converters\.curricularface .*idnet"):

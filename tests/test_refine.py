@@ -387,6 +387,14 @@ def test_save_load_renders_identical_image(tiny, tmp_path):
     refine.load_refined(tmp_path / "refined_True", other)
   with pytest.raises(checkpoint.CheckpointError, match="already exists"):
     refine.save_refined(tmp_path / "refined_True", r, G, 0)
+  # A state saved before the generator config recorded z_dim and
+  # layer_features (both style_dim then) loads on today's generator.
+  from dhr_jax.models.frozen import freeze
+  old = G.replace(config=freeze({k: v for k, v in G.config.items()
+                                 if k not in ("z_dim", "layer_features")}))
+  refine.save_refined(tmp_path / "old_config", r, old, 0)
+  np.testing.assert_array_equal(
+      refine.load_refined(tmp_path / "old_config", G).offset, r[0].offset)
 
 
 def test_map_path_close_to_float64():

@@ -282,6 +282,16 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
   }
 
 
+def complete_config(config):
+  """`config` with the widths a config written before they were recorded
+  leaves out (`z_dim`, `layer_features`: style_dim, as rosinality's), so
+  that configs of the same architecture compare equal."""
+  c = dict(config)
+  c.setdefault("z_dim", c["style_dim"])
+  c.setdefault("layer_features", c["style_dim"])
+  return c
+
+
 def noise_shapes(config):
   """NHWC shapes of the per-layer noise maps (official `noises.noise_i`)."""
   return [(1, 2 ** ((i + 5) // 2), 2 ** ((i + 5) // 2), 1)
