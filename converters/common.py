@@ -2,11 +2,12 @@
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 
 from dhr_jax import io
-from dhr_jax.checkpoint import CheckpointError
+from dhr_jax.checkpoint import CheckpointError, torch_refusal
 
 
 class ConversionError(ValueError):
@@ -26,9 +27,8 @@ def torch_load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a bad file
     raise ConversionError(
-        f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). Pass the .pt file as "
-        "released (it is read with weights_only=True).") from None
+        f"{path}: not a checkpoint this converter reads ({torch_refusal(e)})."
+        " Pass the .pt file as released.") from None
 
 
 def to_numpy(state_dict, prefix=""):
@@ -92,9 +92,23 @@ def check_destination(dst, is_file=False):
   is_file: dst is a file (its folder must be creatable), not a folder.
   """
   try:
-    io.check_creatable(dst, what="--dst", is_file=is_file)
+    path = io.check_creatable(dst, what="--dst", is_file=is_file)
   except io.WorkdirError as e:
     raise ConversionError(str(e)) from None
+  # os.access reads mode bits, which let root write anywhere; /proc and
+  # read-only mounts refuse only an actual write. The output is first
+  # written beside --dst (DST.tmp-write), so a file is tried there.
+  folder = os.path.dirname(path)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ConversionError(
+        f"--dst {path}: the folder {folder} cannot be written "
+        f"({e.strerror or e}); choose another --dst") from None
 
 
 def cli_main(description, convert_fn, argv=None, extra_args=None,

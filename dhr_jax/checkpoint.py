@@ -14,6 +14,7 @@ synchronises every save across all processes.
 """
 import json
 import os
+import re
 import zipfile
 
 import jax
@@ -28,6 +29,27 @@ _NPZ = "arrays.npz"
 
 class CheckpointError(ValueError):
   """A checkpoint directory is missing, incomplete or of the wrong kind."""
+
+
+def torch_refusal(error):
+  """Why `torch.load(..., weights_only=True)` refused a file, in a few words.
+
+  PyTorch's own message advises re-running with weights_only=False, which
+  would unpickle whatever objects the file names, i.e. run code from it; a
+  checkpoint is never read that way here, so that advice is left out.
+  """
+  text = str(error)
+  detail = text.split("WeightsUnpickler error:", 1)[-1]
+  found = re.search(r"GLOBAL (\S+)", detail)
+  if found:
+    return (f"it stores the Python object {found.group(1)}, not only tensors "
+            "and plain containers; such objects are never unpickled here")
+  for line in detail.splitlines():
+    line = line.strip()
+    if line and not re.search(r"weights_only|likely succeed|trust|"
+                              r"documentation of torch.load", line):
+      return f"{type(error).__name__}: {line}"
+  return type(error).__name__
 
 
 def _checkpointer():

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhr_jax import checkpoint
 from dhr_jax.models.stylegan2 import Generator, feature_resolution
 
 _TORCH_SUFFIXES = (".pt", ".pth")
@@ -67,11 +68,10 @@ def _torch_load(path):
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a bad file
-    first = str(e).splitlines()[0] if str(e) else ""
     raise EditError(
-        f"{path}: not a loadable PyTorch tensor file ({type(e).__name__}: "
-        f"{first}). Pass the file as distributed (it is read with "
-        "weights_only=True).") from None
+        f"{path}: not a tensor file this reads "
+        f"({checkpoint.torch_refusal(e)}). Pass the file as distributed, or "
+        "save the array as .npy/.npz.") from None
 
 
 def _as_float(path, name, value):

@@ -135,6 +135,87 @@ def test_converters_refuse_a_dst_under_a_file(tmp_path, capsys, module):
   assert len(err) == 1 and err[0].startswith("error: ") and "--dst" in err[0]
 
 
+class _Opaque:
+  """A class a checkpoint may name; unpickling it would run code."""
+
+
+_CONVERTERS = ["stylegan2", "e4e", "farl", "hfgi", "curricularface"]
+
+
+@pytest.mark.parametrize("module", _CONVERTERS)
+def test_converters_never_advise_an_unsafe_load(tmp_path, capsys, module):
+  # PyTorch's refusal advises re-running with weights_only=False ("will
+  # likely succeed"): an arbitrary-code load. The one line says what the
+  # file is not instead.
+  import importlib
+  import pickle
+  torch = pytest.importorskip("torch")
+  main = importlib.import_module(f"converters.{module}").main
+  garbage = tmp_path / "garbage.pt"
+  garbage.write_bytes(bytes(range(7, 250, 3)) * 4)
+  opaque = tmp_path / "opaque.pt"
+  torch.save({"state_dict": {"x": torch.zeros(1)}, "opts": _Opaque()},
+             opaque)
+  files = [garbage, opaque]
+  if module == "stylegan2":  # a raw pickle goes to the NVIDIA reader
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps({"G_ema": _Opaque()}, protocol=4))
+    files.append(raw)
+  for src in files:
+    rc = main(["--src", str(src), "--dst", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    line = err[0]
+    assert line.startswith(f"error: {src}: "), line
+    assert "weights_only=False" not in line and "likely succeed" not in line
+    assert "trust" not in line
+    if src.suffix == ".pt":
+      assert "not a checkpoint this converter reads" in line, line
+    else:
+      assert "refused global" in line and "nothing in the file was " \
+          "executed" in line, line
+  assert not (tmp_path / "out").exists()
+
+
+def test_converter_names_the_object_it_does_not_unpickle(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  from converters import stylegan2
+  src = tmp_path / "opaque.pt"
+  torch.save({"g_ema": _Opaque()}, src)
+  assert stylegan2.main(["--src", str(src), "--dst", str(tmp_path / "o")]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: {src}: not a checkpoint this converter reads (it stores the "
+      f"Python object {__name__}._Opaque, not only tensors and plain "
+      "containers; such objects are never unpickled here). Pass the .pt file "
+      "as released.")
+  src.write_bytes(bytes(range(7, 250, 3)) * 4)
+  assert stylegan2.main(["--src", str(src), "--dst", str(tmp_path / "o")]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: {src}: not a checkpoint this converter reads (UnpicklingError: "
+      "Unsupported operand 7). Pass the .pt file as released.")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("module", ["stylegan2", "e4e"])
+def test_converters_refuse_a_dst_in_a_folder_that_refuses_writes(
+    tmp_path, capsys, module):
+  # /proc passes the permission check as root (as on CI) but refuses any
+  # new file: the refusal names --dst and the folder, before reading --src.
+  import importlib
+  main = importlib.import_module(f"converters.{module}").main
+  src = tmp_path / "g.pt"
+  src.write_bytes(b"not read: the destination is checked first")
+  rc = main(["--src", str(src), "--dst", "/proc/x"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1, err
+  if os.geteuid() == 0:
+    assert err[0] == ("error: --dst /proc/x: the folder /proc cannot be "
+                      "written (No such file or directory); choose another "
+                      "--dst")
+  else:  # the permission check refuses it first
+    assert err[0].startswith("error: --dst /proc/x is not writable")
+
+
 def test_converter_to_torch_dst_checked_as_a_file(tmp_path, capsys):
   from converters import stylegan2
   (tmp_path / "afile").write_text("")

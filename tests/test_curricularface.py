@@ -88,7 +88,7 @@ def test_refuses_bad_files(tmp_path, capsys, golden):
   junk = tmp_path / "junk.pth"
   junk.write_bytes(b"not a checkpoint")
   code, err = _convert_cli(junk, tmp_path / "b", capsys)
-  assert code == 2 and "not a loadable PyTorch checkpoint" in err
+  assert code == 2 and "not a checkpoint this converter reads" in err
   assert len(err.splitlines()) == 1
   bundle = tmp_path / "bundle.pth"
   torch.save({"state_dict": {"encoder.x": torch.zeros(1)}, "opts": {}},

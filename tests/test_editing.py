@@ -1,5 +1,6 @@
 """Editing: InterFaceGAN / GANSpace code edits, their loaders, and rendering
 with refined (per-image) params, offset and mask, on a tiny generator."""
+import argparse
 import os
 import sys
 
@@ -310,8 +311,19 @@ def test_direction_pt_and_npy_give_same_edit(tmp_path, name, shape):
 
 def test_bad_direction_files_give_clear_errors(tmp_path, monkeypatch):
   (tmp_path / "junk.pt").write_text("not a tensor")
-  with pytest.raises(EditError, match=r"junk\.pt.*not a loadable"):
+  with pytest.raises(EditError,
+                     match=r"junk\.pt.*not a tensor file this reads"):
     editing.load_direction(tmp_path / "junk.pt")
+  # A file naming a Python object is refused without PyTorch's advice to
+  # load it with weights_only=False (which would run code from the file).
+  torch.save({"direction": argparse.Namespace()}, tmp_path / "obj.pt")
+  with pytest.raises(EditError) as refused:
+    editing.load_direction(tmp_path / "obj.pt")
+  assert str(refused.value) == (
+      f"{tmp_path / 'obj.pt'}: not a tensor file this reads (it stores the "
+      "Python object argparse.Namespace, not only tensors and plain "
+      "containers; such objects are never unpickled here). Pass the file as "
+      "distributed, or save the array as .npy/.npz.")
   np.save(tmp_path / "cube.npy", np.ones((2, 3, 4, 5), np.float32))
   with pytest.raises(EditError, match=r"cube\.npy.*\(2, 3, 4, 5\)"):
     editing.load_direction(tmp_path / "cube.npy")
