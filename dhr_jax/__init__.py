@@ -1,13 +1,20 @@
 """dhr_jax: Domain-Specific Hybrid Refinement for GAN inversion, in JAX/Flax.
 
-Public API (imported lazily so `import dhr_jax` stays cheap):
-  load_generator, load_encoder, load_parser   — converted checkpoints
+Public API (imported lazily so `import dhr_jax` stays cheap; `help` and `dir`
+list every name, `__all__`):
+  load_generator, init_generator, Generator, truncate — StyleGAN2
+  load_encoder, load_parser                   — e4e and the FaRL parser
   load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
+  load_lpips                                  — LPIPS (AlexNet / VGG)
+  optimize_latent, coarse_inversion           — the embedding stage
   domain_specific_segmentation                — the in/out-of-domain mask
   hybrid_refine → Refinement                  — weight + feature refinement
-  edit_codes, render                          — editing refined inversions
+  default_feature_idx                         — the refined feature layer
+  edit_codes, render, load_direction          — editing refined inversions
+  ganspace_edit, load_ganspace                — GANSpace edits
   save_refined, load_refined                  — one refined image on disk
+  run_batch                                   — the whole pipeline on a batch
   paper_metrics                               — MSE/PSNR/LPIPS as the paper
 """
 import importlib
@@ -43,6 +50,9 @@ _EXPORTS = {
     "paper_metrics": "dhr_jax.metrics",
 }
 _RENAMED = {"load_lpips": "load"}
+# pydoc documents a module's functions defined elsewhere only when __all__
+# names them; listing them here imports nothing.
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):

@@ -7,6 +7,7 @@ the point.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,27 @@ def test_converter_to_torch_dst_checked_as_a_file(tmp_path, capsys):
                        str(tmp_path)])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "is a folder" in err[0]
+
+
+def test_help_lists_every_public_name_and_imports_stay_lazy():
+  import pydoc
+  import dhr_jax
+  # `import dhr_jax` loads no JAX (the public names are imported on use).
+  p = subprocess.run(
+      [sys.executable, "-c", "import sys, dhr_jax; print(sorted(m for m in "
+       "sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax', "
+       "'torch') or m.startswith('dhr_jax.')))"],
+      capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+  names = sorted(dhr_jax._EXPORTS)
+  assert sorted(dhr_jax.__all__) == names
+  assert set(names) <= set(dir(dhr_jax))
+  text = pydoc.render_doc(dhr_jax, renderer=pydoc.plaintext)
+  entries = text.split("\nCLASSES\n", 1)[1]  # past the module docstring
+  for name in names:  # `name(...)`, `class name(...)` or `name = load(...)`
+    assert re.search(rf"\n    (class )?{name}(\(| = )", entries), name
+  for name in names:  # and the module docstring's overview names it too
+    assert name in dhr_jax.__doc__, name
 
 
 def test_checkpoint_kind_message_grammar(tmp_path):
