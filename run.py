@@ -15,7 +15,8 @@ also writes its inputs to OUT/inputs/. A run holds OUT/.lock while it writes.
 
 Re-running with the same workdir skips the images whose outputs are complete,
 so a killed run is resumed by starting it again. Editing again with other
-directions, without refining again:
+directions, without refining again (the earlier edits/ stay and grid.png shows
+them all; an edit of the same name and strength replaces its file):
 
     python run.py --config=configs/dhr.py --workdir=OUT --mode=edit \
         --config.edit.directions=smile=smile.npy --config.edit.strengths=-2,2
@@ -41,7 +42,7 @@ _MODE = flags.DEFINE_enum(
     "mode", "run", ["run", "edit", "compare"],
     "run: invert, refine and edit every input; edit: render config.edit "
     "again for every finished image of --workdir from its saved refined/ "
-    "state (no refinement); compare: every method of config.compare from "
+    "state (no refinement), beside the earlier edits; compare: every method of config.compare from "
     "one embedding (the default with configs/compare.py).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "",

@@ -131,7 +131,7 @@ def paste_photo(workdir, name, path, stamp=None):
     quad = np.asarray(record["quad"])
     inversion = _read_png(os.path.join(d, "inversion.png"))
     pasted, _ = faces.paste(photo, inversion, quad)
-    # Edits of an earlier --mode=edit pass may be gone from edits/.
+    # Rebuilt from the marker's edits, which a --mode=edit pass may change.
     shutil.rmtree(os.path.join(d, "pasted"), ignore_errors=True)
     io.write_bytes(os.path.join(d, "pasted", "inversion.png"),
                    io.png_bytes(pasted))

@@ -412,10 +412,10 @@ def _grid(input_u8, inversion_u8, mask_u8, edit_tiles, edit_names):
 
 
 def _write_edits(directory, rendered, files):
-  """edits/<label>.png for every rendered edit → {label: uint8 tile}."""
-  edits_dir = os.path.join(directory, "edits")
-  if os.path.isdir(edits_dir):
-    shutil.rmtree(edits_dir)
+  """edits/<label>.png for every rendered edit → {label: uint8 tile}.
+
+  Other files in edits/ stay: an edit pass adds to the edits of the run.
+  """
   tiles = {}
   for label, img in rendered.items():
     u8 = io.to_uint8(img)
@@ -463,7 +463,8 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
   seconds = seconds_before + time.perf_counter() - t0
   marker = dict(name=r.name, source=source, fingerprint=stamp,
                 metrics=dict(r.metrics, seconds=seconds),
-                edits=list(r.edits), files=files, **(notes or {}))
+                edits=list(r.edits), edit_names=list(edit_names),
+                files=files, **(notes or {}))
   path = os.path.join(directory, io.MARKER)
   io.write_json(path, marker)
   return marker
@@ -905,7 +906,8 @@ def _finish(config, workdir, entries, failed, skipped, t_start, mode,
 
 
 def edit(config, workdir):
-  """Renders config.edit again for every finished image of `workdir`."""
+  """Renders config.edit again for every finished image of `workdir`,
+  beside its earlier edits (one of the same label is replaced)."""
   workdir = os.path.abspath(workdir)
   validate_config(config)
   if not os.path.isdir(workdir):
@@ -958,14 +960,21 @@ def _edit_entries(workdir, G, edits, entries, photo_dirs=()):
       failed.append(dict(name=name, file=directory, reason=_short(e)))
       continue
     rendered = pipeline.render_edits(G, refined, edits)
+    read = lambda f: np.asarray(Image.open(os.path.join(directory, f)))
+    # Earlier edits are kept (a new one of the same name replaces its file);
+    # the grid and the marker list them first, then this pass's.
+    earlier = [l for l in marker.get("edits", []) if l not in rendered and
+               os.path.isfile(os.path.join(directory, "edits", f"{l}.png"))]
     files = [f for f in marker["files"]
              if not f.startswith("edits/") and f != "grid.png"]
-    tiles = _write_edits(directory, rendered, files)
-    read = lambda f: np.asarray(Image.open(os.path.join(directory, f)))
+    files += [f"edits/{l}.png" for l in earlier]
+    tiles = {l: read(f"edits/{l}.png") for l in earlier}
+    tiles.update(_write_edits(directory, rendered, files))
+    names = list(dict.fromkeys(marker.get("edit_names", []) + edit_names))
     _write_png(directory, "grid.png",
                _grid(read("input.png"), read("inversion.png"),
-                     read("mask.png"), tiles, edit_names), files)
-    marker.update(edits=list(rendered), files=files)
+                     read("mask.png"), tiles, names), files)
+    marker.update(edits=list(tiles), edit_names=names, files=files)
     io.write_json(os.path.join(directory, io.MARKER), marker)
     done.append(name)
   for directory in photo_dirs:

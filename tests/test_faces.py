@@ -450,13 +450,14 @@ def test_run_aligns_inverts_and_pastes_every_face(tmp_path):
     np.testing.assert_array_equal(together[y, x], two[y, x])
   header = open(workdir / "metrics.csv").readline().strip().split(",")
   assert {"id_dlib", "id_dlib_random_2"} <= set(header)
-  # Re-editing finds the faces one level down and pastes the new edits.
+  # Re-editing finds the faces one level down and pastes the new edits
+  # beside the run's, which it keeps.
   config = _tiny_demo_config(str(inputs))
   config.edit.strengths = "3"
   outcome = runner.edit(config, str(workdir))
   assert outcome.status == 0 and len(outcome.done) == 2
   pasted = sorted(os.listdir(workdir / "two" / "face1" / "pasted" / "edits"))
-  assert pasted == ["random_3.png"]
+  assert pasted == ["random_-2.png", "random_2.png", "random_3.png"]
 
 
 def test_align_without_the_extra_is_a_one_line_error(tmp_path):

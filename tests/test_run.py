@@ -360,7 +360,7 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
   _assert_same_outputs(setup["workdir"], workdir)
 
   # New directions, without refining again: an α = 0 InterFaceGAN edit
-  # renders the inversion itself; the old edits are replaced.
+  # renders the inversion itself; the run's edits stay.
   direction = np.random.RandomState(3).randn(1, 512).astype(np.float32)
   np.save(tmp_path / "smile.npy", direction)
   config = _config(setup["bundle"], setup["inputs"])
@@ -370,17 +370,47 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
   config.edit.layers = "0:4"
   outcome = run_lib.edit(config, workdir)
   assert outcome.status == 0
+  run_edits = {}
   for name in GOOD:
     d = os.path.join(workdir, name)
     assert sorted(os.listdir(os.path.join(d, "edits"))) == [
-        "smile_0.png", "smile_3.png"]
+        "random_-1.png", "random_1.png", "smile_0.png", "smile_3.png"]
+    for label in ("random_-1", "random_1"):  # as the run wrote them
+      with open(os.path.join(d, "edits", label + ".png"), "rb") as x, open(
+          os.path.join(setup["workdir"], name, "edits", label + ".png"),
+          "rb") as y:
+        assert x.read() == y.read()
+    run_edits[name] = np.asarray(
+        Image.open(os.path.join(d, "edits", "smile_3.png")))
     zero = np.asarray(Image.open(os.path.join(d, "edits", "smile_0.png")))
     inv = np.asarray(Image.open(os.path.join(d, "inversion.png")))
     assert np.abs(zero.astype(int) - inv).max() <= 1  # uint8 rounding only
     moved = np.asarray(Image.open(os.path.join(d, "edits", "smile_3.png")))
     assert np.abs(moved.astype(int) - inv).max() > 10
     marker = json.load(open(os.path.join(d, "done.json")))
-    assert marker["edits"] == ["smile_0", "smile_3"]
+    assert marker["edits"] == ["random_-1", "random_1", "smile_0", "smile_3"]
+    assert marker["edit_names"] == ["random", "smile"]
+    assert sorted(f for f in marker["files"] if f.startswith("edits/")) == [
+        "edits/random_-1.png", "edits/random_1.png", "edits/smile_0.png",
+        "edits/smile_3.png"]
+    grid = Image.open(os.path.join(d, "grid.png"))
+    ref = Image.open(os.path.join(setup["workdir"], name, "grid.png"))
+    # two columns more: the run's edits and this pass's
+    assert grid.width > ref.width and grid.height == ref.height
+
+  # An edit of the same name replaces the earlier file; the others stay.
+  np.save(tmp_path / "smile.npy", -direction)
+  config.edit.strengths = "3"
+  outcome = run_lib.edit(config, workdir)
+  assert outcome.status == 0
+  for name in GOOD:
+    d = os.path.join(workdir, name)
+    assert sorted(os.listdir(os.path.join(d, "edits"))) == [
+        "random_-1.png", "random_1.png", "smile_0.png", "smile_3.png"]
+    again = np.asarray(Image.open(os.path.join(d, "edits", "smile_3.png")))
+    assert np.abs(again.astype(int) - run_edits[name]).max() > 10
+    marker = json.load(open(os.path.join(d, "done.json")))
+    assert marker["edits"] == ["random_-1", "random_1", "smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
   monkeypatch.setattr(pipeline, "_refine", lambda *a, **k: 1 / 0)
   outcome = run_lib.run(config, workdir)
