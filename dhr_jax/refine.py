@@ -370,10 +370,11 @@ def map_images(fn, *xs):
   refined one after another, which also holds one image's activations at a
   time; other backends vmap them. Both give the same float32 gradients
   (64², LPIPS + MSE, first step: 3.7e-7 apart, equally far from float64);
-  their final images may still differ by ~1e-3 (3.0e-3 there), as far as
-  a one-ulp change of the target moves vmap's (1.7e-3): the loop's discrete
-  choices (a max-pool maximum in LPIPS, Adam's first ~lr·sign(g) steps)
-  flip with rounding (bench/float_precision.py --part refine_map).
+  their final images may still differ by ~1e-3 (3.0e-3 there): the loop's
+  discrete choices (a max-pool maximum in LPIPS, Adam's first ~lr·sign(g)
+  steps) flip with rounding, and the official float32 loop is as far from
+  float64 as either (README, "Differences from the official code";
+  bench/float_precision.py --part refine_map).
   """
   if jax.default_backend() == "cpu":
     return jax.lax.map(lambda x: fn(*x), xs)
