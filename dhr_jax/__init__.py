@@ -2,6 +2,8 @@
 
 Public API (imported lazily so `import dhr_jax` stays cheap):
   load_generator, load_encoder, load_parser   — converted checkpoints
+                                                (encoders: e4e, pSp, ReStyle)
+  restyle_invert                              — ReStyle's iterative inversion
   load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   domain_specific_segmentation                — the in/out-of-domain mask
@@ -19,7 +21,8 @@ _EXPORTS = {
     "init_generator": "dhr_jax.models.stylegan2",
     "Generator": "dhr_jax.models.stylegan2",
     "truncate": "dhr_jax.models.stylegan2",
-    "load_encoder": "dhr_jax.models.e4e",
+    "load_encoder": "dhr_jax.models.encoders",
+    "restyle_invert": "dhr_jax.models.encoders",
     "load_parser": "dhr_jax.models.farl",
     "load_id_network": "dhr_jax.models.curricularface",
     "id_curricularface": "dhr_jax.identity",
