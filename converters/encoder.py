@@ -37,20 +37,19 @@ STYLE_DIM = 512
 ENCODER_TYPES = {"Encoder4Editing": "e4e", "GradualStyleEncoder": "psp",
                  "ProgressiveBackboneEncoder": "restyle"}
 TYPE_OF = {arch: t for t, arch in ENCODER_TYPES.items()}
-TITLES = {"e4e": "e4e", "psp": "pSp", "restyle": "ReStyle"}
-
-# ProgressiveBackboneEncoder reads every style from the 16² map: 4 convs.
-_RESTYLE_CONVS = 4
 
 
 def describe(arch):
   """'pSp (GradualStyleEncoder)' — the names users see in messages."""
-  return f"{TITLES[arch]} ({TYPE_OF[arch]})"
+  from dhr_jax.models import encoders
+  return encoders.TITLES[arch]
 
 
 def style_block_convs(arch, i):
   from dhr_jax.models import e4e
-  return _RESTYLE_CONVS if arch == "restyle" else e4e.style_block_convs(i)
+  # ProgressiveBackboneEncoder reads every style from the 16² map, as
+  # e4e's style 0 does.
+  return e4e.style_block_convs(0 if arch == "restyle" else i)
 
 
 def has_laterals(arch):
@@ -141,9 +140,10 @@ def convert_encoder(state_dict, arch, src="<state_dict>"):
     for name in ("latlayer1", "latlayer2"):
       params[name] = {"kernel": conv_to_hwio(sd[f"{name}.weight"]),
                       "bias": f32(sd[f"{name}.bias"])}
-  config = e4e.make_config(size)
+  from dhr_jax.models import encoders
+  config = encoders.make_config(arch, size)
   if arch != "e4e":  # e4e checkpoints keep their original config
-    config.update(arch=arch, input_nc=input_nc)
+    config["input_nc"] = input_nc
   return params, config
 
 
