@@ -195,7 +195,8 @@ def detect_arch(src, encoder_sd, opts, expect=None):
     arch, how = "restyle", "the weight names (no FPN laterals)"
   if expect is not None and arch != expect:
     raise ConversionError(
-        f"{src}: holds a {describe(arch)} encoder (from {how}), expected "
+        f"{src}: holds {'an' if arch == 'e4e' else 'a'} {describe(arch)} "
+        f"encoder (from {how}), expected "
         f"{describe(expect)}.")
   return arch, how
 

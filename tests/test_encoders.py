@@ -233,6 +233,24 @@ def test_refuses_unbuilt_encoder_types(tmp_path, capsys, encoder_type,
   assert f"{encoder_type!r}" in err and "does not build" in err
 
 
+def test_e4e_bundle_given_as_restyle(tmp_path, capsys, golden):
+  manifest, _ = golden("e4e_ir_se50")
+  encoder = {k: v for k, v in _lazy(manifest).items()
+             if not k.startswith("styles.") or int(k.split(".")[1]) < 10}
+  src = _save_released(tmp_path / "e4e.pt", encoder,
+                       {"style.1.weight": torch.zeros(2, 2)},
+                       np.zeros((10, 512), np.float32),
+                       {"encoder_type": "Encoder4Editing",
+                        "stylegan_size": 64})
+  code, _, err = _cli(capsys, "--src", src, "--dst", tmp_path / "out",
+                      "--arch", "restyle")
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert ("holds an e4e (Encoder4Editing) encoder (from "
+          "opts['encoder_type'] = 'Encoder4Editing'), expected ReStyle "
+          "(ProgressiveBackboneEncoder)") in err
+  assert not (tmp_path / "out" / "restyle").exists()
+
+
 def test_e4e_psp_without_opts_needs_arch(tmp_path, capsys, golden):
   manifest, _ = golden("psp_ir_se50")
   src = _save_released(tmp_path / "x.pt", _lazy(manifest),

@@ -151,7 +151,8 @@ def load_encoder(path, arch=None):
         f"one of {', '.join(ARCHS)}).")
   if arch is not None and kind != arch:
     raise checkpoint.CheckpointError(
-        f"{directory} holds a {TITLES[kind]} encoder, expected "
+        f"{directory} holds {'an' if kind == 'e4e' else 'a'} {TITLES[kind]} "
+        "encoder, expected "
         f"{TITLES[arch]}.")
   if kind == "e4e":
     return e4e.load_encoder(directory)
