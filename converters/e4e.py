@@ -11,19 +11,16 @@ writes a bundle:
     DIR/e4e/        the encoder (kind 'e4e') and latent_avg
     DIR/generator/  the StyleGAN2 decoder e4e was trained with (kind 'generator')
 
-so `load_encoder(DIR)` and `load_generator(DIR)` both work on DIR.
+so `load_encoder(DIR)` and `load_generator(DIR)` both work on DIR. It is
+`converters.encoder` expecting e4e (that one also converts pSp and ReStyle);
+this module keeps the IR-SE building blocks and the bundle reader they share.
 """
 import argparse
-import math
 import os
 import sys
 
-import numpy as np
-
-from converters.common import (ConversionError, check_keys, cli_main,
-                               conv_to_hwio, f32, to_numpy, torch_load)
-
-STYLE_DIM = 512
+from converters.common import (ConversionError, cli_main, conv_to_hwio, f32,
+                               to_numpy, torch_load)
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
 
@@ -59,21 +56,8 @@ def bottleneck_shapes(prefix, c_in, depth, se=True):
 
 def expected_shapes(n_styles):
   """{official encoder key: shape} of Encoder4Editing(50, 'ir_se')."""
-  from dhr_jax.models import e4e, irse
-  shapes = stem_shapes("input_layer", 3, 64)
-  for i, (c_in, depth, _) in enumerate(irse.unit_specs(e4e.NUM_LAYERS)):
-    shapes.update(bottleneck_shapes(f"body.{i}", c_in, depth))
-  for i in range(n_styles):
-    for j in range(e4e.style_block_convs(i)):
-      shapes[f"styles.{i}.convs.{2 * j}.weight"] = (STYLE_DIM, STYLE_DIM, 3, 3)
-      shapes[f"styles.{i}.convs.{2 * j}.bias"] = (STYLE_DIM,)
-    shapes[f"styles.{i}.linear.weight"] = (STYLE_DIM, STYLE_DIM)
-    shapes[f"styles.{i}.linear.bias"] = (STYLE_DIM,)
-  shapes["latlayer1.weight"] = (STYLE_DIM, 256, 1, 1)
-  shapes["latlayer1.bias"] = (STYLE_DIM,)
-  shapes["latlayer2.weight"] = (STYLE_DIM, 128, 1, 1)
-  shapes["latlayer2.bias"] = (STYLE_DIM,)
-  return shapes
+  from converters import encoder
+  return encoder.expected_shapes("e4e", n_styles)
 
 
 def convert_bn(sd, prefix):
@@ -110,92 +94,11 @@ def convert_bottleneck(sd, prefix, c_in, depth, se=True):
   return unit
 
 
-def _infer_styles(src, sd):
-  idx = set()
-  for k in sd:
-    parts = k.split(".")
-    if parts[0] == "styles" and len(parts) > 1 and parts[1].isdigit():
-      idx.add(int(parts[1]))
-  n = len(idx)
-  if n == 0 or idx != set(range(n)):
-    raise ConversionError(
-        f"{src}: cannot find the style blocks styles.0 ... styles.N-1 in the "
-        f"encoder (found indices {sorted(idx)}); is this an e4e checkpoint?")
-  size = 2 ** ((n + 2) // 2)
-  if n % 2 or n < 6:
-    raise ConversionError(
-        f"{src}: {n} style blocks do not match any StyleGAN2 size "
-        "(expected 2*log2(size)-2, e.g. 18 for 1024²).")
-  return n, size
-
-
 def convert_encoder(state_dict, src="<state_dict>"):
-  """Official encoder state dict (no 'encoder.' prefix) → (tree, config).
-
-  tree is the Flax parameter tree of `dhr_jax.models.e4e.Encoder4Editing`.
-  Raises ConversionError naming every missing, unexpected or mis-shaped key
-  (BatchNorm num_batches_tracked counters are ignored).
-  """
-  from dhr_jax.models import e4e, irse
-  n_styles, size = _infer_styles(src, state_dict)
-  ignore = [k for k in state_dict if k.endswith("num_batches_tracked")]
-  check_keys(src, state_dict, expected_shapes(n_styles), ignore=ignore)
-  sd = state_dict
-  params = convert_stem(sd, "input_layer")
-  for i, (c_in, depth, _) in enumerate(irse.unit_specs(e4e.NUM_LAYERS)):
-    params[f"body_{i}"] = convert_bottleneck(sd, f"body.{i}", c_in, depth)
-  for i in range(n_styles):
-    p = f"styles.{i}"
-    block = {}
-    for j in range(e4e.style_block_convs(i)):
-      block[f"conv_{j}"] = {"kernel": conv_to_hwio(sd[f"{p}.convs.{2 * j}.weight"]),
-                            "bias": f32(sd[f"{p}.convs.{2 * j}.bias"])}
-    # EqualLinear(lr_mul=1) multiplies its weight by 1/sqrt(fan_in) at run
-    # time; a Flax Dense wants the effective weight, transposed.
-    w = sd[f"{p}.linear.weight"].astype(np.float32)
-    scale = np.float32(1.0 / math.sqrt(w.shape[1]))
-    block["linear"] = {"kernel": f32((w * scale).T),
-                       "bias": f32(sd[f"{p}.linear.bias"])}
-    params[f"styles_{i}"] = block
-  for name in ("latlayer1", "latlayer2"):
-    params[name] = {"kernel": conv_to_hwio(sd[f"{name}.weight"]),
-                    "bias": f32(sd[f"{name}.bias"])}
-  return params, e4e.make_config(size)
-
-
-def _latent_avg(src, latent_avg, n_latent):
-  if latent_avg is None:
-    raise ConversionError(
-        f"{src}: no 'latent_avg' entry. The released e4e checkpoints store "
-        "the average latent the codes are offsets from; this file is not one.")
-  avg = to_numpy({"a": latent_avg})["a"].astype(np.float32)
-  if avg.shape in ((STYLE_DIM,), (1, STYLE_DIM)):
-    avg = np.tile(avg.reshape(1, STYLE_DIM), (n_latent, 1))
-  if avg.shape != (n_latent, STYLE_DIM):
-    raise ConversionError(
-        f"{src}: latent_avg has shape {avg.shape}, expected ({n_latent}, "
-        f"{STYLE_DIM}) or ({STYLE_DIM},) for {n_latent} styles.")
-  return np.ascontiguousarray(avg)
-
-
-def _check_opts(src, opts, size):
-  """The bundle's training options, when present, must describe e4e."""
-  if isinstance(opts, argparse.Namespace):
-    opts = vars(opts)
-  if not isinstance(opts, dict):
-    return
-  enc = opts.get("encoder_type")
-  if enc is not None and enc != "Encoder4Editing":
-    raise ConversionError(
-        f"{src}: opts['encoder_type'] is {enc!r}; only Encoder4Editing (e4e) "
-        "is supported. pSp's GradualStyleEncoder has the same weight names "
-        "but computes differently, so it is refused rather than misread.")
-  key = "stylegan_size" if "stylegan_size" in opts else "resolution"
-  got = opts.get(key)  # GANInverter calls it 'resolution'
-  if got is not None and int(got) != size:
-    raise ConversionError(
-        f"{src}: opts[{key!r}] is {got} but the encoder has the style "
-        f"blocks of a {size}² generator; the file is inconsistent.")
+  """Official e4e state dict (no 'encoder.' prefix) → (tree, config) of
+  `dhr_jax.models.e4e.Encoder4Editing` (see `converters.encoder`)."""
+  from converters import encoder
+  return encoder.convert_encoder(state_dict, "e4e", src)
 
 
 def _load_bundle(src):
@@ -292,7 +195,7 @@ def _read_ganinverter(src, ckpt, parts):
   return out, enc.get("latent_avg"), ckpt.get("opts")
 
 
-def read_bundle(src, parts=("encoder", "decoder")):
+def read_bundle(src, parts=("encoder", "decoder"), what="an e4e"):
   """Reads an encoder bundle in the released layout or GANInverter's.
 
   Released (e4e, pSp, HFGI): {'state_dict': {'<part>.<key>': tensor},
@@ -314,15 +217,9 @@ def read_bundle(src, parts=("encoder", "decoder")):
             "with `python -m converters.stylegan2`.")
   keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
   raise ConversionError(
-      f"{src}: not an e4e checkpoint (expected a dict with 'state_dict', "
+      f"{src}: not {what} checkpoint (expected a dict with 'state_dict', "
       f"'latent_avg' and 'opts', or GANInverter's 'encoder' and 'decoder'; "
       f"got {keys}).{hint}")
-
-
-def _generator_latent_avg(avg):
-  # The generator keeps one (style_dim,) mean latent. e4e stores it repeated
-  # per style; rows that differ have no single-vector equivalent.
-  return avg[0] if np.all(avg == avg[:1]) else None
 
 
 def check_destinations(dst, kinds, overwrite):
@@ -338,22 +235,12 @@ def check_destinations(dst, kinds, overwrite):
 
 def convert_parts(src, parts, latent_avg, opts):
   """The e4e encoder and its generator from `read_bundle`'s output, all
-  checked → {kind: (tree, config)} for `write_models`."""
-  from converters import stylegan2
-  n_styles, size = _infer_styles(src + " (encoder.*)", parts["encoder"])
-  _check_opts(src, opts, size)
-  avg = _latent_avg(src, latent_avg, n_styles)
-  params, config = convert_encoder(parts["encoder"], src + " (encoder.*)")
-  g_tree, g_config = stylegan2.convert_generator(
-      parts["decoder"], src + " (decoder.*)",
-      latent_avg=_generator_latent_avg(avg))
-  if (g_config["size"], g_config["n_latent"]) != (size, n_styles):
-    raise ConversionError(
-        f"{src}: the decoder is a {g_config['size']}² generator with "
-        f"{g_config['n_latent']} styles but the encoder predicts "
-        f"{n_styles} styles ({size}²).")
-  return {"e4e": ({"params": params, "latent_avg": avg}, config),
-          "generator": (g_tree, g_config)}
+  checked → {kind: (tree, config)} for `write_models`; any other encoder
+  (opts['encoder_type']) is refused naming both."""
+  from converters import encoder
+  models, _, _ = encoder.convert_parts(src, parts, latent_avg, opts,
+                                       expect="e4e")
+  return models
 
 
 def write_models(dst, models, overwrite=False):
@@ -367,17 +254,11 @@ def write_models(dst, models, overwrite=False):
 
 
 def convert(src, dst, overwrite=False):
-  """Converts the bundle at `src` into DIR=`dst` (DIR/e4e, DIR/generator).
-
-  Everything is checked (destinations, layout, options, latent_avg, both
-  state dicts) before anything is written, so a refusal never leaves half a
-  bundle behind.
-  """
-  src = os.fspath(src)
-  check_destinations(dst, ("e4e", "generator"), overwrite)
-  parts, latent_avg, opts = read_bundle(src)
-  return write_models(dst, convert_parts(src, parts, latent_avg, opts),
-                      overwrite)
+  """Converts the e4e bundle at `src` into DIR=`dst` (DIR/e4e,
+  DIR/generator): `converters.encoder` expecting e4e."""
+  from converters import encoder
+  return encoder.convert(src, dst, overwrite, expect="e4e",
+                         report=lambda line: None)
 
 
 def main(argv=None):

@@ -3,7 +3,9 @@
 Public API (imported lazily so `import dhr_jax` stays cheap; `help` and `dir`
 list every name, `__all__`):
   load_generator, init_generator, Generator, truncate — StyleGAN2
-  load_encoder, load_parser                   — e4e and the FaRL parser
+  load_encoder, load_parser                   — encoders (e4e, pSp, ReStyle)
+                                                and the FaRL parser
+  restyle_invert                              — ReStyle's iterative inversion
   load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   load_lpips                                  — LPIPS (AlexNet / VGG)
@@ -26,7 +28,8 @@ _EXPORTS = {
     "init_generator": "dhr_jax.models.stylegan2",
     "Generator": "dhr_jax.models.stylegan2",
     "truncate": "dhr_jax.models.stylegan2",
-    "load_encoder": "dhr_jax.models.e4e",
+    "load_encoder": "dhr_jax.models.encoders",
+    "restyle_invert": "dhr_jax.models.encoders",
     "load_parser": "dhr_jax.models.farl",
     "load_id_network": "dhr_jax.models.curricularface",
     "id_curricularface": "dhr_jax.identity",

@@ -23,7 +23,7 @@ import dhr_jax
 from conftest import REPO
 from converters import stylegan2 as conv
 from dhr_jax import editing, io
-from dhr_jax.models import e4e
+from dhr_jax.models import e4e, encoders
 from dhr_jax.models.stylegan2 import init_generator
 from test_farl import tiny_parser
 
@@ -68,10 +68,12 @@ def workdir(tmp_path, monkeypatch):
           np.random.RandomState(0).randn(1, 32).astype(np.float32))
   encoder = StandInEncoder(G, jax.random.PRNGKey(1))
 
-  def load_encoder(path):
+  def load_encoder(path, arch=None):
     assert os.path.isdir(path), path
     return encoder
+  # dhr_jax.load_encoder is encoders'; the runner calls e4e's.
   monkeypatch.setattr(e4e, "load_encoder", load_encoder)
+  monkeypatch.setattr(encoders, "load_encoder", load_encoder)
   monkeypatch.chdir(tmp_path)
   return tmp_path
 

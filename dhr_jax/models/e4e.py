@@ -116,9 +116,19 @@ def resize_for_encoder(images, size=INPUT_SIZE):
                           antialias=True)
 
 
+def build_model(config):
+  """The Flax module of a converted encoder's config: e4e, or (config
+  'arch') pSp / ReStyle from `dhr_jax.models.encoders`."""
+  arch = config.get("arch", "e4e")  # e4e checkpoints predate 'arch'
+  if arch == "e4e":
+    return Encoder4Editing(n_styles=config["n_latent"])
+  from dhr_jax.models import encoders  # builds on this module
+  return encoders.build_model(config)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode(config, params, images, latent_avg):
-  model = Encoder4Editing(n_styles=config["n_latent"])
+  model = build_model(config)
   codes = model.apply({"params": params}, resize_for_encoder(images))
   if latent_avg is not None:
     codes = codes + latent_avg
@@ -127,14 +137,15 @@ def _encode(config, params, images, latent_avg):
 
 @struct.dataclass
 class Encoder:
-  """A loaded e4e encoder, as a pytree (params and latent_avg are leaves,
+  """A loaded encoder (e4e; pSp and ReStyle by config 'arch'), as a pytree (params and latent_avg are leaves,
   the config static), so it can be passed to jitted functions.
 
   Attributes:
     params: pytree of the Flax module's parameters (BatchNorm statistics
       included).
     config: read-only dict with size (generator resolution), n_latent,
-      style_dim, input_size, num_layers, mode.
+      style_dim, input_size, num_layers, mode; pSp / ReStyle checkpoints
+      add arch ('psp' | 'restyle') and input_nc (ReStyle: 6).
     latent_avg: (n_latent, style_dim) average latent the raw codes are
       offsets from.
   """
@@ -147,7 +158,7 @@ class Encoder:
 
   @property
   def model(self):
-    return Encoder4Editing(n_styles=self.config["n_latent"])
+    return build_model(self.config)
 
   def encode(self, params, images, add_latent_avg=True):
     """W+ codes (B, n_latent, style_dim) of NHWC images in [-1, 1].
@@ -158,9 +169,11 @@ class Encoder:
     the raw encoder output is returned.
     """
     images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
+    c = self.config.get("input_nc", 3)
+    if images.ndim != 4 or images.shape[-1] != c:
+      what = "RGB images" if c == 3 else f"{c}-channel inputs"
       raise ValueError(
-          f"encode expects NHWC RGB images (B, H, W, 3), got {images.shape}")
+          f"encode expects NHWC {what} (B, H, W, {c}), got {images.shape}")
     avg = jnp.asarray(self.latent_avg) if add_latent_avg else None
     return _encode(self.config, params, images, avg)
 
