@@ -30,7 +30,7 @@ from dhr_jax import editing, refine
 from dhr_jax.models.stylegan2 import Generator
 
 PKL = os.path.join(GOLDEN, "stylegan2_ada_64.pkl")
-# Made by tests/fixtures/make_stylegan2_ada_zw.py (see the .txt beside it):
+# Made with NVIDIA's code (tests/fixtures/stylegan2_ada_zw_32.txt says how):
 # z 128 → hidden 96 → w 64, 32², NVIDIA's outputs in the .npz.
 ZW = os.path.join(REPO, "tests", "fixtures", "stylegan2_ada_zw_32")
 
