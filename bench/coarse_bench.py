@@ -38,7 +38,7 @@ def measure(size, steps):
   import jax
   import jax.numpy as jnp
   from dhr_jax import embedding
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   from dhr_jax.models.stylegan2 import init_generator, official_channels
   G = init_generator(jax.random.PRNGKey(0), size=size, style_dim=512, n_mlp=8,
                      channels=official_channels(size, 2))

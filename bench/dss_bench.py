@@ -64,7 +64,7 @@ def main():
                   help="coarse inversion steps")
   args = ap.parse_args()
 
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   from dhr_jax import segmentation as S
   vgg = lpips.load("vgg")
   print(f"backend={jax.default_backend()} size={args.size} "

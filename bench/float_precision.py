@@ -177,7 +177,8 @@ def _refine_case(tmp):
   latent_avg (its e4e encoder is zero), its four good input files, and
   masks from DSS with its settings (3 coarse steps, 16 superpixels)."""
   import test_run
-  from dhr_jax import io, lpips, segmentation
+  from dhr_jax import io, segmentation
+  from dhr_jax.models import lpips
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=32, style_dim=512, n_mlp=2,
                      channels=16)
@@ -198,7 +199,8 @@ def _refine_case(tmp):
 def refine_values(tmp, x64):
   """Refined state, image and metrics: float32 runs batch-of-two and
   image-by-image; float64 only batch-of-two."""
-  from dhr_jax import lpips, pipeline, refine
+  from dhr_jax import pipeline, refine
+  from dhr_jax.models import lpips
   G, codes, targets, masks = _refine_case(tmp)
   print("in-domain fractions of the masks:", masks.mean((1, 2, 3)))
   alex, vgg = lpips.load("alex"), lpips.load("vgg")
@@ -299,7 +301,8 @@ def _refine_64_case(batch):
 
 
 def refine_map_values(tmp, x64):
-  from dhr_jax import lpips, refine
+  from dhr_jax import refine
+  from dhr_jax.models import lpips
   alex = lpips.load("alex")
   G = _generator_64(tmp)[0]
   cases = {b: _refine_64_case(b) for b in (1, 4)}
@@ -404,7 +407,7 @@ def embedding_values(tmp, x64):
   """tests/test_embedding.py's two batching checks: W (16 steps) for images
   (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
   del tmp
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   from dhr_jax.embedding import (_draw_batch, _embed_batch, latent_stats,
                                  learning_rates, noise_levels)
   from dhr_jax.models.stylegan2 import init_generator
@@ -569,8 +572,8 @@ def _primitive_cases():
   each test's comparison re-run (tests/test_*.py name the case)."""
   import torch
   import torch.nn.functional as F
-  from dhr_jax import alignment, lpips
-  from dhr_jax.models import e4e, farl, ops
+  from dhr_jax import alignment
+  from dhr_jax.models import e4e, farl, lpips, ops
   f32 = lambda a: np.asarray(a, np.float64)
   cases = {}
   for size, to in [(1024, 256), (64, 256), (256, 64), (48, 256)]:

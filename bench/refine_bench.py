@@ -72,7 +72,7 @@ def problem(size, batch, lpips_on):
                           (batch, size, size, 1))
   lpips_net = lpips_params = None
   if lpips_on:
-    from dhr_jax import lpips
+    from dhr_jax.models import lpips
     alex = lpips.load("alex")
     lpips_net, lpips_params = alex.net, alex.params
   hyper = refine.make_hyper(lpips_lambda=float(lpips_on))

@@ -124,7 +124,8 @@ def run(argv=None):
   ap.add_argument("--modes", default="none,hybrid,weight,feature")
   args = ap.parse_args(argv)
 
-  from dhr_jax import lpips, refine
+  from dhr_jax import refine
+  from dhr_jax.models import lpips
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(args.seed), size=args.size,
                      style_dim=args.style_dim, n_mlp=2,

@@ -35,7 +35,7 @@ _EXPORTS = {
     "id_curricularface": "dhr_jax.identity",
     "load_hfgi": "dhr_jax.models.hfgi",
     "hfgi_invert": "dhr_jax.models.hfgi",
-    "load_lpips": "dhr_jax.lpips",
+    "load_lpips": "dhr_jax.models.lpips",
     "optimize_latent": "dhr_jax.embedding",
     "coarse_inversion": "dhr_jax.embedding",
     "domain_specific_segmentation": "dhr_jax.segmentation",

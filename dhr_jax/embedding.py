@@ -275,7 +275,7 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       to match the official runs. With resize='pool' (rosinality's
       projector) both are brought to min(generator size, 256)² (average-
       pooled when the side is a multiple of it, else resized).
-    lpips_vgg: an LPIPS metric (`dhr_jax.lpips.load('vgg')`).
+    lpips_vgg: an LPIPS metric (`dhr_jax.models.lpips.load('vgg')`).
     key: one PRNG key, or B keys (one per image). With one key the mean
       latent is estimated from it too; with per-image keys pass `w_stats`.
     steps: number of Adam steps.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dhr_jax import io
-from dhr_jax import lpips as lpips_lib
+from dhr_jax.models import lpips as lpips_lib
 
 PAPER_SIZE = 256
 
@@ -54,6 +54,15 @@ def resize_antialiased(images, size=PAPER_SIZE):
                           antialias=True)
 
 
+@jax.jit
+def lpips_distance(lpips, x, y):
+  """`lpips.distance(lpips.params, x, y)` compiled once per net and input
+  shapes: the metric is a pytree, so its weights are arguments, not
+  constants baked into each program (the run's and the paper's metrics
+  share this one function)."""
+  return lpips.distance(lpips.params, x, y)
+
+
 def paper_metrics(inversions, targets_u8, lpips_alex=None):
   """The per-image metrics of GANInverter's scripts/test.py (module doc).
 
@@ -61,7 +70,7 @@ def paper_metrics(inversions, targets_u8, lpips_alex=None):
     inversions: (B, H, W, 3) floats in [-1, 1], not clamped (the generator's
       output as it is; the quantisation clamps).
     targets_u8: (B, H', W', 3) uint8, the input pictures.
-    lpips_alex: a loaded LPIPS-Alex (`dhr_jax.lpips.load('alex')`), loaded
+    lpips_alex: a loaded LPIPS-Alex (`dhr_jax.models.lpips.load('alex')`), loaded
       when not given.
 
   Returns:
@@ -87,6 +96,6 @@ def paper_metrics(inversions, targets_u8, lpips_alex=None):
   mse = np.mean(d * d, axis=(1, 2, 3))
   with np.errstate(divide="ignore"):
     psnr = 10.0 * np.log10(2.0 / mse)
-  lp = np.asarray(lpips_alex.jit_distance(lpips_alex.params, x, y), np.float64)
+  lp = np.asarray(lpips_distance(lpips_alex, x, y), np.float64)
   nan = np.where(finite, 0.0, np.nan)
   return dict(mse=mse + nan, psnr=psnr + nan, lpips=lp + nan)

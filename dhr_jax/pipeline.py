@@ -257,8 +257,8 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   ya = jnp.asarray(target, jnp.float32)
   x, y = np.asarray(xa), np.asarray(ya)
   mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
-  alex = np.asarray(lpips_alex.jit_distance(lpips_alex.params, xa, ya))
-  vgg = np.asarray(lpips_vgg.jit_distance(lpips_vgg.params, xa, ya))
+  alex = np.asarray(metrics_lib.lpips_distance(lpips_alex, xa, ya))
+  vgg = np.asarray(metrics_lib.lpips_distance(lpips_vgg, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
   # The uint8 target is the input as inverted (the pixels written as
   # input.png): the runner loads each file as u / 127.5 − 1 at the

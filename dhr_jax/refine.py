@@ -68,7 +68,7 @@ import optax
 from flax import struct
 
 from dhr_jax import checkpoint
-from dhr_jax import lpips as lpips_lib
+from dhr_jax.models import lpips as lpips_lib
 from dhr_jax.models.frozen import FrozenConfig
 from dhr_jax.models.stylegan2 import (Generator, complete_config,
                                       feature_resolution, noise_shapes)
@@ -512,7 +512,7 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
     l2_lambda, lpips_lambda: weights of MSE and LPIPS-Alex in both losses;
       with lpips_lambda = 0 LPIPS is not evaluated and needs no weights.
     mode: 'hybrid', 'weight' or 'feature' (see the module doc).
-    lpips_alex: an LPIPS metric (`dhr_jax.lpips.load('alex')`), loaded
+    lpips_alex: an LPIPS metric (`dhr_jax.models.lpips.load('alex')`), loaded
       when None and needed.
     mse_norm: 'pixel' (DHR's masked mean, see the module doc) or 'element'
       (a per-element mean: PTI's loss, configs/pti.py).

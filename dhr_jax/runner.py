@@ -44,7 +44,7 @@ from dhr_jax import editing
 from dhr_jax import faces
 from dhr_jax import identity
 from dhr_jax import io
-from dhr_jax import lpips
+from dhr_jax.models import lpips
 from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import refine

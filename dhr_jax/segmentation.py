@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 
 from dhr_jax import alignment
-from dhr_jax import lpips as lpips_lib
+from dhr_jax.models import lpips as lpips_lib
 from dhr_jax.io import resize_target, to_uint8
 from dhr_jax.models.farl import CELEBM_LABELS
 from dhr_jax.refine import resize_nearest
@@ -128,6 +128,13 @@ def _config(config):
                        f"{choices}")
   base.update(overrides)
   return base
+
+
+@jax.jit
+def _lpips_maps(lpips, x, y):
+  # The metric is a pytree: one program per net and shapes, its weights
+  # arguments.
+  return lpips.spatial(lpips.params, x, y)
 
 
 @dataclasses.dataclass
@@ -391,7 +398,7 @@ def domain_specific_segmentation(target, *, G=None, key=None, coarse=None,
   if coarse.shape != target.shape:
     raise ValueError(f"coarse image {coarse.shape} must match the target "
                      f"{target.shape} (full resolution)")
-  maps = lpips_vgg.jit_spatial(lpips_vgg.params, coarse, target)
+  maps = _lpips_maps(lpips_vgg, coarse, target)
   error_map = lpips_lib.upsampled_sum(maps, (h, w))
   maps = [np.asarray(m) for m in maps]
 

@@ -319,7 +319,7 @@ def test_encoder_generator_mismatch_refused_when_loaded(tmp_path,
   c = _dhr_config()
   c.model.checkpoint = bundle
   c.model.generator = str(tmp_path / "g64")
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   monkeypatch.setattr(lpips, "load", lambda *a: 1 / 0)
   with pytest.raises(run_lib.UserError) as e:
     run_lib.load_models(c)

@@ -98,7 +98,7 @@ def test_resize_target_is_the_pil_bilinear_resize():
 
 @pytest.fixture(scope="module")
 def setup():
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=2,
                      channels=32)
@@ -257,7 +257,7 @@ def test_w_pivot_parity_with_official_loop(rule, golden, tmp_path):
   import dhr_jax
   from conftest import REPO, rel_l2
   from converters import stylegan2 as conv
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   f = np.load(os.path.join(REPO, "tests", "fixtures", "pti_pivot_64.npz"))
   manifest, _ = golden("stylegan2_64")
   sd = rule.state_dict_from_manifest(manifest)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dhr_jax import lpips
+from dhr_jax.models import lpips
 
 NETS = {"alex": "alexnet", "vgg": "vgg16"}
 

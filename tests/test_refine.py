@@ -270,7 +270,7 @@ def test_masked_mean_and_torch_nearest():
 
 
 def test_lpips_objective_matches_its_definition():
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   G, codes, target, mask = _tiny(size=32, channels=16)
   alex = lpips.load("alex")
   k = 5  # 16² feature of the 32² generator
@@ -279,7 +279,7 @@ def test_lpips_objective_matches_its_definition():
                            l2_lambda=2.0, lpips_alex=alex)
   # Step 0 renders the generator's own image (offset = own feature).
   img = jax.jit(G.synthesis)(G.params, codes)
-  maps = alex.jit_spatial(alex.params, img, target)
+  maps = jax.jit(alex.spatial)(alex.params, img, target)
   m_f = nchw(r.mask_feature)
   want_in, want_out = [], []
   for i in range(codes.shape[0]):
@@ -304,7 +304,7 @@ def test_lpips_objective_matches_its_definition():
 
 
 def test_lpips_lambda_zero_needs_no_lpips_weights(tiny, monkeypatch):
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
 
   def refuse(*a, **k):
     raise AssertionError("LPIPS weights were loaded")
@@ -400,7 +400,7 @@ def test_save_load_renders_identical_image(tiny, tmp_path):
 def test_map_path_close_to_float64():
   """The CPU path (refine.map_images: lax.map, one image after another)
   against the same loop in float64, batch 1 and 4, full objective."""
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   G, codes, target, mask = _tiny(size=32, channels=16, batch=4)
   alex = lpips.load("alex")
   k = 5  # 16² feature of the 32² generator

