@@ -50,7 +50,7 @@ def main(argv=None):
                   help="also time the 448² network alone")
   args = ap.parse_args(argv)
 
-  p = farl.load_parser(args.ckpt) if args.ckpt else stand_in_parser()
+  p = farl.load(args.ckpt) if args.ckpt else stand_in_parser()
   images = jax.random.uniform(jax.random.PRNGKey(0),
                               (args.batch, args.size, args.size, 3),
                               minval=-1.0, maxval=1.0)

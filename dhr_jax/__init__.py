@@ -52,7 +52,10 @@ _EXPORTS = {
     "run_batch": "dhr_jax.pipeline",
     "paper_metrics": "dhr_jax.metrics",
 }
-_RENAMED = {"load_lpips": "load"}
+# Every model file's loader is its `load`; the package names it by model.
+_RENAMED = {name: "load" for name in (
+    "load_generator", "load_encoder", "load_parser", "load_id_network",
+    "load_hfgi", "load_lpips")}
 # pydoc documents a module's functions defined elsewhere only when __all__
 # names them; listing them here imports nothing.
 __all__ = sorted(_EXPORTS)

@@ -290,7 +290,7 @@ def run(config, workdir):
             f"config.model.hfgi {hfgi_path!r} not found; convert it with "
             "python -m converters.hfgi")
       else:
-        H = hfgi_lib.load_hfgi(hfgi_path)
+        H = hfgi_lib.load(hfgi_path)
     if not os.path.isdir(workdir):
       try:
         io.check_writable(workdir)

@@ -154,7 +154,7 @@ def load_generator(config):
     cmd = (_G_CMD if m.generator else _E4E_CMD).format(path=path or "DIR")
     raise _missing(path, "generator checkpoint", cmd)
   try:
-    return stylegan2.load_generator(path)
+    return stylegan2.load(path)
   except checkpoint.CheckpointError as e:
     raise UserError(f"{e} (convert with: "
                     f"{(_G_CMD if m.generator else _E4E_CMD).format(path=path)})"
@@ -173,7 +173,7 @@ def load_id_network(config, face_models):
     raise UserError("config.model.id_network: the ID metric finds its "
                     "landmarks with dlib; pip install 'dhr_jax[faces]'")
   try:
-    return curricularface.load_id_network(path)
+    return curricularface.load(path)
   except checkpoint.CheckpointError as e:
     raise UserError(f"{e} (convert with: {_ID_CMD.format(path=path)})"
                     ) from None
@@ -194,7 +194,7 @@ def load_models(config, mesh=None):
       raise _missing(m.checkpoint, "e4e checkpoint",
                      _E4E_CMD.format(path=m.checkpoint or "DIR"))
     try:
-      encoder = e4e.load_encoder(m.checkpoint)
+      encoder = e4e.load(m.checkpoint)
     except checkpoint.CheckpointError as e:
       raise UserError(f"{e} (convert with: "
                       f"{_E4E_CMD.format(path=m.checkpoint)})") from None
@@ -211,7 +211,7 @@ def load_models(config, mesh=None):
       raise UserError(f"{_missing(path, 'parser checkpoint', cmd)} "
                       f"{_FARL_SOURCE}{_NO_PARSER_HINT}")
     try:
-      parser = farl.load_parser(path)
+      parser = farl.load(path)
     except checkpoint.CheckpointError as e:
       raise UserError(f"{e} (convert with: "
                       f"{_FARL_CMD.format(path=path)}){_NO_PARSER_HINT}"

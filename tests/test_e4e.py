@@ -220,7 +220,7 @@ def test_bundle_decoder_matches_generator_golden_64(tmp_path, capsys, rule,
                                                     golden):
   """A bundle whose decoder is the golden 64² generator: the emitted
   generator reproduces the official images and mapping."""
-  from dhr_jax.models.stylegan2 import load_generator
+  from dhr_jax import load_generator
   g_sd, g_ref = _generator_sd(rule, golden, "stylegan2_64")
   avg = np.tile(rule.rule_array("latent_avg_64", (1, 512)), (10, 1))
   src = _save_bundle(tmp_path / "e4e_64.pt", _lazy_encoder(golden, 10), g_sd,
@@ -255,7 +255,7 @@ def test_golden_parity_1024(tmp_path, capsys, rule, golden):
   assert code == 0, err
   os.remove(src)
 
-  E = e4e.load_encoder(dst)
+  E = e4e.load(dst)
   assert E.config["size"] == 1024 and E.config["n_latent"] == 18
   np.testing.assert_array_equal(np.asarray(E.latent_avg), ref["latent_avg"])
   x = jnp.asarray(ref["input"].transpose(0, 2, 3, 1))
@@ -269,7 +269,7 @@ def test_golden_parity_1024(tmp_path, capsys, rule, golden):
   # float_precision.py); the encoder itself was not run in float64.
   assert err_codes <= 1e-4 and err_plus <= 1e-4
 
-  from dhr_jax.models.stylegan2 import load_generator
+  from dhr_jax import load_generator
   G = load_generator(dst)
   assert G.config["size"] == 1024 and G.config["n_latent"] == 18
   # latent_avg rows differ in the stand-in, so the generator gets none.

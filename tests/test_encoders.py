@@ -207,8 +207,8 @@ def test_ganinverter_layout_and_arch_check(tmp_path, restyle_weights,
                         "--arch", "restyle")
   assert code == 0, err
   assert "ReStyle (ProgressiveBackboneEncoder)" in out
-  a = encoders.load_encoder(tmp_path / "gi", arch="restyle")
-  b = encoders.load_encoder(restyle_dir)
+  a = encoders.load(tmp_path / "gi", arch="restyle")
+  b = encoders.load(restyle_dir)
   for x, y in zip(*(jax.tree_util.tree_leaves(t.params) for t in (a, b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   code, _, err = _cli(capsys, "--src", src, "--dst", tmp_path / "no",
@@ -283,6 +283,6 @@ def test_wrong_encoder_or_generator_is_one_line(restyle_dir, tmp_path):
   msg = str(e.value)
   assert "\n" not in msg and "12×512" in msg and "64² generator" in msg
   with pytest.raises(CheckpointError) as e:
-    encoders.load_encoder(restyle_dir, arch="psp")
+    encoders.load(restyle_dir, arch="psp")
   assert "holds a ReStyle (ProgressiveBackboneEncoder) encoder, expected " \
          "pSp (GradualStyleEncoder)" in str(e.value)

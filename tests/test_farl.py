@@ -336,7 +336,7 @@ def tiny_parser(directory):
 
 def test_tiny_parser_loads_and_parses(tmp_path):
   tiny_parser(tmp_path / "farl")
-  p = farl.load_parser(tmp_path)  # a bundle holding farl/
+  p = farl.load(tmp_path)  # a bundle holding farl/
   imgs = jax.random.uniform(jax.random.PRNGKey(2), (2, 64, 64, 3),
                             minval=-1.0, maxval=1.0)
   probs = np.asarray(p.parse(p.params, imgs))
@@ -360,7 +360,7 @@ def test_tiny_parser_loads_and_parses(tmp_path):
 def test_load_parser_refuses_other_kinds(tmp_path):
   checkpoint.save(tmp_path / "x", {"a": np.zeros(2)}, "stylegan2", {})
   with pytest.raises(checkpoint.CheckpointError, match="'farl'"):
-    farl.load_parser(tmp_path / "x")
+    farl.load(tmp_path / "x")
 
 
 # ------------------------------------- parity with the official network (slow)
@@ -384,7 +384,7 @@ def official(golden, rule, tmp_path_factory):
 @pytest.mark.slow
 def test_parity_with_official(official):
   d, ref = official
-  p = farl.load_parser(d / "conv")
+  p = farl.load(d / "conv")
   x = jnp.asarray(ref["input"].transpose(0, 2, 3, 1))
   with jax.default_matmul_precision("float32"):
     logits = np.asarray(p.logits(p.params, x)).transpose(0, 3, 1, 2)
@@ -431,7 +431,7 @@ def test_torchscript_source_converts_like_plain(official, capsys):
 @pytest.mark.slow
 def test_parse_with_official_network(official):
   d, _ = official
-  p = farl.load_parser(d / "conv")
+  p = farl.load(d / "conv")
   img = jax.random.uniform(jax.random.PRNGKey(0), (1, 64, 64, 3),
                            minval=-1.0, maxval=1.0)
   probs = np.asarray(p.parse(p.params, img))

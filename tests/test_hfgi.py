@@ -155,7 +155,7 @@ def test_hfgi_is_a_jit_argument(models):
 
   def consult(H, x):
     traces.append(1)  # runs only while jax traces
-    return H.consult(x)[0][..., :4]
+    return H.consult(H.params, x)[0][..., :4]
 
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 256, 3))
   f = jax.jit(consult)

@@ -72,8 +72,8 @@ def workdir(tmp_path, monkeypatch):
     assert os.path.isdir(path), path
     return encoder
   # dhr_jax.load_encoder is encoders'; the runner calls e4e's.
-  monkeypatch.setattr(e4e, "load_encoder", load_encoder)
-  monkeypatch.setattr(encoders, "load_encoder", load_encoder)
+  monkeypatch.setattr(e4e, "load", load_encoder)
+  monkeypatch.setattr(encoders, "load", load_encoder)
   monkeypatch.chdir(tmp_path)
   return tmp_path
 

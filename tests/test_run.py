@@ -255,7 +255,7 @@ def test_end_to_end_outputs_metrics_and_failures(setup):
 def test_refined_state_renders_the_inversion(setup):
   """refined/ is enough to re-render: it gives back inversion.png."""
   from dhr_jax import refine
-  from dhr_jax.models.stylegan2 import load_generator
+  from dhr_jax import load_generator
   G = load_generator(setup["bundle"])
   for name in GOOD:
     d = os.path.join(setup["workdir"], name)
@@ -276,7 +276,7 @@ def test_paper_metrics_columns_from_the_written_images(setup):
   refined state re-rendered: the saved png is rounded, the paper truncates
   the float image) against input.png."""
   from dhr_jax import metrics, refine
-  from dhr_jax.models.stylegan2 import load_generator
+  from dhr_jax import load_generator
   G = load_generator(setup["bundle"])
   _, rows = _metrics_rows(setup["workdir"])
   images, targets = [], []
@@ -558,7 +558,7 @@ def test_two_device_sharded_run_equals_single_device(setup, tmp_path):
   assert _files(ref) == _files(workdir)
   import jax
   from dhr_jax import refine
-  from dhr_jax.models.stylegan2 import load_generator
+  from dhr_jax import load_generator
   G = load_generator(setup["bundle"])
   worst = {"state": 0.0, "image": 0.0, "state_max": 0.0}
   flat = lambda r: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in

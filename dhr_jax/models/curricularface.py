@@ -100,7 +100,7 @@ def param_shapes():
   return jax.eval_shape(IR101().init, jax.random.PRNGKey(0), x)["params"]
 
 
-def load_id_network(path):
+def load(path):
   """Loads a converted CurricularFace IR-101 (a directory, or a bundle
   holding curricularface/).
 

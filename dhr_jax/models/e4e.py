@@ -201,7 +201,7 @@ def param_shapes(size):
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
 
 
-def load_encoder(path):
+def load(path):
   """Loads a converted e4e encoder (a directory, or a bundle holding e4e/).
 
   Convert the released PyTorch file first:

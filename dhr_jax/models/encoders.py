@@ -137,7 +137,7 @@ def _locate(path):
       "pass the sub-directory of the one you mean.")
 
 
-def load_encoder(path, arch=None):
+def load(path, arch=None):
   """Loads a converted e4e, pSp or ReStyle encoder (a directory, or a
   bundle holding e4e/, psp/ or restyle/) as an `e4e.Encoder`.
 
@@ -155,7 +155,7 @@ def load_encoder(path, arch=None):
         "encoder, expected "
         f"{TITLES[arch]}.")
   if kind == "e4e":
-    return e4e.load_encoder(directory)
+    return e4e.load(directory)
   tree, config = checkpoint.load(directory, kind)
   if set(tree) != {"params", "latent_avg"} or config.get("arch") != kind:
     raise checkpoint.CheckpointError(

@@ -10,7 +10,7 @@ align_corners=False)` (half-pixel centres, clamped at the border, never
 antialiased), written as small interpolation matrices so up- and downsampling
 agree with the PyTorch model to rounding.
 
-Public entry point: `load_parser(path)` → `Parser` with `.params`, `.config`,
+Public entry point: `load(path)` (`dhr_jax.load_parser`) → `Parser` with `.params`, `.config`,
 `.parse(params, images)` and `.logits(params, x448)`.
 """
 import functools
@@ -367,7 +367,7 @@ class Parser:
     return tuple(self.config["labels"])
 
 
-def load_parser(path):
+def load(path):
   """Loads a converted FaRL parser (`python -m converters.farl`) from `path`.
 
   `path` is the converted directory or a bundle holding a `farl/` one.

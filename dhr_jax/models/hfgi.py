@@ -150,21 +150,23 @@ class HFGI:
   """HFGI's aligner and consultation encoder as one pytree.
 
   params: {'align': ResidualAligner params, 'residue': ResidualEncoder
-  params} (leaves); config: `HFGIConfig` (static). `jax.jit(f)(H, x)`
-  compiles once per architecture and reuses the program for other weights.
+  params} (leaves); config: `HFGIConfig` (static). The methods take params
+  explicitly, as the generator's (`H.consult(H.params, r)`), so the weights
+  are traced arguments under jit and grad; `jax.jit(f)(H, x)` compiles once
+  per architecture and reuses the program for other weights.
   """
   params: Any
   config: HFGIConfig = struct.field(pytree_node=False)
 
-  def align(self, x):
+  def align(self, params, x):
     """concat(residual, image) (B, 256, 256, 6) → aligned residual."""
-    return ResidualAligner().apply({"params": self.params["align"]}, x)
+    return ResidualAligner().apply({"params": params["align"]}, x)
 
-  def consult(self, residual):
+  def consult(self, params, residual):
     """Aligned residual (B, 256, 256, 3) → (scale, shift) at the hooked
     feature's resolution."""
     model = ResidualEncoder(self.config.condition_size)
-    return model.apply({"params": self.params["residue"]}, residual)
+    return model.apply({"params": params["residue"]}, residual)
 
 
 def param_shapes():
@@ -191,8 +193,8 @@ def _forward(G, H, codes, images, edited_codes):
     codes = edited_codes
     guide = ops.resize_generated(G.synthesis(params, codes, noise),
                                  (size, size))
-  res_aligned = H.align(jnp.concatenate([res, guide], axis=-1))
-  scale, shift = H.consult(res_aligned)
+  res_aligned = H.align(H.params, jnp.concatenate([res, guide], axis=-1))
+  scale, shift = H.consult(H.params, res_aligned)
   image = G.synthesis(params, codes, noise, feature_idx=H.config.feature_idx,
                       feature_fn=feature_modulation(scale, shift))
   return {"image": image, "embedded": embedded, "res": res,
@@ -243,7 +245,8 @@ def hfgi_forward(G, H, codes, images, edited_codes=None, noise=None):
 def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):
   """HFGI's refined inversion (or ADA edit) → (B, size, size, 3).
 
-  G: the generator HFGI was trained with (`load_generator`); H: `load_hfgi`.
+  G: the generator HFGI was trained with (`dhr_jax.load_generator`); H:
+  `dhr_jax.load_hfgi`.
   codes: (B, n_latent, style_dim) W+ codes of the e4e inversion, latent_avg
   included; images: the inverted images (B, 256, 256, 3) in [−1, 1], NHWC.
   With `edited_codes` (same shape) the image of those codes is returned,
@@ -253,7 +256,7 @@ def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):
   return hfgi_forward(G, H, codes, images, edited_codes, noise)["image"]
 
 
-def load_hfgi(path):
+def load(path):
   """Loads the HFGI networks written by `python -m converters.hfgi` (the
   bundle DIR, or DIR/hfgi)."""
   directory = checkpoint.find(path, KIND)

@@ -455,7 +455,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
   return g.replace(latent_avg=jax.jit(g.mean_latent)(k_avg))
 
 
-def load_generator(path):
+def load(path):
   """Loads a generator written by `python -m converters.stylegan2` (or a bundle)."""
   directory = checkpoint.find(path, KIND)
   tree, config = checkpoint.load(directory, KIND)
