@@ -111,8 +111,8 @@ def expected_shapes(config):
                             jnp.float32)
   noise = [jax.ShapeDtypeStruct(s, jnp.float32) for s in noise_shapes(config)]
   key = jax.random.PRNGKey(0)
-  mp = jax.eval_shape(g._mapping.init, key, z)["params"]
-  sp = jax.eval_shape(g._synthesis.init, key, wp, noise)["params"]
+  mp = jax.eval_shape(g.mapping_module.init, key, z)["params"]
+  sp = jax.eval_shape(g.synthesis_module.init, key, wp, noise)["params"]
   shapes = {k: tuple(v.shape)
             for k, v in _flatten({"mapping": mp, "synthesis": sp}).items()}
   for i, s in enumerate(noise_shapes(config)):

@@ -388,7 +388,7 @@ def test_parity_with_official(official):
   x = jnp.asarray(ref["input"].transpose(0, 2, 3, 1))
   with jax.default_matmul_precision("float32"):
     logits = np.asarray(p.logits(p.params, x)).transpose(0, 3, 1, 2)
-    feats = jax.jit(lambda v, x: p.network.apply(
+    feats = jax.jit(lambda v, x: p.module.apply(
         v, x, return_features=True)[1])(p.params, x)
   assert logits.shape == (1, 19, 512, 512)
   errs = {

@@ -79,7 +79,7 @@ class IDNetwork:
     object.__setattr__(self, "config", freeze(self.config))
 
   @property
-  def model(self):
+  def module(self):
     return IR101(num_layers=self.config["num_layers"])
 
   def embed(self, params, crops):

@@ -157,7 +157,8 @@ class Encoder:
     object.__setattr__(self, "config", freeze(self.config))
 
   @property
-  def model(self):
+  def module(self):
+    """The Flax module of this config (e4e, pSp or ReStyle)."""
     return build_model(self.config)
 
   def encode(self, params, images, add_latent_avg=True):

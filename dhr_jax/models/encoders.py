@@ -201,7 +201,7 @@ def _restyle_start(E, G, batch):
 def _restyle_step(E, G, x, previous, codes):
   size = E.config["input_size"]
   pooled = adaptive_avg_pool(previous, size)  # AdaptiveAvgPool2d((256, 256))
-  delta = E.model.apply({"params": E.params},
+  delta = E.module.apply({"params": E.params},
                         jnp.concatenate([x, pooled], axis=-1))
   codes = codes + delta
   return codes, G.synthesis(G.params, codes)

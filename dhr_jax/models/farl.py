@@ -342,7 +342,7 @@ class Parser:
     object.__setattr__(self, "config", freeze(self.config))
 
   @property
-  def network(self):
+  def module(self):
     return network_from_config(self.config)
 
   def logits(self, params, x):

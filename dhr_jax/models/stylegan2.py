@@ -331,13 +331,16 @@ class Generator:
     object.__setattr__(self, "config", freeze(self.config))
 
   @property
-  def _mapping(self):
+  def mapping_module(self):
+    """The Flax mapping network of this config (converters and init read
+    its parameter shapes)."""
     c = self.config
     return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01),
                    c.get("layer_features"))
 
   @property
-  def _synthesis(self):
+  def synthesis_module(self):
+    """The Flax synthesis network of this config."""
     c = self.config
     return Synthesis(tuple(c["channels"][str(2 ** i)]
                            for i in range(2, int(math.log2(c["size"])) + 1)),
@@ -357,7 +360,7 @@ class Generator:
     """z (B, z_dim) → w (B, style_dim)."""
     if z.shape[-1] != self.z_dim:
       raise ValueError(f"z must be (B, {self.z_dim}), got {z.shape}")
-    return self._mapping.apply({"params": params["mapping"]}, z)
+    return self.mapping_module.apply({"params": params["mapping"]}, z)
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
                 return_feature=False, offset=None, mask=None,
@@ -387,8 +390,8 @@ class Generator:
       hook = (feature_idx, feature_fn)
     elif feature_fn is not None or return_feature:
       raise ValueError("offset/feature_fn/return_feature need a feature_idx")
-    img, feat = self._synthesis.apply({"params": params["synthesis"]}, wplus,
-                                      noise, hook)
+    img, feat = self.synthesis_module.apply(
+        {"params": params["synthesis"]}, wplus, noise, hook)
     return (img, feat) if return_feature else img
 
   def __call__(self, params, z, noise=None, truncation=1.0, **kw):
@@ -405,10 +408,10 @@ class Generator:
     """Fresh N(0, 1) noise maps with the checkpoint's shapes."""
     return _random_noise(key, tuple(noise_shapes(self.config)))
 
-  def mean_latent(self, key, n=4096):
+  def mean_latent(self, params, key, n=4096):
     """Mean of mapping(z) over n random z: the usual W-space average."""
     z = jax.random.normal(key, (n, self.z_dim))
-    return jnp.mean(self.mapping(self.params, z), axis=0)
+    return jnp.mean(self.mapping(params, z), axis=0)
 
 
 def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
@@ -428,10 +431,10 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
   # running Flax's init would compile a whole forward pass just to draw
   # random numbers, which costs seconds per test.
   shapes = {
-      "mapping": jax.eval_shape(g._mapping.init, k_init,
+      "mapping": jax.eval_shape(g.mapping_module.init, k_init,
                                 jnp.zeros((1, g.z_dim)))["params"],
       "synthesis": jax.eval_shape(
-          g._synthesis.init, k_init,
+          g.synthesis_module.init, k_init,
           jnp.zeros((1, config["n_latent"], style_dim)), noise)["params"],
   }
   rng = np.random.default_rng(np.asarray(jax.random.key_data(k_init)).ravel())
@@ -452,7 +455,7 @@ def init_generator(key, size=32, style_dim=64, n_mlp=2, channels=64,
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   g = Generator(config, params, noise)
-  return g.replace(latent_avg=jax.jit(g.mean_latent)(k_avg))
+  return g.replace(latent_avg=jax.jit(g.mean_latent)(params, k_avg))
 
 
 def load(path):
