@@ -573,7 +573,7 @@ def _primitive_cases():
   import torch
   import torch.nn.functional as F
   from dhr_jax import alignment
-  from dhr_jax.models import e4e, farl, lpips, ops
+  from dhr_jax.models import e4e, lpips, ops
   f32 = lambda a: np.asarray(a, np.float64)
   cases = {}
   for size, to in [(1024, 256), (64, 256), (256, 64), (48, 256)]:
@@ -606,14 +606,14 @@ def _primitive_cases():
     size = (n_out, n_out + 5)
     fn = lambda t: F.interpolate(t, size=size, mode="bilinear",
                                  align_corners=False)
-    cases[f"farl.resize_bilinear {n_in}->{n_out}"] = (
-        f32(farl.resize_bilinear(jnp.asarray(x), size)),
+    cases[f"ops.resize_bilinear_torch {n_in}->{n_out}"] = (
+        f32(ops.resize_bilinear_torch(jnp.asarray(x), size)),
         _torch_nhwc(fn, x, np.float32), _torch_nhwc(fn, x, np.float64))
   for n_in, n_out in [(14, 3), (13, 5)]:
     x = np.random.RandomState(1).randn(1, n_in, n_in, 3).astype(np.float32)
     fn = lambda t: F.adaptive_avg_pool2d(t, n_out)
-    cases[f"farl.adaptive_avg_pool {n_in}->{n_out}"] = (
-        f32(farl.adaptive_avg_pool(jnp.asarray(x), n_out)),
+    cases[f"ops.adaptive_avg_pool {n_in}->{n_out}"] = (
+        f32(ops.adaptive_avg_pool(jnp.asarray(x), n_out)),
         _torch_nhwc(fn, x, np.float32), _torch_nhwc(fn, x, np.float64))
   rs = np.random.RandomState(2)
   img = rs.randn(9, 13, 3).astype(np.float32)

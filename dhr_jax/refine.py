@@ -69,6 +69,7 @@ from flax import struct
 
 from dhr_jax import checkpoint
 from dhr_jax.models import lpips as lpips_lib
+from dhr_jax.models import ops
 from dhr_jax.models.frozen import FrozenConfig
 from dhr_jax.models.stylegan2 import (Generator, complete_config,
                                       feature_resolution, noise_shapes)
@@ -103,22 +104,6 @@ def area_pool(mask, res):
   return mask.reshape(b, res, h // res, res, w // res, c).mean((2, 4))
 
 
-def nearest_indices(n_in, n_out):
-  """Source rows of torch's legacy `interpolate(mode='nearest')`:
-  floor(i · (n_in / n_out)) in float32, clipped to n_in − 1."""
-  scale = np.float32(n_in) / np.float32(n_out)
-  idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(idx, n_in - 1)
-
-
-def resize_nearest(x, size, axes=(1, 2)):
-  """`x` resized along `axes` (default: H, W of NHWC) to `size`, picking
-  elements as torch 'nearest' does; numpy or jax arrays."""
-  rows = nearest_indices(x.shape[axes[0]], size[0])
-  cols = nearest_indices(x.shape[axes[1]], size[1])
-  return x.take(rows, axis=axes[0]).take(cols, axis=axes[1])
-
-
 def refinement_losses(image, target, mask, mask_feature, l2_lambda,
                       lpips_lambda, lpips_params=None, lpips_net=None,
                       mse_norm="pixel"):
@@ -140,7 +125,7 @@ def refinement_losses(image, target, mask, mask_feature, l2_lambda,
                                                image, target)
     p_in = p_out = 0.0
     for d in maps:
-      m_l = resize_nearest(mask_feature, d.shape[1:3])
+      m_l = ops.resize_nearest(mask_feature, d.shape[1:3])
       p_in = p_in + masked_mean(d, m_l)
       p_out = p_out + masked_mean(d, 1.0 - m_l)
     loss_in = lpips_lambda * p_in + loss_in

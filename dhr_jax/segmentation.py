@@ -64,7 +64,7 @@ from dhr_jax import alignment
 from dhr_jax.models import lpips as lpips_lib
 from dhr_jax.io import resize_target, to_uint8
 from dhr_jax.models.farl import CELEBM_LABELS
-from dhr_jax.refine import resize_nearest
+from dhr_jax.models.ops import resize_nearest
 
 # CelebAMask-HQ 19-class parsing, in the order of the parser's channels.
 CELEBAMASK_LABELS = CELEBM_LABELS

@@ -9,7 +9,7 @@ import dhr_jax
 from conftest import rel_l2
 from converters import encoder as encoder_converter
 from dhr_jax.checkpoint import CheckpointError
-from dhr_jax.models import encoders
+from dhr_jax.models import encoders, ops
 
 torch = pytest.importorskip("torch")
 
@@ -141,7 +141,7 @@ def test_restyle_golden_parity(restyle_dir, restyle_weights, capsys):
                                                     (0, 2, 3, 1)))}
 
   def step(previous):  # one ReStyle step through the public encode
-    pooled = encoders.adaptive_avg_pool(jnp.asarray(previous), 256)
+    pooled = ops.adaptive_avg_pool(jnp.asarray(previous), 256)
     return E.encode(E.params, jnp.concatenate([x, pooled], axis=-1),
                     add_latent_avg=False)
   errs["delta_1 (from the fixture's image_0)"] = rel_l2(
@@ -167,7 +167,7 @@ def test_restyle_avg_image_and_pooling(restyle_dir, restyle_weights):
   x = np.random.RandomState(0).randn(1, 64, 64, 3).astype(np.float32)
   pooled = torch.nn.AdaptiveAvgPool2d((256, 256))(
       torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-  ours = np.asarray(encoders.adaptive_avg_pool(jnp.asarray(x), 256))
+  ours = np.asarray(ops.adaptive_avg_pool(jnp.asarray(x), 256))
   np.testing.assert_array_equal(ours, np.repeat(np.repeat(x, 4, 1), 4, 2))
   np.testing.assert_array_equal(ours, pooled)
 

@@ -13,7 +13,7 @@ from converters import farl as conv
 from converters.common import ConversionError, conv_to_hwio
 from dhr_jax import alignment
 from dhr_jax import checkpoint
-from dhr_jax.models import farl
+from dhr_jax.models import farl, ops
 
 GOLDEN_NAME = "farl_parsing_448"
 
@@ -34,7 +34,7 @@ def _nhwc(t):
 def test_resize_matches_torch_bilinear(n_in, n_out):
   x = np.random.RandomState(0).randn(2, n_in, n_in + 3, 4).astype(np.float32)
   size = (n_out, n_out + 5)
-  ours = farl.resize_bilinear(jnp.asarray(x), size)
+  ours = ops.resize_bilinear_torch(jnp.asarray(x), size)
   # In float64: float32 PyTorch rounds its source positions (4e-4 at
   # 1024→448). Ours is ≤ 4.9e-7 from it (bench/float_precision.py --part
   # primitives, 1024→448, 100→37, 14→112): 2e-6 leaves 4×.
@@ -47,7 +47,7 @@ def test_resize_matches_torch_bilinear(n_in, n_out):
                                         (13, 5), (7, 7)])
 def test_adaptive_pool_matches_torch(n_in, n_out):
   x = np.random.RandomState(1).randn(1, n_in, n_in, 3).astype(np.float32)
-  ours = farl.adaptive_avg_pool(jnp.asarray(x), n_out)
+  ours = ops.adaptive_avg_pool(jnp.asarray(x), n_out)
   ref = F.adaptive_avg_pool2d(_nchw(x), n_out)
   # Measured (14→3, 13→5): ours and torch each ≤ 1.0e-7 from float64,
   # 1.2e-7 apart; 1e-6 leaves 8×.
@@ -249,7 +249,7 @@ def test_alignment_round_trip_is_identity_on_affine_ramps():
   # carry ~1e-5 px rounding times slopes ≤ 0.03: ≪ 1e-4.
   np.testing.assert_allclose(back[0][box], img[0][box], atol=1e-4)
   # The same through a 512² map over the 448² frame (the logits' layout).
-  frame512 = farl.resize_bilinear(frame, (512, 512))
+  frame512 = ops.resize_bilinear_torch(frame, (512, 512))
   back = alignment.warp_from_frame(frame512, m, (s, s))
   np.testing.assert_allclose(back[0][box], img[0][box], atol=1e-4)
 
@@ -288,7 +288,7 @@ def test_class_map_is_in_image_coordinates():
   def colour_net(crops):
     assert crops.shape[1:] == (448, 448, 3)
     # Classes: red, green, blue, dark; logits over a 512² map like the parser.
-    x = farl.resize_bilinear(crops, (512, 512))
+    x = ops.resize_bilinear_torch(crops, (512, 512))
     return 20.0 * jnp.concatenate([x, jnp.full_like(x[..., :1], 0.5)], -1)
 
   imgs = jnp.asarray(np.stack([img, img[::-1]]))

@@ -13,6 +13,7 @@ import dhr_jax
 from conftest import rel_l2
 from converters import stylegan2 as conv
 from dhr_jax import checkpoint, editing, refine
+from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import feature_resolution, init_generator
 
 
@@ -255,7 +256,7 @@ def test_masked_mean_and_torch_nearest():
         np.float32)
     want = torch.nn.functional.interpolate(torch.from_numpy(a),
                                            size=(n_out, n_out)).numpy()
-    got = refine.resize_nearest(nhwc(a), (n_out, n_out))
+    got = ops.resize_nearest(nhwc(a), (n_out, n_out))
     np.testing.assert_array_equal(nchw(got), want, err_msg=(n_in, n_out))
   # The same rule on the first two axes of a numpy label map (DSS resizes
   # superpixel labels and LPIPS maps with it), non-square sizes included.
@@ -264,7 +265,7 @@ def test_masked_mean_and_torch_nearest():
     want = torch.nn.functional.interpolate(
         torch.from_numpy(labels[None, None].astype(np.float32)),
         size=size).numpy()[0, 0]
-    got = refine.resize_nearest(labels, size, axes=(0, 1))
+    got = ops.resize_nearest(labels, size, axes=(0, 1))
     assert isinstance(got, np.ndarray) and got.dtype == labels.dtype
     np.testing.assert_array_equal(got, want, err_msg=size)
 

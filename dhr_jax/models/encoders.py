@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dhr_jax import checkpoint
-from dhr_jax.models import e4e, irse
-from dhr_jax.models.farl import adaptive_avg_pool
+from dhr_jax.models import e4e, irse, ops
 
 ARCHS = ("e4e", "psp", "restyle")
 TITLES = {"e4e": "e4e (Encoder4Editing)", "psp": "pSp (GradualStyleEncoder)",
@@ -200,7 +199,7 @@ def _restyle_start(E, G, batch):
 @jax.jit
 def _restyle_step(E, G, x, previous, codes):
   size = E.config["input_size"]
-  pooled = adaptive_avg_pool(previous, size)  # AdaptiveAvgPool2d((256, 256))
+  pooled = ops.adaptive_avg_pool(previous, size)  # AdaptiveAvgPool2d((256, 256))
   delta = E.module.apply({"params": E.params},
                         jnp.concatenate([x, pooled], axis=-1))
   codes = codes + delta

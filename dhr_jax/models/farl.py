@@ -7,8 +7,8 @@ statistics.
 
 Every bilinear resize is PyTorch's `interpolate(mode='bilinear',
 align_corners=False)` (half-pixel centres, clamped at the border, never
-antialiased), written as small interpolation matrices so up- and downsampling
-agree with the PyTorch model to rounding.
+antialiased): `ops.resize_bilinear_torch`, small interpolation matrices, so
+up- and downsampling agree with the PyTorch model to rounding.
 
 Public entry point: `load(path)` (`dhr_jax.load_parser`) → `Parser` with `.params`, `.config`,
 `.parse(params, images)` and `.logits(params, x448)`.
@@ -24,6 +24,7 @@ import numpy as np
 
 from dhr_jax import alignment
 from dhr_jax import checkpoint
+from dhr_jax.models import ops
 from dhr_jax.models.frozen import freeze
 
 KIND = "farl"
@@ -39,56 +40,6 @@ DEFAULT_CONFIG = dict(
     output_indices=(3, 5, 7, 11), channels=768, pool_scales=(1, 2, 3, 6),
     num_classes=19, out_size=512, labels=CELEBM_LABELS,
     face_scale=alignment.CELEBM_FACE_SCALE)
-
-
-# ----------------------------------------------------------------- resampling
-
-def _bilinear_matrix(n_in, n_out):
-  """(n_out, n_in) weights of PyTorch's 1-D bilinear resize, align_corners=False."""
-  dst = np.arange(n_out, dtype=np.float64)
-  src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-  w1 = src - i0
-  m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - w1)
-  np.add.at(m, (np.arange(n_out), i1), w1)
-  return m.astype(np.float32)
-
-
-def _adaptive_pool_matrix(n_in, n_out):
-  """(n_out, n_in) weights of PyTorch's adaptive average pooling.
-
-  Window i covers [floor(i·n_in/n_out), ceil((i+1)·n_in/n_out)), so windows
-  overlap when n_out does not divide n_in.
-  """
-  m = np.zeros((n_out, n_in), np.float32)
-  for i in range(n_out):
-    start = (i * n_in) // n_out
-    end = -((-(i + 1) * n_in) // n_out)
-    m[i, start:end] = 1.0 / (end - start)
-  return m
-
-
-def _separable(x, mh, mw):
-  x = jnp.einsum("oh,bhwc->bowc", mh, x)
-  return jnp.einsum("pw,bowc->bopc", mw, x)
-
-
-def resize_bilinear(x, size):
-  """NHWC bilinear resize to `size` = (H, W), as PyTorch align_corners=False."""
-  h, w = x.shape[1:3]
-  if (h, w) == tuple(size):
-    return x
-  return _separable(x, _bilinear_matrix(h, size[0]),
-                    _bilinear_matrix(w, size[1]))
-
-
-def adaptive_avg_pool(x, size):
-  """NHWC `torch.nn.AdaptiveAvgPool2d(size)`."""
-  h, w = x.shape[1:3]
-  return _separable(x, _adaptive_pool_matrix(h, size),
-                    _adaptive_pool_matrix(w, size))
 
 
 # ------------------------------------------------------------------- encoder
@@ -233,20 +184,20 @@ class UPerHead(nn.Module):
     psp = [top]
     for i, s in enumerate(self.pool_scales):
       y = ConvModule(self.channels, 1, name=f"psp_modules_{i}")(
-          adaptive_avg_pool(top, s))
-      psp.append(resize_bilinear(y, top.shape[1:3]))
+          ops.adaptive_avg_pool(top, s))
+      psp.append(ops.resize_bilinear_torch(y, top.shape[1:3]))
     laterals = [ConvModule(self.channels, 1, name=f"lateral_convs_{i}")(x)
                 for i, x in enumerate(inputs[:-1])]
     laterals.append(ConvModule(self.channels, 3, name="bottleneck")(
         jnp.concatenate(psp, -1)))
     for i in range(len(laterals) - 1, 0, -1):
-      laterals[i - 1] = laterals[i - 1] + resize_bilinear(
+      laterals[i - 1] = laterals[i - 1] + ops.resize_bilinear_torch(
           laterals[i], laterals[i - 1].shape[1:3])
     outs = [ConvModule(self.channels, 3, name=f"fpn_convs_{i}")(x)
             for i, x in enumerate(laterals[:-1])]
     outs.append(laterals[-1])
     size = outs[0].shape[1:3]
-    outs = [outs[0]] + [resize_bilinear(x, size) for x in outs[1:]]
+    outs = [outs[0]] + [ops.resize_bilinear_torch(x, size) for x in outs[1:]]
     x = ConvModule(self.channels, 3, name="fpn_bottleneck")(
         jnp.concatenate(outs, -1))
     return nn.Conv(self.num_classes, (1, 1), name="conv_seg")(x)
@@ -270,7 +221,7 @@ class FaceParsingTransformer(nn.Module):
                          tuple(self.output_indices), name="backbone")(x)
     logits = UPerHead(self.channels, self.num_classes,
                       tuple(self.pool_scales), name="head")(feats)
-    logits = resize_bilinear(logits, (self.out_size, self.out_size))
+    logits = ops.resize_bilinear_torch(logits, (self.out_size, self.out_size))
     if return_features:
       return logits, feats
     return logits

@@ -1,4 +1,5 @@
-"""StyleGAN2 building blocks as pure functions on NHWC arrays.
+"""StyleGAN2 building blocks and the models' resampling, as pure functions
+on NHWC arrays.
 
 Weights keep the PyTorch layouts of the official checkpoints ((out, in) for
 linear layers, (out, in, kh, kw) for convolutions), so conversion is a plain
@@ -283,6 +284,43 @@ def resize_bilinear_torch(x, size, align_corners=False):
   hi = jax.lax.Precision.HIGHEST
   x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hi)
   return jnp.einsum("pw,bowc->bopc", mw, x, precision=hi)
+
+
+def _adaptive_pool_matrix(n_in, n_out):
+  """(n_out, n_in) weights of PyTorch's adaptive average pooling.
+
+  Window i covers [floor(i·n_in/n_out), ceil((i+1)·n_in/n_out)), so windows
+  overlap when n_out does not divide n_in.
+  """
+  m = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    start = (i * n_in) // n_out
+    end = -((-(i + 1) * n_in) // n_out)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x, size):
+  """NHWC `torch.nn.AdaptiveAvgPool2d(size)`, size an int."""
+  h, w = x.shape[1:3]
+  x = jnp.einsum("oh,bhwc->bowc", _adaptive_pool_matrix(h, size), x)
+  return jnp.einsum("pw,bowc->bopc", _adaptive_pool_matrix(w, size), x)
+
+
+def nearest_indices(n_in, n_out):
+  """Source rows of torch's legacy `interpolate(mode='nearest')`:
+  floor(i · (n_in / n_out)) in float32, clipped to n_in − 1."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(idx, n_in - 1)
+
+
+def resize_nearest(x, size, axes=(1, 2)):
+  """`x` resized along `axes` (default: H, W of NHWC) to `size`, picking
+  elements as torch 'nearest' does; numpy or jax arrays."""
+  rows = nearest_indices(x.shape[axes[0]], size[0])
+  cols = nearest_indices(x.shape[axes[1]], size[1])
+  return x.take(rows, axis=axes[0]).take(cols, axis=axes[1])
 
 
 def resize_generated(image, size):
