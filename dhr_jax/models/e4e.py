@@ -179,16 +179,6 @@ class Encoder:
     return _encode(self.config, params, images, avg)
 
 
-def init_encoder(key, size=1024):
-  """Randomly initialised encoder (for shapes and smoke tests only)."""
-  n = style_count(size)
-  model = Encoder4Editing(n_styles=n)
-  x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-  params = model.init(key, x)["params"]
-  return Encoder(params=params, config=make_config(size),
-                 latent_avg=jnp.zeros((n, STYLE_DIM), jnp.float32))
-
-
 def make_config(size):
   return {"size": int(size), "n_latent": style_count(size),
           "style_dim": STYLE_DIM, "input_size": INPUT_SIZE, "num_layers": 50,

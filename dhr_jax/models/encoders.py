@@ -89,17 +89,6 @@ def make_config(arch, size):
   return config
 
 
-def init_encoder(key, arch, size=1024):
-  """Randomly initialised encoder of `arch` (shapes and smoke tests only)."""
-  config = make_config(arch, size)
-  model = build_model(config)
-  x = jnp.zeros((1, e4e.INPUT_SIZE, e4e.INPUT_SIZE, config.get("input_nc", 3)),
-                jnp.float32)
-  n = config["n_latent"]
-  return e4e.Encoder(params=model.init(key, x)["params"], config=config,
-                     latent_avg=jnp.zeros((n, e4e.STYLE_DIM), jnp.float32))
-
-
 def arch_of(E):
   return E.config.get("arch", "e4e")
 

@@ -27,7 +27,7 @@ runs in fp16 (num_fp16_res) run in float32 here.
 """
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 from flax import struct
@@ -181,9 +181,6 @@ class Mapping(nn.Module):
                       lr_mul=self.lr_mlp, activate=True,
                       name=f"style_{i}")(x)
     return x
-
-
-FeatureHook = Callable[[jnp.ndarray], jnp.ndarray]
 
 
 class Synthesis(nn.Module):
