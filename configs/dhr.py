@@ -24,13 +24,18 @@ and, optionally, the paper's identity network for its ID metric
 """
 import ml_collections
 
-from dhr_jax import segmentation
+# The parser's classes with their own DSS threshold (CelebAMask-HQ's inner
+# face); every other class but `face` has 0.6.
+_INNER_FACE = ("rr", "lr", "rb", "lb", "re", "le", "nose", "imouth", "llip",
+               "ulip")
 
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Images per vmapped batch (rounded up to a multiple of the device count).
+  # Images per batch (rounded up to a multiple of the device count): the
+  # embedding and DSS run on the batch at once; the refinement does too on
+  # an accelerator, and one image after another on CPU.
   config.batch_size = 4
 
   config.data = ml_collections.ConfigDict(dict(
@@ -78,10 +83,36 @@ def get_config():
       n_mean_latent=10000,
   ))
 
-  # Domain-specific segmentation: the official settings, defined once in
-  # dhr_jax.segmentation.default_config (θ per parsing class, the single θ
-  # without a parser, SLIC, the out-of-domain classes, Otsu on/off).
-  config.dss = segmentation.default_config()
+  # Domain-specific segmentation, the official settings (the library's
+  # defaults too: dhr_jax.segmentation.default_config; it checks these
+  # fields, class names and choices when DSS runs).
+  config.dss = ml_collections.ConfigDict(dict(
+      coarse_steps=40,
+      n_segments=200,
+      compactness=30.0,
+      sigma=1.0,
+      # θ per parsing class: a superpixel is in-domain when its score < θ.
+      thresholds={name: 0.7 if name == "face" else
+                  0.8 if name in _INNER_FACE else 0.6
+                  for name in ("background", "neck", "face", "cloth", "rr",
+                               "lr", "rb", "lb", "re", "le", "nose",
+                               "imouth", "llip", "ulip", "hair", "glass",
+                               "hat", "earr", "neckl")},
+      # Without any parsing, every superpixel is compared with this value.
+      single_threshold=0.7,
+      # Out-of-domain where these classes' summed probability reaches
+      # parsing_threshold, whatever the superpixel says.
+      out_of_domain_classes=("background", "cloth", "hat", "earr", "neckl"),
+      parsing_threshold=0.5,
+      # Otsu over the superpixel scores instead of the fixed thresholds.
+      adaptive=False,
+      # "bgr" as the official code (SLIC on OpenCV's array), "rgb" the true
+      # colours.
+      slic_channels="bgr",
+      # A superpixel with no pixel at an LPIPS map's resolution: "nan"
+      # (official: out-of-domain) or "own_pixels" (read at its own pixels).
+      vanished_superpixels="nan",
+  ))
 
   config.refine = ml_collections.ConfigDict(dict(
       mode="hybrid",             # 'hybrid', 'weight' (PTI-like), 'feature'

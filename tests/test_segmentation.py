@@ -48,6 +48,30 @@ def test_default_thresholds_per_class():
       S.class_thresholds({name: value})
 
 
+def test_run_config_is_the_library_default_as_data():
+  """configs/dhr.py writes DSS's settings as data (it imports no library
+  code); they are the library's defaults and pass its checks."""
+  import ast
+  import os
+  from dhr_jax.config_files import load_config
+  root = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+  config = load_config(os.path.join(root, "dhr.py"))
+  assert config.dss.to_dict() == S.default_config().to_dict()
+  np.testing.assert_array_equal(S.class_thresholds(config.dss),
+                                S.class_thresholds())
+  # Configs may chain other config files through the path loader only.
+  for name in sorted(os.listdir(root)):
+    if name.endswith(".py"):
+      with open(os.path.join(root, name)) as f:
+        tree = ast.parse(f.read())
+      modules = {n.module for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom)} | {
+                     a.name for n in ast.walk(tree)
+                     if isinstance(n, ast.Import) for a in n.names}
+      library = {m for m in modules if m and m.split(".")[0] == "dhr_jax"}
+      assert library <= {"dhr_jax.config_files"}, (name, library)
+
+
 def test_superpixel_scores_known_answer():
   labels = np.array([[1, 1, 2, 2],
                      [1, 1, 2, 2],
