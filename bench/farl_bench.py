@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dhr_jax import alignment  # noqa: E402
 from dhr_jax.models import farl  # noqa: E402
 
 
@@ -55,12 +56,13 @@ def main(argv=None):
                               (args.batch, args.size, args.size, 3),
                               minval=-1.0, maxval=1.0)
   landmarks = jnp.broadcast_to(
-      jnp.asarray(farl.alignment.ffhq_landmarks(args.size)), (args.batch, 5, 2))
+      jnp.asarray(alignment.ffhq_landmarks(args.size)), (args.batch, 5, 2))
   t0 = time.perf_counter()
-  compiled = farl._parse.lower(p.config, p.params, images,
-                               landmarks).compile()
+  # The parser is a pytree: one program per config and shapes.
+  jax.jit(lambda P, x, lm: P.parse(P.params, x, lm)).lower(
+      p, images, landmarks).compile()
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(p.params, images, landmarks))  # warm-up
+  jax.block_until_ready(p.parse(p.params, images, landmarks))  # warm-up
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()

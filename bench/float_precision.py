@@ -66,7 +66,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from conftest import _rule_module, rel_l2  # noqa: E402
+from conftest import rule_module, rel_l2  # noqa: E402
 
 
 def _cast(tree, dtype):
@@ -91,7 +91,7 @@ def _generator_64(tmp):
   import torch
   import dhr_jax
   from converters import stylegan2 as conv
-  rule = _rule_module()
+  rule = rule_module()
   manifest, arrays = rule.load_golden(os.path.join(
       os.path.dirname(rule.__file__), "stylegan2_64.npz"))
   sd = rule.state_dict_from_manifest(manifest)
@@ -127,13 +127,13 @@ def stylegan2_64_values(tmp, x64):
          "grad_wplus": np.asarray(g_wplus, np.float64),
          "grad_offset": np.transpose(np.asarray(g_offset, np.float64),
                                      (0, 3, 1, 2))}
-  for name, g in conv._flatten(g_params).items():
+  for name, g in conv.flatten_official(g_params).items():
     out["sq/" + name] = np.sum(np.asarray(g, np.float64) ** 2)
   return out
 
 
 def report_stylegan2_64(f32, f64):
-  rule = _rule_module()
+  rule = rule_module()
   manifest, fixture = rule.load_golden(os.path.join(
       os.path.dirname(rule.__file__), "stylegan2_64.npz"))
   print("stylegan2_64: relative L2    f32-f64   fixture-f64  f32-fixture")
@@ -182,11 +182,11 @@ def _refine_case(tmp):
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=32, style_dim=512, n_mlp=2,
                      channels=16)
-  inputs = test_run._make_inputs(os.path.join(tmp, "inputs"))
+  inputs = test_run.make_inputs(os.path.join(tmp, "inputs"))
   files = {os.path.splitext(f)[0]: f for f in os.listdir(inputs)}
   targets = np.stack([io.load_image(os.path.join(inputs, files[n]), 32)
                       for n in test_run.GOOD])
-  small = dict(test_run._SMALL)
+  small = dict(test_run.SMALL)
   dss = segmentation.domain_specific_segmentation(
       targets, G=G, key=jax.random.PRNGKey(0), lpips_vgg=lpips.load("vgg"),
       config={"coarse_steps": small["dss.coarse_steps"],
@@ -213,7 +213,7 @@ def refine_values(tmp, x64):
   l_params = _cast(alex.params, dt)
 
   def run(sl):
-    p, o, mf, img, _, _ = refine._refine_batch(
+    p, o, mf, img, _, _ = refine.refine_batch(
         spec, 4, 2, params, jnp.asarray(codes[sl], dt),
         jnp.asarray(targets[sl], dt), jnp.asarray(masks[sl], dt), noise,
         l_params, hyper)
@@ -283,7 +283,7 @@ def report_refine(f32, f64):
 def _refine_64_case(batch):
   """The dhr_refine_64 fixture's inputs (NHWC), batch 1 or the fixture's
   image followed by batch − 1 variants of it."""
-  rule = _rule_module()
+  rule = rule_module()
   manifest, arrays = rule.load_golden(os.path.join(
       os.path.dirname(rule.__file__), "dhr_refine_64.npz"))
   nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
@@ -323,16 +323,16 @@ def refine_map_values(tmp, x64):
     # The jitted loop is cached by shapes: a cached program would keep
     # the other path.
     refine.map_images = map_images
-    refine._refine_batch.clear_cache()
+    refine.refine_batch.clear_cache()
     try:
-      _, o, _, img, _, _ = refine._refine_batch(
+      _, o, _, img, _, _ = refine.refine_batch(
           spec, meta["feature_steps"], meta["weight_steps"],
           _cast(G.params["synthesis"], dt), jnp.asarray(codes, dt),
           jnp.asarray(target, dt), jnp.asarray(mask, dt),
           _cast(list(G.noise), dt), _cast(alex.params, dt), hyper)
     finally:
       refine.map_images = mapped
-      refine._refine_batch.clear_cache()
+      refine.refine_batch.clear_cache()
     out[name + "_image"] = np.asarray(img, np.float64)
     out[name + "_offset"] = np.asarray(o, np.float64)
 
@@ -408,7 +408,7 @@ def embedding_values(tmp, x64):
   (0, 1) and (0, 2); W+ with MSE (12 steps) as a batch and one by one."""
   del tmp
   from dhr_jax.models import lpips
-  from dhr_jax.embedding import (_draw_batch, _embed_batch, latent_stats,
+  from dhr_jax.embedding import (draw_batch, embed_batch, latent_stats,
                                  learning_rates, noise_levels)
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=2,
@@ -434,9 +434,9 @@ def embedding_values(tmp, x64):
 
   def run(idx, keys, space, steps, mse):
     shape = (len(idx), 32) if space == "w" else (len(idx), G.n_latent, 32)
-    noise0, eps = _draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
-                              (1,) + shape[1:], steps)
-    codes, image, _, hist, _ = _embed_batch(
+    noise0, eps = draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
+                             (1,) + shape[1:], steps)
+    codes, image, _, hist, _ = embed_batch(
         gen, lp, jnp.asarray(targets[idx], dt), _cast(noise0, dt),
         _cast(eps, dt),
         jnp.broadcast_to(jnp.asarray(mean, dt), shape),
@@ -493,7 +493,7 @@ def refine_tiny_values(tmp, x64):
   del tmp
   import test_refine
   from dhr_jax import refine
-  G, codes, target, mask = test_refine._tiny()
+  G, codes, target, mask = test_refine.tiny_problem()
   codes, target, mask = (np.asarray(x) for x in (codes, target, mask))
   _precision(x64)
   dt = _dtype()
@@ -501,7 +501,7 @@ def refine_tiny_values(tmp, x64):
   spec = refine.refine_spec(G, k, "hybrid")
   hyper = _cast(refine.make_hyper(1e-2, 9e-2, 1.0, 0.0), dt)
   params, noise = _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt)
-  p, o, _, image, l_in, l_out = refine._refine_batch(
+  p, o, _, image, l_in, l_out = refine.refine_batch(
       spec, 6, 3, params, jnp.asarray(codes, dt), jnp.asarray(target, dt),
       jnp.asarray(mask, dt), noise, None, hyper)
   flat = lambda p: np.concatenate([np.ravel(np.asarray(x, np.float64))
@@ -645,10 +645,10 @@ def _primitive_cases():
   hwio = ((1, 1), ((2, 2), (2, 2)))
   convs = {
       "ops.conv2d": (w, lambda x, w: ops.conv2d(x, w, 1),
-                     lambda x, w: ops._conv2d(x, w, 1)),
+                     lambda x, w: ops.conv2d_xla(x, w, 1)),
       "ops.conv_hwio 5x5/2": (
           w_hwio, lambda x, w: ops.conv_hwio(x, w, (2, 2), hwio[1]),
-          lambda x, w: ops._conv_hwio(x, w, (2, 2), hwio[1]))}
+          lambda x, w: ops.conv_hwio_xla(x, w, (2, 2), hwio[1]))}
   for name, (wc, conv, ref) in convs.items():
     got = jax.grad(loss(conv), (0, 1))(x, wc)
     want = jax.grad(loss(ref), (0, 1))(x, wc)

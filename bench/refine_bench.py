@@ -55,8 +55,8 @@ OFFICIAL_BENCH = os.path.join(
 def use_xla_weight_gradients():
   """Route the generator's convolutions around ops' CPU weight gradient."""
   from dhr_jax.models import ops
-  ops.conv2d = ops._conv2d
-  ops.conv_transpose2d_stride2 = ops._conv_transpose2d_stride2
+  ops.conv2d = ops.conv2d_xla
+  ops.conv_transpose2d_stride2 = ops.conv_transpose2d_stride2_xla
 
 
 def problem(size, batch, lpips_on):
@@ -119,7 +119,7 @@ def measure(size, batch, lpips_on, feature_idx):
   G, codes, target, mask, net, lp, hyper = problem(size, batch, lpips_on)
   spec = refine.refine_spec(G, feature_idx, "hybrid", net)
   t0 = time.perf_counter()
-  refine._refine_batch.lower(spec, FEATURE_STEPS, WEIGHT_STEPS,
+  refine.refine_batch.lower(spec, FEATURE_STEPS, WEIGHT_STEPS,
                              G.params["synthesis"], codes, target, mask,
                              list(G.noise), lp, hyper).compile()
   compile_s = time.perf_counter() - t0

@@ -61,7 +61,9 @@ def path_to_official(path):
   return ".".join(out)
 
 
-def _flatten(params):
+def flatten_official(params):
+  """{official state-dict name: leaf} of a params tree; public because
+  tests and bench/ name weights (and their gradients) the official way."""
   flat = {}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = tuple(k.key for k in kp)
@@ -114,7 +116,7 @@ def expected_shapes(config):
   mp = jax.eval_shape(g.mapping_module.init, key, z)["params"]
   sp = jax.eval_shape(g.synthesis_module.init, key, wp, noise)["params"]
   shapes = {k: tuple(v.shape)
-            for k, v in _flatten({"mapping": mp, "synthesis": sp}).items()}
+            for k, v in flatten_official({"mapping": mp, "synthesis": sp}).items()}
   for i, s in enumerate(noise_shapes(config)):
     shapes[f"noises.noise_{i}"] = (1, 1, s[1], s[2])
   for k, v in _fixed_buffers(config).items():
@@ -171,7 +173,7 @@ def write_generator(dst, tree, config, overwrite=False):
 def to_torch_state_dict(params, noise):
   """Generator params + noise maps → {official name: numpy}, loadable strictly
   by the official Generator (FIR kernel buffers included)."""
-  sd = {k: np.asarray(v) for k, v in _flatten(params).items()}
+  sd = {k: np.asarray(v) for k, v in flatten_official(params).items()}
   for i, n in enumerate(noise):
     sd[f"noises.noise_{i}"] = np.transpose(np.asarray(n), (0, 3, 1, 2))
   n_rgb = len([k for k in sd if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k)])

@@ -225,15 +225,20 @@ def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
 
 
 @functools.partial(jax.jit, static_argnames=("space", "resize"))
-def _embed_batch(G, lpips, targets, noise0, eps, inits, lrs, strengths,
-                 noise_weight, mse_weight, *, space, resize):
+def embed_batch(G, lpips, targets, noise0, eps, inits, lrs, strengths,
+                noise_weight, mse_weight, *, space, resize):
+  """`optimize_latent`'s compiled optimisation of a batch from given random
+  draws (`draw_batch`), without its float32 casts: public for bench/, which
+  runs it in float64 from the float32 draws."""
   one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
   return jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None))(
       targets, noise0, eps, inits, lrs, strengths, noise_weight, mse_weight)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_batch(keys, noise_shapes, latent_shape, steps):
+def draw_batch(keys, noise_shapes, latent_shape, steps):
+  """The per-image random draws of `optimize_latent` (start noise, latent
+  perturbations), apart so that bench/ can reuse them (`embed_batch`)."""
   return jax.vmap(lambda k: _draws(k, noise_shapes, latent_shape, steps))(
       keys)
 
@@ -340,8 +345,8 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
   lrs = jnp.asarray(learning_rates(steps, lr, lr_rampdown, lr_rampup))
   strengths = jnp.asarray(noise_levels(steps, noise, noise_ramp)) * w_std
   latent_shape = (1, d) if space == "w" else (1, n_latent, d)
-  noise0, eps = _draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
-                            latent_shape, steps)
+  noise0, eps = draw_batch(keys, tuple(tuple(n.shape) for n in G.noise),
+                           latent_shape, steps)
   if noise_init is not None:
     want = [(b,) + tuple(n.shape[1:]) for n in G.noise]
     got = [tuple(np.shape(n)) for n in noise_init]
@@ -355,7 +360,7 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       raise ValueError(f"latent_noise must be {eps.shape}, got "
                        f"{latent_noise.shape}")
     eps = latent_noise
-  codes, image, noise_maps, history, last_image = _embed_batch(
+  codes, image, noise_maps, history, last_image = embed_batch(
       G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
       jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
       resize=resize)

@@ -33,7 +33,9 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-def _rule_module():
+def rule_module():
+  """The golden fixtures' rule.py as a module (public: bench/ reads the
+  fixtures with it too)."""
   path = os.path.join(GOLDEN, "rule.py")
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -48,7 +50,7 @@ def _rule_module():
 @pytest.fixture(scope="session")
 def rule():
   """The golden fixtures' `rule.py` (stand-in weights and inputs)."""
-  return _rule_module()
+  return rule_module()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from test_run import _cli_overrides  # noqa: E402
 from test_run import _config  # noqa: E402
 from test_run import _files  # noqa: E402
 from test_run import _make_bundle  # noqa: E402
-from test_run import _make_inputs  # noqa: E402
+from test_run import make_inputs  # noqa: E402
 from test_run import _metrics_rows  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def _free_port():
 @pytest.mark.slow  # three runs of the pipeline, two compiling at once
 def test_two_processes_equal_one(tmp_path):
   bundle = _make_bundle(str(tmp_path))
-  inputs = _make_inputs(str(tmp_path / "inputs"))
+  inputs = make_inputs(str(tmp_path / "inputs"))
   setup = dict(bundle=bundle, inputs=inputs)
   one = str(tmp_path / "one")
   ref = run_lib.run(_config(bundle, inputs), one)

@@ -11,13 +11,13 @@ from dhr_jax.models import ops
 
 CASES = {
     "conv3x3": (lambda x, w: ops.conv2d(x, w, 1),
-                lambda x, w: ops._conv2d(x, w, 1), (6, 5, 3, 3)),
+                lambda x, w: ops.conv2d_xla(x, w, 1), (6, 5, 3, 3)),
     "conv1x1": (lambda x, w: ops.conv2d(x, w, 0),
-                lambda x, w: ops._conv2d(x, w, 0), (6, 5, 1, 1)),
+                lambda x, w: ops.conv2d_xla(x, w, 0), (6, 5, 1, 1)),
     "conv3x3_valid": (lambda x, w: ops.conv2d(x, w, 0),
-                      lambda x, w: ops._conv2d(x, w, 0), (6, 5, 3, 3)),
+                      lambda x, w: ops.conv2d_xla(x, w, 0), (6, 5, 3, 3)),
     "transposed": (ops.conv_transpose2d_stride2,
-                   ops._conv_transpose2d_stride2, (6, 5, 3, 3)),
+                   ops.conv_transpose2d_stride2_xla, (6, 5, 3, 3)),
 }
 
 

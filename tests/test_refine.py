@@ -66,13 +66,13 @@ def test_parity_with_official_loop_64(g64, golden):
   np.testing.assert_allclose(r.losses_in[0], meta["losses_face"], rtol=1e-4)
   assert rel_l2(nchw(r.image), arrays["final_image"]) <= 1e-3
   assert rel_l2(nchw(r.offset), arrays["final_offset"]) <= 1e-3
-  flat = conv._flatten(jax.tree_util.tree_map(lambda x: x[0], r.params))
+  flat = conv.flatten_official(jax.tree_util.tree_map(lambda x: x[0], r.params))
   assert set(flat) == set(meta["param_order"])
   for name, want in zip(meta["param_order"], arrays["final_param_sq_sum"]):
     got = float(np.sum(np.asarray(flat[name], np.float64) ** 2))
     assert abs(got - want) <= 1e-4 * want, (name, got, want)
   # The loop really moved the weights (the check above is not vacuous):
-  before = conv._flatten(G.params)
+  before = conv.flatten_official(G.params)
   moved = [n for n in meta["param_order"]
            if not np.array_equal(flat[n], before[n])]
   assert "convs.7.conv.weight" in moved and "input.input" in moved
@@ -83,7 +83,9 @@ def test_parity_with_official_loop_64(g64, golden):
 # Small generators for everything else.
 
 
-def _tiny(size=16, channels=16, batch=3):
+def tiny_problem(size=16, channels=16, batch=3):
+  """A 16² stand-in generator and a batch of codes, targets and masks
+  (public: bench/float_precision.py --part refine_tiny measures it)."""
   G = init_generator(jax.random.PRNGKey(0), size=size, style_dim=16, n_mlp=1,
                      channels=channels)
   b = batch
@@ -96,7 +98,7 @@ def _tiny(size=16, channels=16, batch=3):
 
 @pytest.fixture(scope="module")
 def tiny():
-  return _tiny()
+  return tiny_problem()
 
 
 K = 3  # feature_idx on the 16² generator: the 8² feature
@@ -166,10 +168,10 @@ def test_batched_equals_looped_single_image_steps(tiny):
 
 def test_one_program_per_shapes_and_config(tiny):
   _run(tiny)
-  n = refine._refine_batch._cache_size()
+  n = refine.refine_batch._cache_size()
   # Learning rates and loss weights are traced.
   r = _run(tiny, weight_lr=3e-3, feature_lr=0.05, l2_lambda=2.0)
-  assert refine._refine_batch._cache_size() == n
+  assert refine.refine_batch._cache_size() == n
   assert r.losses_in.shape == (3, 3) and r.losses_out.shape == (3, 6)
   # Another generator of the same architecture reuses the program too.
   G, codes, target, mask = tiny
@@ -177,7 +179,7 @@ def test_one_program_per_shapes_and_config(tiny):
                          n_mlp=1, channels=16)
   refine.hybrid_refine(other, codes, target, mask, feature_idx=K,
                        feature_steps=6, weight_steps=3, lpips_lambda=0.0)
-  assert refine._refine_batch._cache_size() == n
+  assert refine.refine_batch._cache_size() == n
 
 
 def _own_feature(G, codes):
@@ -272,7 +274,7 @@ def test_masked_mean_and_torch_nearest():
 
 def test_lpips_objective_matches_its_definition():
   from dhr_jax.models import lpips
-  G, codes, target, mask = _tiny(size=32, channels=16)
+  G, codes, target, mask = tiny_problem(size=32, channels=16)
   alex = lpips.load("alex")
   k = 5  # 16² feature of the 32² generator
   r = refine.hybrid_refine(G, codes, target, mask, feature_idx=k,
@@ -402,7 +404,7 @@ def test_map_path_close_to_float64():
   """The CPU path (refine.map_images: lax.map, one image after another)
   against the same loop in float64, batch 1 and 4, full objective."""
   from dhr_jax.models import lpips
-  G, codes, target, mask = _tiny(size=32, channels=16, batch=4)
+  G, codes, target, mask = tiny_problem(size=32, channels=16, batch=4)
   alex = lpips.load("alex")
   k = 5  # 16² feature of the 32² generator
   run = lambda sl: refine.hybrid_refine(
@@ -413,7 +415,7 @@ def test_map_path_close_to_float64():
       lambda x: jnp.asarray(x, jnp.float64), t)
   with jax.enable_x64(True):
     spec = refine.refine_spec(G, k, "hybrid", alex.net)
-    _, offset, _, image, _, _ = refine._refine_batch(
+    _, offset, _, image, _, _ = refine.refine_batch(
         spec, 6, 3, f64(G.params["synthesis"]), f64(codes), f64(target),
         f64(mask), f64(list(G.noise)), f64(alex.params),
         f64(refine.make_hyper()))

@@ -75,7 +75,9 @@ def _smooth(rng, h, w):
   return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
 
 
-def _make_inputs(directory):
+def make_inputs(directory):
+  """Four good input files and two that are not images (public: bench/
+  float_precision.py refines the same inputs)."""
   rng = np.random.default_rng(0)
   os.makedirs(directory)
   Image.fromarray(_smooth(rng, 40, 40)).save(os.path.join(directory,
@@ -96,7 +98,7 @@ def _make_inputs(directory):
 
 # The small pipeline every run here uses, in-process (_config) and through
 # the CLI (_cli_overrides): one list, so the two cannot drift apart.
-_SMALL = (("model.parser", "none"),  # no converted parser at hand
+SMALL = (("model.parser", "none"),  # no converted parser at hand
           ("batch_size", 2), ("embedding.n_mean_latent", 500),
           ("dss.coarse_steps", 3), ("dss.n_segments", 16),
           ("refine.feature_idx", 3),  # the 8² feature of the 32² generator
@@ -109,7 +111,7 @@ def _config(bundle, inputs):
   c = _dhr_config()
   c.model.checkpoint = bundle
   c.data.input = inputs
-  c.update_from_flattened_dict(dict(_SMALL))
+  c.update_from_flattened_dict(dict(SMALL))
   return c
 
 
@@ -117,7 +119,7 @@ def _config(bundle, inputs):
 def setup(tmp_path_factory):
   base = tmp_path_factory.mktemp("run")
   bundle = _make_bundle(str(base))
-  inputs = _make_inputs(str(base / "inputs"))
+  inputs = make_inputs(str(base / "inputs"))
   config = _config(bundle, inputs)
   workdir = str(base / "reference")
   warnings, warning = [], run_lib.logging.warning
@@ -505,7 +507,7 @@ def test_default_config_without_the_parser_exits_2(tmp_path):
   p = subprocess.run(
       [sys.executable, os.path.join(REPO, "run.py"),
        "--config=" + os.path.join(REPO, "configs", "dhr.py"),
-       "--config.data.input=" + os.path.join(_make_inputs(
+       "--config.data.input=" + os.path.join(make_inputs(
            str(tmp_path / "inputs")), "a_rgb.png"),
        "--config.model.checkpoint=" + _make_bundle(str(tmp_path)),
        "--workdir=" + str(tmp_path / "out")],
@@ -533,7 +535,7 @@ def _cli_overrides(setup):
       "--config=" + os.path.join(REPO, "configs", "dhr.py"),
       "--config.model.checkpoint=" + setup["bundle"],
       "--config.data.input=" + setup["inputs"]]
-      + [f"--config.{key}={value}" for key, value in _SMALL])
+      + [f"--config.{key}={value}" for key, value in SMALL])
 
 
 @pytest.mark.slow  # a second process compiling the whole pipeline (~2 min)

@@ -68,8 +68,8 @@ def _check_parity(G, manifest, arrays, pooled):
   res, chans = feature_resolution(k), G.config["channels"][str(feature_resolution(k))]
   shape = (wplus.shape[0], chans, res, res)
   if pooled:
-    from conftest import _rule_module
-    rule = _rule_module()
+    from conftest import rule_module
+    rule = rule_module()
     offset = nhwc(rule.rule_array("offset", shape))
     mask = nhwc(rule.rule_array("mask", (shape[0], 1, res, res), "binary"))
     R = nhwc(rule.rule_array("R", (shape[0], 3, G.config["size"], G.config["size"])))
@@ -112,7 +112,7 @@ def _check_parity(G, manifest, arrays, pooled):
   assert rel_l2(g_wplus, arrays["grad_wplus"]) <= (5e-3 if pooled else 1e-3)
   if not pooled:
     assert rel_l2(nchw(g_offset), arrays["grad_offset"]) <= 2e-3
-  flat = conv._flatten(g_params)
+  flat = conv.flatten_official(g_params)
   assert set(flat) == set(meta["param_grad_sq_sum"])
   total = np.sqrt(sum(meta["param_grad_sq_sum"].values()))
   for name, want in meta["param_grad_sq_sum"].items():

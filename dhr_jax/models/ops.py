@@ -65,14 +65,18 @@ def upsample_2x(x, kernel, pad):
   return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
 
 
-def _conv2d(x, weight, padding, kernel_layout="HWIO"):
+def conv2d_xla(x, weight, padding, kernel_layout="HWIO"):
+  """`conv2d` with XLA's own derivative: public as the reference the custom
+  derivatives below are checked and benchmarked against."""
   w = jnp.transpose(weight, ["OIHW".index(c) for c in kernel_layout])
   return jax.lax.conv_general_dilated(
       x, w, (1, 1), [(padding, padding)] * 2,
       dimension_numbers=("NHWC", kernel_layout, "NHWC"))
 
 
-def _conv_transpose2d_stride2(x, weight, kernel_layout="HWIO"):
+def conv_transpose2d_stride2_xla(x, weight, kernel_layout="HWIO"):
+  """`conv_transpose2d_stride2` with XLA's own derivative (the reference,
+  as `conv2d_xla`)."""
   k = weight.shape[-1]
   w = jnp.transpose(weight[:, :, ::-1, ::-1],
                     ["OIHW".index(c) for c in kernel_layout])
@@ -99,7 +103,7 @@ def _conv_transpose2d_stride2(x, weight, kernel_layout="HWIO"):
 
 
 def _conv2d_taps(x, weight, padding):
-  """_conv2d as Σ over taps of shifted x @ weight[:, :, ty, tx]ᵀ."""
+  """conv2d_xla as Σ over taps of shifted x @ weight[:, :, ty, tx]ᵀ."""
   k = weight.shape[-1]
   p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
   x = jnp.pad(x, p)
@@ -113,7 +117,7 @@ def _conv2d_taps(x, weight, padding):
 
 
 def _conv_transpose2d_taps(x, weight):
-  """_conv_transpose2d_stride2 as Σ over taps of x @ weight[:, :, ty, tx]ᵀ
+  """conv_transpose2d_stride2_xla as Σ over taps of x @ weight[:, :, ty, tx]ᵀ
   spread onto every other pixel from (ty, tx) (interior padding)."""
   k = weight.shape[-1]
   zero = jnp.zeros((), x.dtype)
@@ -144,12 +148,12 @@ def _tangent(conv, taps, x, weight, dx, dweight):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def conv2d(x, weight, padding):
   """x NHWC, weight (out, in, kh, kw) as in PyTorch; cross-correlation."""
-  return _conv2d(x, weight, padding)
+  return conv2d_xla(x, weight, padding)
 
 
 def _conv2d_jvp(padding, primals, tangents):
   (x, weight), (dx, dweight) = primals, tangents
-  conv = lambda x, w, **kw: _conv2d(x, w, padding, **kw)
+  conv = lambda x, w, **kw: conv2d_xla(x, w, padding, **kw)
   taps = lambda x, w: _conv2d_taps(x, w, padding)
   return conv(x, weight), _tangent(conv, taps, x, weight, dx, dweight)
 
@@ -164,12 +168,12 @@ def conv_transpose2d_stride2(x, weight):
   weight is (out, in, k, k). A strided transposed convolution is a plain
   convolution of the zero-dilated input with the spatially flipped kernel.
   """
-  return _conv_transpose2d_stride2(x, weight)
+  return conv_transpose2d_stride2_xla(x, weight)
 
 
 def _conv_transpose_jvp(primals, tangents):
   (x, weight), (dx, dweight) = primals, tangents
-  conv = _conv_transpose2d_stride2
+  conv = conv_transpose2d_stride2_xla
   return conv(x, weight), _tangent(conv, _conv_transpose2d_taps, x, weight,
                                    dx, dweight)
 
@@ -177,7 +181,9 @@ def _conv_transpose_jvp(primals, tangents):
 conv_transpose2d_stride2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)
 
 
-def _conv_hwio(x, kernel, strides, padding, kernel_layout="HWIO"):
+def conv_hwio_xla(x, kernel, strides, padding, kernel_layout="HWIO"):
+  """`conv_hwio` with XLA's own derivative (the reference, as
+  `conv2d_xla`)."""
   if kernel_layout == "HWOI":
     kernel = jnp.swapaxes(kernel, 2, 3)
   return jax.lax.conv_general_dilated(
@@ -193,12 +199,12 @@ def conv_hwio(x, kernel, strides, padding):
   canonical form even inside a loop (a VGG16 input gradient at 256² inside
   a scan: 4.0 s → 0.86 s on 2 cores). strides: a tuple; padding: a
   tuple of (low, high) pairs or a string, as lax takes it."""
-  return _conv_hwio(x, kernel, strides, padding)
+  return conv_hwio_xla(x, kernel, strides, padding)
 
 
 def _conv_hwio_jvp(strides, padding, primals, tangents):
   (x, kernel), (dx, dkernel) = primals, tangents
-  conv = lambda x, k, **kw: _conv_hwio(x, k, strides, padding, **kw)
+  conv = lambda x, k, **kw: conv_hwio_xla(x, k, strides, padding, **kw)
   # The kernel's tangent is XLA's convolution on every backend (LPIPS's
   # weights are never trained), hence `conv` in the place of the taps.
   return conv(x, kernel), _tangent(conv, conv, x, kernel, dx, dkernel)
