@@ -31,7 +31,8 @@ from converters.common import (ConversionError, check_keys, cli_main,
 from dhr_jax import checkpoint
 from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import (KIND, Generator, generator_config,
-                                      load, noise_shapes)
+                                      noise_shapes)
+from dhr_jax.models.stylegan2 import load as load_generator
 
 _LISTS = ("style", "convs", "to_rgbs")
 # Config a .pt records beside 'g_ema' (--to-torch), with the defaults of a
@@ -224,7 +225,7 @@ def _convert(args):
     import torch
     if os.path.exists(args.dst) and not args.overwrite:
       raise ConversionError(f"{args.dst} exists; pass --overwrite to replace it")
-    g = load(args.src)
+    g = load_generator(args.src)
     sd = to_torch_state_dict(g.params, g.noise)
     # Copies: arrays read back by orbax are read-only, torch wants writable.
     out = {"g_ema": {k: torch.from_numpy(np.array(v))
