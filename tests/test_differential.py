@@ -1,0 +1,166 @@
+"""Editing via differential activations end to end: `differential_edit` on
+stand-in weights against the published image_process.py pipeline run on the
+same weights (tests/fixtures/da_pipeline_64.npz and .txt), through the
+released file layouts and the project's converters; the flat heat map."""
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import dhr_jax
+from conftest import rel_l2
+from converters import diffcam as diffcam_converter
+from converters import encoder as encoder_converter
+from dhr_jax import differential
+from dhr_jax.models import diffcam
+from dhr_jax.models.farl import adaptive_avg_pool
+
+torch = pytest.importorskip("torch")
+
+FIXTURE = "tests/fixtures/da_pipeline_64.npz"
+HAVE_DEGHOSTING = importlib.util.find_spec("dhr_jax.models.deghosting") is not None
+
+# The published pipeline's own float32 error (the fixture's float32 run vs
+# the same run in float64, its manifest meta 'float32_vs_float64'): codes
+# 1.1e-6, manipulated 1.5e-6, heat map 4.2e-6, fused 4.7e-6, deghosted
+# 8.0e-6 relative. Measured here (2026-12-06, x86 CPU), dhr_jax float32 vs
+# the fixture: see the printed line (codes 1.2e-6, manipulated 1.6e-6, heat
+# map 5.6e-6, fused 6.1e-6, deghosted 9.6e-6 at the time of writing). 1e-4,
+# the issue's level, leaves ~10x over twice the published float32 error; a
+# wrong resize, pooling or blend is > 1e-2.
+TOL = 1e-4
+
+
+def _nhwc(a):
+  return np.transpose(a, (0, 2, 3, 1))
+
+
+def _t(v):
+  return torch.from_numpy(np.ascontiguousarray(v))
+
+
+@pytest.fixture(scope="module")
+def fixture():
+  z = np.load(FIXTURE, allow_pickle=False)
+  manifest = json.loads(str(z["manifest"]))
+  return manifest, {k: z[k] for k in z.files if k != "manifest"}
+
+
+@pytest.fixture(scope="module")
+def models(fixture, rule, tmp_path_factory):
+  """The fixture's stand-in weights saved as the released files (pSp
+  bundle, diff_cam_weight.pt, deghosting.pt), converted by the project's
+  converters, loaded."""
+  manifest, ref = fixture
+  parts = manifest["parts"]
+  sd = {k: rule.state_dict_from_manifest(m) for k, m in parts.items()}
+  tmp = tmp_path_factory.mktemp("differential")
+  sizes = manifest["meta"]["sizes"]
+  bundle = {"state_dict": {**{"encoder." + k: _t(v) for k, v in
+                              sd["psp_encoder"].items()},
+                           **{"decoder." + k: _t(v) for k, v in
+                              sd["generator"].items()}},
+            "latent_avg": _t(ref["latent_avg"]),
+            "opts": {"encoder_type": "GradualStyleEncoder", "input_nc": 3,
+                     "output_size": sizes["generator"],
+                     "start_from_latent_avg": True, "learn_in_w": False}}
+  torch.save(bundle, tmp / "psp.pt")
+  torch.save({k: _t(v) for k, v in sd["diffcam"].items()},
+             tmp / "diff_cam_weight.pt")
+  assert encoder_converter.main(["--src", str(tmp / "psp.pt"), "--dst",
+                                 str(tmp / "psp")]) == 0
+  assert diffcam_converter.main(["--src", str(tmp / "diff_cam_weight.pt"),
+                                 "--dst", str(tmp / "diffcam")]) == 0
+  D = None
+  if HAVE_DEGHOSTING:
+    from converters import deghosting as deghosting_converter
+    torch.save({k: _t(v) for k, v in sd["deghosting"].items()},
+               tmp / "deghosting.pt")
+    assert deghosting_converter.main(["--src", str(tmp / "deghosting.pt"),
+                                      "--dst", str(tmp / "deghosting")]) == 0
+    D = dhr_jax.load_deghosting(tmp / "deghosting")
+  return (dhr_jax.load_encoder(tmp / "psp", arch="psp"),
+          dhr_jax.load_generator(tmp / "psp"),
+          dhr_jax.load_diffcam(tmp / "diffcam"), D)
+
+
+@pytest.fixture(scope="module")
+def edit(models, fixture):
+  manifest, ref = fixture
+  E, G, C, D = models
+  meta = manifest["meta"]
+  assert differential.ALPHA == meta["alpha"]
+  return differential.differential_edit(
+      E, G, C, D, _nhwc(ref["x"]), ref["direction"],
+      diffcam.direction_class(meta["direction_name"]))
+
+
+def test_matches_published_pipeline(edit, fixture, models):
+  _, ref = fixture
+  E = models[0]
+  s = E.config["input_size"]
+  got = {
+      "codes": edit.codes,
+      # The fixture holds pSp's output as the published code uses it:
+      # pooled to the encoder's input size.
+      "inverted": adaptive_avg_pool(edit.inverted, s),
+      "manipulated": edit.manipulated,
+      "heat_map": edit.heat_map,
+      "fused": edit.fused,
+  }
+  want = {k: ref[k] if k in ("codes", "heat_map") else _nhwc(ref[k])
+          for k in got}
+  if edit.deghosted is not None:
+    got["deghosted"], want["deghosted"] = edit.deghosted, _nhwc(ref["output"])
+  err = {k: rel_l2(np.asarray(got[k]), want[k]) for k in got}
+  print("differential_edit vs the published pipeline: " + ", ".join(
+      f"{k} {v:.1e}" for k, v in err.items()))
+  for k in got:
+    assert np.asarray(got[k]).shape == want[k].shape, k
+  assert all(v <= TOL for v in err.values()), err
+  assert not np.asarray(edit.empty).any()
+  assert edit.heat_map.shape == (2, s, s)
+
+
+@pytest.mark.skipif(not HAVE_DEGHOSTING,
+                    reason="dhr_jax.models.deghosting is not built yet")
+def test_deghosted_matches_published_pipeline(edit, fixture):
+  _, ref = fixture
+  assert edit.deghosted is not None
+  assert rel_l2(np.asarray(edit.deghosted), _nhwc(ref["output"])) <= TOL
+
+
+def test_flat_heat_map_is_no_edit(models, fixture):
+  """The direction's class gets a zero fc column: its gradient, hence the
+  map, is zero everywhere (0/0 = NaN in the published code). No region is
+  edited: the fused image is the photo, bit for bit, and `empty` says so."""
+  manifest, ref = fixture
+  E, G, C, D = models
+  target = manifest["meta"]["target"]
+  params = jax.tree_util.tree_map(lambda a: a, C.params)
+  params["fc"]["kernel"] = params["fc"]["kernel"].at[:, target].set(0.0)
+  x = _nhwc(ref["x"])
+  out = differential.differential_edit(E, G, C.replace(params=params), D, x,
+                                       ref["direction"], target)
+  np.testing.assert_array_equal(np.asarray(out.heat_map), 0.0)
+  np.testing.assert_array_equal(np.asarray(out.fused), x)
+  assert np.asarray(out.empty).tolist() == [True, True]
+  for name in ("manipulated", "fused") + (("deghosted",) if D else ()):
+    assert np.isfinite(np.asarray(getattr(out, name))).all()
+
+
+def test_refuses_bad_arguments(models, fixture):
+  _, ref = fixture
+  E, G, C, D = models
+  x = _nhwc(ref["x"])
+  d = ref["direction"]
+  with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\)"):
+    differential.differential_edit(E, G, C, D, x[:, :32, :32], d, 15)
+  with pytest.raises(ValueError, match=r"direction must be \(10, 512\)"):
+    differential.differential_edit(E, G, C, D, x, np.zeros((18, 512)), 15)
+  with pytest.raises(ValueError, match="all zeros"):
+    differential.differential_edit(E, G, C, D, x, 0 * d, 15)
+  with pytest.raises(ValueError, match="17 classes"):
+    differential.differential_edit(E, G, C, D, x, d, 17)
