@@ -10,6 +10,8 @@ list every name, `__all__`):
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   load_diffcam, diff_cam                      — DiffCam heat maps (editing via
                                                 differential activations)
+  differential_edit                           — the differential-activation
+                                                edit (pSp, DiffCam, deghosting)
   load_lpips                                  — LPIPS (AlexNet / VGG)
   optimize_latent, coarse_inversion           — the embedding stage
   domain_specific_segmentation                — the in/out-of-domain mask
@@ -39,6 +41,7 @@ _EXPORTS = {
     "hfgi_invert": "dhr_jax.models.hfgi",
     "load_diffcam": "dhr_jax.models.diffcam",
     "diff_cam": "dhr_jax.models.diffcam",
+    "differential_edit": "dhr_jax.differential",
     "load_lpips": "dhr_jax.lpips",
     "optimize_latent": "dhr_jax.embedding",
     "coarse_inversion": "dhr_jax.embedding",
