@@ -8,6 +8,8 @@ list every name, `__all__`):
   restyle_invert                              — ReStyle's iterative inversion
   load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
+  load_deghosting                             — differential-activation
+                                                editing's deghosting network
   load_lpips                                  — LPIPS (AlexNet / VGG)
   optimize_latent, coarse_inversion           — the embedding stage
   domain_specific_segmentation                — the in/out-of-domain mask
@@ -35,6 +37,7 @@ _EXPORTS = {
     "id_curricularface": "dhr_jax.identity",
     "load_hfgi": "dhr_jax.models.hfgi",
     "hfgi_invert": "dhr_jax.models.hfgi",
+    "load_deghosting": "dhr_jax.models.deghosting",
     "load_lpips": "dhr_jax.lpips",
     "optimize_latent": "dhr_jax.embedding",
     "coarse_inversion": "dhr_jax.embedding",
