@@ -10,6 +10,8 @@ list every name, `__all__`):
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
   load_diffcam, diff_cam                      — DiffCam heat maps (editing via
                                                 differential activations)
+  load_deghosting                             — differential-activation
+                                                editing's deghosting network
   differential_edit                           — the differential-activation
                                                 edit (pSp, DiffCam, deghosting)
   load_lpips                                  — LPIPS (AlexNet / VGG)
@@ -41,6 +43,7 @@ _EXPORTS = {
     "hfgi_invert": "dhr_jax.models.hfgi",
     "load_diffcam": "dhr_jax.models.diffcam",
     "diff_cam": "dhr_jax.models.diffcam",
+    "load_deghosting": "dhr_jax.models.deghosting",
     "differential_edit": "dhr_jax.differential",
     "load_lpips": "dhr_jax.lpips",
     "optimize_latent": "dhr_jax.embedding",
