@@ -120,8 +120,9 @@ _core = jax.jit(differential_edit_core)
 def differential_edit(E, G, C, D, x, direction, targets, alpha=ALPHA):
   """Edits photos x as the published differential-activation pipeline.
 
-  E: a pSp encoder (`dhr_jax.load_encoder`) whose codes fit G, the
-  generator of its bundle (`dhr_jax.load_generator`); C: a DiffCam
+  E: a pSp encoder (`dhr_jax.load_encoder`; the method is pSp's, other
+  encoders are refused) whose codes fit G, the generator of its bundle
+  (`dhr_jax.load_generator`); C: a DiffCam
   (`dhr_jax.load_diffcam`); D: a deghosting network
   (`dhr_jax.load_deghosting`) or None to stop at the fused image.
   x: (B, S, S, 3) in [-1, 1] at the generator's size S. direction: a W+
@@ -157,6 +158,7 @@ def differential_edit(E, G, C, D, x, direction, targets, alpha=ALPHA):
   if targets.min() < 0 or targets.max() >= n:
     raise ValueError(f"targets {targets.tolist()}: DiffCam has {n} classes "
                      f"(0–{n - 1})")
-  return _core(E, G, C, D, x, jnp.asarray(direction.reshape(
-      direction.shape[-2:] if direction.ndim == 3 else direction.shape)),
+  if direction.ndim == 3:
+    direction = direction[0]
+  return _core(E, G, C, D, x, jnp.asarray(direction),
                jnp.asarray(targets, jnp.int32), jnp.float32(alpha))

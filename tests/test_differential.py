@@ -2,7 +2,6 @@
 stand-in weights against the published image_process.py pipeline run on the
 same weights (tests/fixtures/da_pipeline_64.npz and .txt), through the
 released file layouts and the project's converters; the flat heat map."""
-import importlib.util
 import json
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 
 import dhr_jax
 from conftest import rel_l2
+from converters import deghosting as deghosting_converter
 from converters import diffcam as diffcam_converter
 from converters import encoder as encoder_converter
 from dhr_jax import differential
@@ -20,7 +20,6 @@ from dhr_jax.models.farl import adaptive_avg_pool
 torch = pytest.importorskip("torch")
 
 FIXTURE = "tests/fixtures/da_pipeline_64.npz"
-HAVE_DEGHOSTING = importlib.util.find_spec("dhr_jax.models.deghosting") is not None
 
 # Measured 2026-12-06 (x86 CPU), relative L2 (codes / manipulated / heat map
 # / fused / deghosted): the published pipeline in float32 vs itself in
@@ -63,8 +62,7 @@ def models(fixture, rule, tmp_path_factory):
   converters, loaded."""
   manifest, ref = fixture
   parts = manifest["parts"]
-  sd = {k: rule.state_dict_from_manifest(m) for k, m in parts.items()
-        if HAVE_DEGHOSTING or k != "deghosting"}
+  sd = {k: rule.state_dict_from_manifest(m) for k, m in parts.items()}
   tmp = tmp_path_factory.mktemp("differential")
   sizes = manifest["meta"]["sizes"]
   bundle = {"state_dict": {**{"encoder." + k: _t(v) for k, v in
@@ -82,17 +80,14 @@ def models(fixture, rule, tmp_path_factory):
                                  str(tmp / "psp")]) == 0
   assert diffcam_converter.main(["--src", str(tmp / "diff_cam_weight.pt"),
                                  "--dst", str(tmp / "diffcam")]) == 0
-  D = None
-  if HAVE_DEGHOSTING:
-    from converters import deghosting as deghosting_converter
-    torch.save({k: _t(v) for k, v in sd["deghosting"].items()},
-               tmp / "deghosting.pt")
-    assert deghosting_converter.main(["--src", str(tmp / "deghosting.pt"),
-                                      "--dst", str(tmp / "deghosting")]) == 0
-    D = dhr_jax.load_deghosting(tmp / "deghosting")
+  torch.save({k: _t(v) for k, v in sd["deghosting"].items()},
+             tmp / "deghosting.pt")
+  assert deghosting_converter.main(["--src", str(tmp / "deghosting.pt"),
+                                    "--dst", str(tmp / "deghosting")]) == 0
   return (dhr_jax.load_encoder(tmp / "psp", arch="psp"),
           dhr_jax.load_generator(tmp / "psp"),
-          dhr_jax.load_diffcam(tmp / "diffcam"), D)
+          dhr_jax.load_diffcam(tmp / "diffcam"),
+          dhr_jax.load_deghosting(tmp / "deghosting"))
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +113,11 @@ def test_matches_published_pipeline(edit, fixture, models):
       "manipulated": edit.manipulated,
       "heat_map": edit.heat_map,
       "fused": edit.fused,
+      "deghosted": edit.deghosted,
   }
-  want = {k: ref[k] if k in ("codes", "heat_map") else _nhwc(ref[k])
-          for k in got}
-  if edit.deghosted is not None:
-    got["deghosted"], want["deghosted"] = edit.deghosted, _nhwc(ref["output"])
+  stored = {"deghosted": "output"}  # the fixture's name for it
+  want = {k: ref[k] if k in ("codes", "heat_map") else
+          _nhwc(ref[stored.get(k, k)]) for k in got}
   err = {k: rel_l2(np.asarray(got[k]), want[k]) for k in got}
   print("differential_edit vs the published pipeline: " + ", ".join(
       f"{k} {v:.1e}" for k, v in err.items()))
@@ -131,14 +126,6 @@ def test_matches_published_pipeline(edit, fixture, models):
   assert all(v <= TOL for v in err.values()), err
   assert not np.asarray(edit.empty).any()
   assert edit.heat_map.shape == (2, s, s)
-
-
-@pytest.mark.skipif(not HAVE_DEGHOSTING,
-                    reason="dhr_jax.models.deghosting is not built yet")
-def test_deghosted_matches_published_pipeline(edit, fixture):
-  _, ref = fixture
-  assert edit.deghosted is not None
-  assert rel_l2(np.asarray(edit.deghosted), _nhwc(ref["output"])) <= TOL
 
 
 def test_flat_heat_map_is_no_edit(models, fixture):
@@ -156,7 +143,7 @@ def test_flat_heat_map_is_no_edit(models, fixture):
   np.testing.assert_array_equal(np.asarray(out.heat_map), 0.0)
   np.testing.assert_array_equal(np.asarray(out.fused), x)
   assert np.asarray(out.empty).tolist() == [True, True]
-  for name in ("manipulated", "fused") + (("deghosted",) if D else ()):
+  for name in ("manipulated", "fused", "deghosted"):
     assert np.isfinite(np.asarray(getattr(out, name))).all()
 
 
