@@ -8,6 +8,12 @@ list every name, `__all__`):
   restyle_invert                              — ReStyle's iterative inversion
   load_id_network, id_curricularface          — the paper's ID metric
   load_hfgi, hfgi_invert                      — HFGI, the encoder baseline
+  load_diffcam, diff_cam                      — DiffCam heat maps (editing via
+                                                differential activations)
+  load_deghosting                             — differential-activation
+                                                editing's deghosting network
+  differential_edit                           — the differential-activation
+                                                edit (pSp, DiffCam, deghosting)
   load_lpips                                  — LPIPS (AlexNet / VGG)
   optimize_latent, coarse_inversion           — the embedding stage
   domain_specific_segmentation                — the in/out-of-domain mask
@@ -35,6 +41,10 @@ _EXPORTS = {
     "id_curricularface": "dhr_jax.identity",
     "load_hfgi": "dhr_jax.models.hfgi",
     "hfgi_invert": "dhr_jax.models.hfgi",
+    "load_diffcam": "dhr_jax.models.diffcam",
+    "diff_cam": "dhr_jax.models.diffcam",
+    "load_deghosting": "dhr_jax.models.deghosting",
+    "differential_edit": "dhr_jax.differential",
     "load_lpips": "dhr_jax.models.lpips",
     "optimize_latent": "dhr_jax.embedding",
     "coarse_inversion": "dhr_jax.embedding",
@@ -55,7 +65,7 @@ _EXPORTS = {
 # Every model file's loader is its `load`; the package names it by model.
 _RENAMED = {name: "load" for name in (
     "load_generator", "load_encoder", "load_parser", "load_id_network",
-    "load_hfgi", "load_lpips")}
+    "load_hfgi", "load_lpips", "load_diffcam", "load_deghosting")}
 # pydoc documents a module's functions defined elsewhere only when __all__
 # names them; listing them here imports nothing.
 __all__ = sorted(_EXPORTS)

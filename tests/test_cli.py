@@ -140,7 +140,8 @@ class _Opaque:
   """A class a checkpoint may name; unpickling it would run code."""
 
 
-_CONVERTERS = ["stylegan2", "e4e", "farl", "hfgi", "curricularface"]
+_CONVERTERS = ["stylegan2", "e4e", "farl", "hfgi", "curricularface",
+               "deghosting"]
 
 
 @pytest.mark.parametrize("module", _CONVERTERS)

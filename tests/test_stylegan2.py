@@ -14,7 +14,8 @@ import dhr_jax
 from conftest import rel_l2
 from converters import stylegan2 as conv
 from converters.common import ConversionError
-from dhr_jax.models.stylegan2 import feature_resolution, init_generator
+from dhr_jax.models.stylegan2 import (feature_resolution, generator_config,
+                                      init_generator)
 
 
 def nhwc(x):
@@ -335,3 +336,59 @@ def test_mapping_widths_default_to_style_dim_and_may_differ():
   assert config == dict(zw.config)
   with pytest.raises(ValueError, match=re.escape("z must be (B, 24)")):
     zw.mapping(zw.params, jnp.zeros((1, 16)))
+
+
+def test_layer_hook_visits_every_layer_and_serves_the_feature_hook():
+  G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=16, n_mlp=1,
+                     channels=16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (1, G.n_latent, 16))
+  seen = []
+
+  def record(k, x, skip):
+    seen.append((k, x.shape[1], None if skip is None else skip.shape[1]))
+    return x, skip
+
+  base = G.synthesis(G.params, w)
+  # The identity hook adds no operation: the same program, the same bits.
+  np.testing.assert_array_equal(G.synthesis(G.params, w, layer_fn=record),
+                                base)
+  n = G.config["num_layers"]
+  assert [s[0] for s in seen] == list(range(n + 1))
+  # x at k has feature_resolution(k); the skip is None before the first
+  # ToRGB, then at the resolution its last ToRGB produced.
+  assert [s[1] for s in seen] == [feature_resolution(k) for k in range(n + 1)]
+  assert [s[2] for s in seen] == [None, 4, 4, 8, 8, 16]
+  # The one-layer hook is the layer hook at one k.
+  f = jnp.full((1, 8, 8, 16), 0.3)
+  one = G.synthesis(G.params, w, feature_idx=3, offset=f)
+  at_k = G.synthesis(G.params, w, layer_fn=lambda k, x, s: (
+      (x + f, s) if k == 3 else (x, s)))
+  np.testing.assert_array_equal(one, at_k)
+  # The skip it returns is the path's: at the last layer, it is the image.
+  shifted = G.synthesis(G.params, w, layer_fn=lambda k, x, s: (
+      (x, s + 1.0) if k == n else (x, s)))
+  np.testing.assert_allclose(shifted, base + 1.0, atol=1e-6)
+
+
+def test_mmediting_pixel_norm_is_a_config_switch():
+  from dhr_jax.models import ops
+  G = init_generator(jax.random.PRNGKey(0), size=8, style_dim=16, n_mlp=1,
+                     channels=8)
+  assert "pixel_norm" not in G.config
+  M = G.replace(config={**G.config, "pixel_norm": "mmediting"})
+  p = G.params["mapping"]["style_1"]
+  mlp = lambda x: ops.fused_leaky_relu(
+      x @ (p["weight"] * (0.01 / 4.0)).T, p["bias"] * 0.01)
+  # At an RMS of 1e-3 the two epsilons move the normaliser apart by ~0.4 %
+  # (rosinality: ms + 1e-8 is 1 % above ms; mmediting: rms + 1e-6 is
+  # 0.1 % above rms), far above float32 rounding (~1e-7).
+  z = jax.random.normal(jax.random.PRNGKey(2), (3, 16)) * 1e-3
+  rms = jnp.sqrt(jnp.mean(z * z, -1, keepdims=True))
+  np.testing.assert_allclose(M.mapping(M.params, z), mlp(z / (rms + 1e-6)),
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(G.mapping(G.params, z), mlp(ops.pixel_norm(z)),
+                             rtol=1e-5, atol=1e-7)
+  a, b = G.mapping(G.params, z), M.mapping(M.params, z)
+  assert float(jnp.max(jnp.abs(a - b) / jnp.abs(a))) > 1e-3
+  with pytest.raises(ValueError, match="pixel_norm"):
+    generator_config(8, 16, 1, 8, pixel_norm="other")

@@ -8,12 +8,22 @@ Parameter names mirror the official state dict: `convs.3.conv.weight` is
 params['synthesis']['convs_3']['conv']['weight'], `style.1.weight` is
 params['mapping']['style_1']['weight']; shapes are the PyTorch ones.
 
-The feature hook: `feature_idx` k names the feature map entering the synthesis
-convolution that consumes latent k (k = 11 is the 128² map of a 1024²
-generator, DHR's default). The hook can return that map and/or replace it with
-`f·mask + offset·(1 − mask)` (`f + offset` without a mask), or apply any
-`feature_fn` (HFGI's f·(1 + scale) + shift). Every method that edits
-features (DHR, weight-only, feature-only, HFGI) goes through it.
+The layer hook: synthesis visits layers k = 0 … num_layers, where k names the
+feature map entering the convolution that consumes latent k (k = 11 is the
+128² map of a 1024² generator, DHR's default; k = num_layers is the last
+convolution's output). `layer_fn(k, x, skip) → (x, skip)` sees every one of
+them with the RGB skip summed so far and may replace both: the deghosting
+network (models/deghosting.py) fuses its encoder's features into both paths
+at its input's resolutions and reads the features above. The one-layer
+feature hook is that hook at one k: `feature_idx` k, returning the map
+and/or replacing it with `f·mask + offset·(1 − mask)` (`f + offset` without
+a mask), or any `feature_fn` (HFGI's f·(1 + scale) + shift). Every method
+that edits features (DHR, weight-only, feature-only, HFGI) goes through it.
+
+mmediting's StyleGANv2Generator (the deghosting network's) is this
+generator under other names (converters/deghosting.py maps them) up to its
+mapping's PixelNorm, z / (‖z‖₂/√C + 1e-6) instead of z·rsqrt(mean z² +
+1e-8): config `pixel_norm` 'mmediting'.
 
 NVIDIA's stylegan2-ada-pytorch generator (architecture 'skip', unconditional)
 is the same function up to one difference, carried as config: `conv_clamp`
@@ -27,7 +37,7 @@ runs in fp16 (num_fp16_res) run in float32 here.
 """
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 from flax import struct
@@ -171,10 +181,15 @@ class Mapping(nn.Module):
   n_mlp: int
   lr_mlp: float = 0.01
   layer_features: Optional[int] = None
+  pixel_norm: Optional[str] = None  # None: rosinality's (and NVIDIA's)
 
   @nn.compact
   def __call__(self, z):
-    x = ops.pixel_norm(z)
+    if self.pixel_norm == "mmediting":
+      # Its epsilon is added to the RMS, not to the mean square.
+      x = z / (jnp.sqrt(jnp.mean(z * z, axis=-1, keepdims=True)) + 1e-6)
+    else:
+      x = ops.pixel_norm(z)
     hidden = self.layer_features or self.style_dim
     for i in range(1, self.n_mlp + 1):  # official names start at style.1
       x = EqualLinear(self.style_dim if i == self.n_mlp else hidden,
@@ -183,43 +198,46 @@ class Mapping(nn.Module):
     return x
 
 
+LayerHook = Callable[[int, jnp.ndarray, Optional[jnp.ndarray]],
+                     Tuple[jnp.ndarray, Optional[jnp.ndarray]]]
+
+
+def _no_hook(k, x, skip):
+  del k
+  return x, skip
+
+
 class Synthesis(nn.Module):
   """W+ codes (B, n_latent, style_dim) → image (B, size, size, 3).
 
-  `hook` = (feature_idx, fn): fn maps the feature entering the conv of latent
-  `feature_idx` to the one actually used. Returns (image, that feature
-  before fn), the feature being None without a hook.
+  `hook(k, x, skip) → (x, skip)` is called at every layer k = 0 …
+  num_layers (see the module docstring); x is the feature entering the conv
+  of latent k, skip the image the ToRGB layers have summed so far (None at
+  k = 0, where what the hook returns for it is not used).
   """
   channels: Sequence[int]  # per resolution 4, 8, ..., size
   conv_clamp: Optional[float] = None
 
   @nn.compact
   def __call__(self, wplus, noise, hook=None):
-    feature_idx, fn = hook if hook is not None else (-1, None)
-    taken = []
-
-    def at(idx, x):
-      if idx == feature_idx:
-        taken.append(x)
-        return fn(x) if fn is not None else x
-      return x
-
+    hook = hook or _no_hook
     x = ConstantInput(self.channels[0], name="input")(wplus.shape[0])
-    x = at(0, x)
+    x, _ = hook(0, x, None)
     clamp = self.conv_clamp
     x = StyledConv(self.channels[0], conv_clamp=clamp, name="conv1")(
         x, wplus[:, 0], noise[0])
     skip = ToRGB(clamp, name="to_rgb1")(x, wplus[:, 1])
     for j, c in enumerate(self.channels[1:]):
       i = 2 * j + 1
-      x = at(i, x)
+      x, skip = hook(i, x, skip)
       x = StyledConv(c, upsample=True, conv_clamp=clamp,
                      name=f"convs_{2 * j}")(x, wplus[:, i], noise[i])
-      x = at(i + 1, x)
+      x, skip = hook(i + 1, x, skip)
       x = StyledConv(c, conv_clamp=clamp, name=f"convs_{2 * j + 1}")(
           x, wplus[:, i + 1], noise[i + 1])
       skip = ToRGB(clamp, name=f"to_rgbs_{j}")(x, wplus[:, i + 2], skip)
-    return skip, (taken[0] if taken else None)
+    _, skip = hook(2 * len(self.channels) - 1, x, skip)
+    return skip
 
 
 def feature_blend(offset, mask=None):
@@ -247,7 +265,8 @@ def truncate(w, psi, w_avg):
 
 
 def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
-                     conv_clamp=None, z_dim=None, layer_features=None):
+                     conv_clamp=None, z_dim=None, layer_features=None,
+                     pixel_norm=None):
   """The config dict stored with a checkpoint; channels: {res: C} or one int.
 
   conv_clamp: NVIDIA's clamp of every synthesis layer's and ToRGB's output
@@ -256,6 +275,8 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
   z_dim, layer_features: the widths of z and of the hidden mapping layers;
   None for style_dim, as in rosinality's generator (NVIDIA's networks set
   them independently of w_dim = style_dim).
+  pixel_norm: 'mmediting' for mmediting's PixelNorm in the mapping; None
+  (rosinality's, NVIDIA's) leaves the key out of the config.
   """
   log_size = int(math.log2(size))
   if 2 ** log_size != size or size < 8:
@@ -268,7 +289,10 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
     if all(official_channels(size, m)[r] == channels[r] for r in res):
       cm = m
       break
-  return {
+  if pixel_norm not in (None, "mmediting"):
+    raise ValueError(f"pixel_norm must be None or 'mmediting', got "
+                     f"{pixel_norm!r}")
+  config = {
       "size": size, "style_dim": style_dim, "n_mlp": n_mlp,
       "channel_multiplier": cm, "lr_mlp": lr_mlp,
       "channels": {str(r): int(channels[r]) for r in res},
@@ -277,6 +301,9 @@ def generator_config(size, style_dim, n_mlp, channels, lr_mlp=0.01,
       "z_dim": int(z_dim or style_dim),
       "layer_features": int(layer_features or style_dim),
   }
+  if pixel_norm is not None:
+    config["pixel_norm"] = pixel_norm
+  return config
 
 
 def complete_config(config):
@@ -333,7 +360,7 @@ class Generator:
     its parameter shapes)."""
     c = self.config
     return Mapping(c["style_dim"], c["n_mlp"], c.get("lr_mlp", 0.01),
-                   c.get("layer_features"))
+                   c.get("layer_features"), c.get("pixel_norm"))
 
   @property
   def synthesis_module(self):
@@ -361,21 +388,23 @@ class Generator:
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
                 return_feature=False, offset=None, mask=None,
-                feature_fn=None):
+                feature_fn=None, layer_fn=None):
     """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
 
     noise: list of NHWC maps (default: this generator's fixed noise).
-    feature_idx: where the hook acts; with `offset` the feature there is
-    replaced by f·mask + offset·(1−mask) (f + offset when mask is None),
-    with `feature_fn` by feature_fn(f) (e.g. `feature_modulation`);
+    feature_idx: where the one-layer hook acts; with `offset` the feature
+    there is replaced by f·mask + offset·(1−mask) (f + offset when mask is
+    None), with `feature_fn` by feature_fn(f) (e.g. `feature_modulation`);
     with `return_feature` the feature before replacement is returned too.
+    layer_fn(k, x, skip) → (x, skip): the layer hook, called at every layer
+    k = 0 … num_layers (module docstring), after the one-layer hook at its
+    k. To read features, append them to a list it closes over.
     """
     if wplus.ndim != 3 or wplus.shape[1] != self.n_latent:
       raise ValueError(
           f"wplus must be (B, {self.n_latent}, {self.config['style_dim']}), "
           f"got {wplus.shape}")
     noise = self.noise if noise is None else noise
-    hook = None
     if offset is not None:
       if feature_fn is not None:
         raise ValueError("give either offset (and mask) or feature_fn")
@@ -384,12 +413,23 @@ class Generator:
       if not 0 <= feature_idx < self.config["num_layers"]:
         raise ValueError(f"feature_idx must be in [0, "
                          f"{self.config['num_layers']}), got {feature_idx}")
-      hook = (feature_idx, feature_fn)
     elif feature_fn is not None or return_feature:
       raise ValueError("offset/feature_fn/return_feature need a feature_idx")
-    img, feat = self.synthesis_module.apply(
-        {"params": params["synthesis"]}, wplus, noise, hook)
-    return (img, feat) if return_feature else img
+    taken = []
+
+    def hook(k, x, skip):
+      if k == feature_idx:
+        taken.append(x)
+        if feature_fn is not None:
+          x = feature_fn(x)
+      if layer_fn is not None:
+        x, skip = layer_fn(k, x, skip)
+      return x, skip
+
+    use_hook = feature_idx is not None or layer_fn is not None
+    img = self.synthesis_module.apply({"params": params["synthesis"]}, wplus,
+                                noise, hook if use_hook else None)
+    return (img, taken[0]) if return_feature else img
 
   def __call__(self, params, z, noise=None, truncation=1.0, **kw):
     """z → image through mapping, optional truncation, broadcast to W+."""
