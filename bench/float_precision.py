@@ -198,7 +198,7 @@ def _refine_case(tmp):
 def refine_values(tmp, x64):
   """Refined state, image and metrics: float32 runs batch-of-two and
   image-by-image; float64 only batch-of-two."""
-  from dhr_jax import lpips, pipeline, refine
+  from dhr_jax import lpips, metrics, refine
   G, codes, targets, masks = _refine_case(tmp)
   print("in-domain fractions of the masks:", masks.mean((1, 2, 3)))
   alex, vgg = lpips.load("alex"), lpips.load("vgg")
@@ -243,7 +243,7 @@ def refine_values(tmp, x64):
         images.append(np.asarray(img[i], np.float64))
     out[name + "_state"] = np.stack(states)
     out[name + "_image"] = np.stack(images)
-    m = pipeline.image_metrics(np.stack(images).astype(np.float32), targets,
+    m = metrics.image_metrics(np.stack(images).astype(np.float32), targets,
                                masks, alex, vgg)
     out[name + "_metrics"] = np.asarray(
         [[r[k] for k in ("mse", "psnr", "lpips_alex", "lpips_vgg")]

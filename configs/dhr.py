@@ -30,7 +30,10 @@ from dhr_jax import segmentation
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Images per vmapped batch (rounded up to a multiple of the device count).
+  # Images per batch (rounded up to a multiple of the device count): DSS and
+  # the embedding run vmapped over it; the refinement too on accelerators,
+  # while on CPU it refines the images one after another
+  # (`refine.map_images`).
   config.batch_size = 4
 
   config.data = ml_collections.ConfigDict(dict(
