@@ -1,4 +1,4 @@
-"""A batch of images through DHR's shared stages: DSS → embedding → refinement.
+"""A batch of images through DHR's shared stages: DSS, embedding, refinement.
 
 Pure functions of arrays (no file reading or writing; `dhr_jax.workdir`
 does that). A batch goes through
@@ -225,7 +225,7 @@ class Embedded:
 
 def segment_and_embed(models, config, target, names, *, progress=None,
                       landmarks=None):
-  """Stages 1-2 of `methods.run_batch` (DSS, then the embedding) → `Embedded`."""
+  """Stages 1-2 (DSS, then the embedding) → `Embedded`."""
   G = models.G
   n = len(names)
   size = G.config["size"]
@@ -281,9 +281,9 @@ def refine_kwargs(refine_config):
 
 
 def refine_batch(models, refine_config, emb, *, progress=None):
-  """Stage 3 of `methods.run_batch`: the refinement of an `Embedded` batch with
-  `refine_config` (config.refine's fields) → a batched `refine.Refinement`
-  (padding included), ready."""
+  """Stage 3: the refinement of an `Embedded` batch with `refine_config`
+  (config.refine's fields) → a batched `refine.Refinement` (padding
+  included), ready."""
   report = progress or (lambda stage: None)
   mask = models.shard(emb.dss.mask)
   kwargs = refine_kwargs(refine_config)

@@ -76,7 +76,8 @@ def _run(s, listener):
         workdir_lib.write_image(workdir, r, G, config, batch.files[r.name],
                                 stamp, batch.share, edit_names,
                                 batch.notes.get(r.name))
-    if jax.process_index() == 0:  # one writer; it shows every process's
+    if jax.process_index() == 0:
+      # One writer, showing every process's finished images.
       workdir_lib.index(workdir, entries, batches.failed, stamp)
   if align:
     failed_photos = {f["name"] for f in photo_failed}

@@ -325,7 +325,7 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
     if os.sep + "c_rgba" + os.sep in path and path.endswith("mask.png"):
       raise Killed()
   with monkeypatch.context() as m:
-    m.setattr(io, "write_bytes", kill)
+    m.setattr(files_lib, "write_bytes", kill)
     with pytest.raises(Killed):
       run_lib.run(setup["config"], workdir)
   assert os.path.isfile(os.path.join(workdir, "b_gray", "done.json"))
