@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from dhr_jax import compare
+from dhr_jax import cli
 from dhr_jax import compile_cache
 from dhr_jax import runner
 
@@ -52,7 +52,7 @@ _CACHE = flags.DEFINE_string(
 
 
 def parse_flags(argv):
-  return runner.parse_flags(argv, _CONFIG)
+  return cli.parse_flags(argv, _CONFIG)
 
 
 def main(argv):
@@ -64,8 +64,7 @@ def main(argv):
   compile_cache.enable(_CACHE.value)
   if mode == "run" and config is not None and "compare" in config:
     mode = "compare"
-  return runner.main(config, _WORKDIR.value, mode,
-                     actions=dict(compare=compare.run))
+  return runner.main(config, _WORKDIR.value, mode)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def _refine_case(tmp):
 def refine_values(tmp, x64):
   """Refined state, image and metrics: float32 runs batch-of-two and
   image-by-image; float64 only batch-of-two."""
-  from dhr_jax import pipeline, refine
+  from dhr_jax import metrics, refine
   from dhr_jax.models import lpips
   G, codes, targets, masks = _refine_case(tmp)
   print("in-domain fractions of the masks:", masks.mean((1, 2, 3)))
@@ -245,7 +245,7 @@ def refine_values(tmp, x64):
         images.append(np.asarray(img[i], np.float64))
     out[name + "_state"] = np.stack(states)
     out[name + "_image"] = np.stack(images)
-    m = pipeline.image_metrics(np.stack(images).astype(np.float32), targets,
+    m = metrics.image_metrics(np.stack(images).astype(np.float32), targets,
                                masks, alex, vgg)
     out[name + "_metrics"] = np.asarray(
         [[r[k] for k in ("mse", "psnr", "lpips_alex", "lpips_vgg")]

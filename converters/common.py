@@ -6,7 +6,7 @@ import tempfile
 
 import numpy as np
 
-from dhr_jax import io
+from dhr_jax import files
 from dhr_jax.checkpoint import CheckpointError, torch_refusal
 
 
@@ -92,8 +92,8 @@ def check_destination(dst, is_file=False):
   is_file: dst is a file (its folder must be creatable), not a folder.
   """
   try:
-    path = io.check_creatable(dst, what="--dst", is_file=is_file)
-  except io.WorkdirError as e:
+    path = files.check_creatable(dst, what="--dst", is_file=is_file)
+  except files.WorkdirError as e:
     raise ConversionError(str(e)) from None
   # os.access reads mode bits, which let root write anywhere; /proc and
   # read-only mounts refuse only an actual write. The output is first

@@ -55,11 +55,11 @@ _EXPORTS = {
     "edit_codes": "dhr_jax.editing",
     "render": "dhr_jax.editing",
     "ganspace_edit": "dhr_jax.editing",
-    "load_direction": "dhr_jax.editing",
-    "load_ganspace": "dhr_jax.editing",
+    "load_direction": "dhr_jax.directions",
+    "load_ganspace": "dhr_jax.directions",
     "save_refined": "dhr_jax.refine",
     "load_refined": "dhr_jax.refine",
-    "run_batch": "dhr_jax.pipeline",
+    "run_batch": "dhr_jax.methods",
     "paper_metrics": "dhr_jax.metrics",
 }
 # Every model file's loader is its `load`; the package names it by model.

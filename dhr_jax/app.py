@@ -11,9 +11,9 @@ and FFHQ-aligned first and every result is pasted back into the photo. The
 page then shows the input, the inversion, the domain mask (white =
 in-domain) and one slider per configured edit direction (config.edit:
 InterFaceGAN directions, GANSpace edits, the random direction) with a layer
-range for the InterFaceGAN ones. Moving a slider renders the edited codes
-from the saved refinement only (`pipeline.render_edits`, the CLI's own
-render; no refinement).
+range for the InterFaceGAN ones (`edits.sliders`, a view of the CLI's
+edits). Moving a slider renders the edited codes from the saved refinement
+only (`editing.render`, the CLI's own render; no refinement).
 
 Everything goes to the workdir in run.py's layout: uploads are the run's
 inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face0/ when
@@ -27,332 +27,32 @@ the command line with
 Bad input (not an image, no face, a file or image too large) is reported on
 the page; the server keeps serving.
 """
-import dataclasses
-import json
 import os
 import socket
 import sys
 import threading
 import time
 import traceback
-import zipfile
 
 from absl import app as absl_app
 from absl import flags
 from absl import logging
-import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
-import numpy as np
-from PIL import Image
 
-from dhr_jax import checkpoint
+from dhr_jax import cli
 from dhr_jax import compile_cache
 from dhr_jax import editing
-from dhr_jax import faces
-from dhr_jax import io
-from dhr_jax import photos
-from dhr_jax import pipeline
-from dhr_jax import refine
-from dhr_jax import runner
+from dhr_jax import files as dhr_files
+from dhr_jax import settings
+# The page's session (state, workdir); the names the page code uses.
+from dhr_jax.editor import AppError
+from dhr_jax.editor import Editor
+from dhr_jax.editor import finished
 
-INPUTS = "inputs"        # OUT/inputs: the uploads, the run's data.input
-APP_DIR = "app"          # OUT/<name>/app: the current edit and downloads
 MASK_LABEL = "Domain mask (white = in-domain)"
-# The stages `pipeline.run_batch` and the runner report, in order.
+# The stages a run reports (`dhr_jax.loop`), in order.
 STAGES = ("segmentation", "embedding", "refinement", "metrics", "edits",
           "writing")
-
-
-class AppError(Exception):
-  """Bad input from the page: shown to the user as one message."""
-
-
-# --------------------------------------------------------------------------
-# Sliders: one per configured edit direction.
-
-
-@dataclasses.dataclass(frozen=True)
-class Slider:
-  """One edit the page offers as a slider.
-
-  kind 'interfacegan': `direction` (D,) or (L, D), moved by α along the
-  chosen layer range; kind 'ganspace': `pcs` with the edit group's
-  (component, first, last) tuples, α replacing their configured strength.
-  `limit`: the slider runs over [-limit, limit].
-  """
-  name: str
-  kind: str
-  limit: float
-  direction: object = None
-  pcs: object = None
-  group: tuple = ()
-  mode: str = "add"
-
-
-def sliders_from_config(edit_config, G):
-  """config.edit → [Slider]: the directions `runner.build_edits` renders,
-  each as one slider whose range is the largest configured strength."""
-  e = edit_config
-  try:
-    strengths = editing.parse_strengths(e.strengths)
-  except editing.EditError as err:
-    raise runner.UserError(f"config.edit: {err}") from None
-  limit = max(abs(s) for s in strengths) or 1.0
-  out = [Slider(name, "interfacegan", limit, direction=direction)
-         for name, direction in runner.edit_directions(e, G)]
-  if e.ganspace:
-    try:
-      pcs = editing.load_ganspace(e.ganspace)
-      groups = editing.parse_ganspace_edits(e.ganspace_edits)
-    except editing.EditError as err:
-      raise runner.UserError(f"config.edit: {err}") from None
-    stem = os.path.splitext(os.path.basename(e.ganspace))[0]
-    for g in groups:
-      group = [g] if np.isscalar(g[0]) else list(g)
-      name = stem + " " + "+".join(f"{c} [{a}:{b}]" for c, a, b, _ in group)
-      out.append(Slider(name, "ganspace",
-                        max(abs(s) for *_, s in group) or 1.0, pcs=pcs,
-                        group=tuple((c, a, b) for c, a, b, _ in group),
-                        mode=e.ganspace_mode))
-  return out
-
-
-def edited_codes(codes, sliders, values, layers):
-  """The refined codes (1, L, D) moved by every slider with α ≠ 0, in turn.
-
-  layers: (first, last) half-open, for the InterFaceGAN sliders. A slider
-  at 0 leaves the codes untouched (also in GANSpace 'set' mode)."""
-  codes = jnp.asarray(codes)
-  for s, alpha in zip(sliders, values):
-    alpha = float(alpha)
-    if alpha == 0:
-      continue
-    if s.kind == "interfacegan":
-      codes = editing.edit_codes(codes, s.direction, [alpha], layers)[:, 0]
-    else:
-      group = [(c, a, b, alpha) for c, a, b in s.group]
-      codes = editing.ganspace_edit(codes, s.pcs, [group], s.mode)[:, 0]
-  return codes
-
-
-# --------------------------------------------------------------------------
-# The library calls (one place each).
-
-
-def run_dhr(config, workdir, models, report):
-  """`runner.run` on the workdir's inputs → its Outcome; `report(stage)`
-  hears every stage and refinement step."""
-  return runner.run(config, workdir, models=models, progress=report)
-
-
-def load_refined(directory, G):
-  return refine.load_refined(os.path.join(directory, "refined"), G)
-
-
-def render(G, refined, codes):
-  """One image (H, W, 3) in [-1, 1] of `codes` with the refinement: the
-  CLI's own render path (`pipeline.render_edits`)."""
-  spec = pipeline.EditSpec("app", ("app",), lambda c: codes[:, None])
-  return pipeline.render_edits(G, refined, [spec])["app"]
-
-
-def paste(photo, image_u8, quad):
-  """The edit put back into the photo, as `photos.paste_photo` does for the
-  run's PNGs (the uint8 image, feathered)."""
-  return faces.paste(photo, image_u8, np.asarray(quad))[0]
-
-
-# --------------------------------------------------------------------------
-# The workdir
-
-
-def finished(workdir):
-  """{label: image folder} of every finished image of the workdir (run.py's
-  OUT/<name>/ or OUT/<photo>/face<k>/), sorted."""
-  out = {}
-  if not os.path.isdir(workdir):
-    return out
-  for name in sorted(os.listdir(workdir)):
-    top = os.path.join(workdir, name)
-    if not os.path.isdir(top) or name.startswith("."):
-      continue
-    for d in [top] + sorted(os.path.join(top, s) for s in os.listdir(top)):
-      if os.path.isdir(d) and io.read_marker(d) is not None:
-        out[os.path.relpath(d, workdir)] = d
-  return out
-
-
-def _read_png(path):
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def _photo_and_quad(directory):
-  """(photo uint8, quad) when the image is an aligned face of a photo
-  (photos.FACES_FILE beside it), else (None, None)."""
-  parent, sub = os.path.split(directory)
-  try:
-    with open(os.path.join(parent, photos.FACES_FILE)) as f:
-      info = json.load(f)
-    k = int(sub[len("face"):])
-    return io.load_photo(info["photo"]), info["faces"][k]["quad"]
-  except (OSError, ValueError, KeyError, IndexError, io.ImageError):
-    return None, None
-
-
-@dataclasses.dataclass
-class Loaded:
-  """A finished image as the page edits it."""
-  label: str
-  directory: str
-  refined: object
-  photo: object = None
-  quad: object = None
-
-
-class Editor:
-  """The state behind the page: config, generator, sliders, workdir."""
-
-  def __init__(self, config, workdir, max_upload_mb=25, max_pixels=50e6):
-    runner.validate_config(config)
-    self.workdir = os.path.abspath(workdir)
-    self.inputs = os.path.join(self.workdir, INPUTS)
-    self.config = ml_collections.ConfigDict(config.to_dict())
-    self.config.data.input = self.inputs
-    # With the faces extra every upload is treated as a raw photo.
-    self.align = photos.face_models() is not None
-    self.config.data.align = self.align
-    self.max_upload_mb = float(max_upload_mb)
-    self.max_pixels = float(max_pixels)
-    self.models = runner.load_models(self.config, pipeline.make_mesh())
-    self.G = self.models.G
-    self.sliders = sliders_from_config(config.edit, self.G)
-    runner.build_edits(config.edit, self.G)  # refuses bad edits at start
-    self.n_latent = self.G.n_latent
-    first_last = editing.parse_layers(config.edit.layers)
-    self.layers = (first_last if isinstance(first_last, tuple)
-                   else (0, self.n_latent))
-    # One run at a time: the runner holds the workdir's lock while it writes.
-    self._lock = threading.Lock()
-
-  # -- inputs --------------------------------------------------------------
-
-  def add_upload(self, path):
-    """Checks an uploaded file and stores it as OUT/inputs/<name>.png →
-    the name. Raises AppError for anything that is not a usable image."""
-    if not path or not os.path.isfile(path):
-      raise AppError("no file received; upload a photo (png, jpg, webp)")
-    base = os.path.basename(path)
-    mb = os.path.getsize(path) / 2**20
-    if mb > self.max_upload_mb:
-      raise AppError(f"{base} is {mb:.1f} MB; the limit is "
-                     f"{self.max_upload_mb:g} MB (--max_upload_mb)")
-    try:
-      with Image.open(path) as im:
-        pixels = im.size[0] * im.size[1]
-    except Exception:  # whatever PIL raises for a file that is no image
-      pixels = 0
-    if pixels > self.max_pixels:
-      raise AppError(f"{base} has {pixels / 1e6:.0f} megapixels; the limit is "
-                     f"{self.max_pixels / 1e6:g} (--max_megapixels)")
-    try:
-      photo = io.load_photo(path)
-    except io.ImageError as e:
-      raise AppError(f"{base} is not an image this app can read: "
-                     f"{str(e).replace(path + ': ', '')}") from None
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_"
-                   for ch in os.path.splitext(base)[0])[:60] or "photo"
-    data = io.png_bytes(photo)
-    name, k = stem, 1
-    # A different photo under a taken name gets a new one; the same photo
-    # again finds its finished outputs.
-    while True:
-      target = os.path.join(self.inputs, name + ".png")
-      if not os.path.exists(target) or open(target, "rb").read() == data:
-        break
-      k += 1
-      name = f"{stem}_{k}"
-    if not os.path.exists(target):
-      io.write_bytes(target, data)
-    return name
-
-  def invert(self, name, report):
-    """Runs DHR on the workdir's inputs (finished ones are skipped) →
-    the Loaded result of input `name`."""
-    with self._lock:
-      try:
-        outcome = run_dhr(self.config, self.workdir, self.models, report)
-      except runner.UserError as e:
-        raise AppError(str(e)) from None
-    # The photo itself (no face) or one of its faces (OUT/<photo>/face<k>).
-    failed = [f for f in outcome.failed
-              if f["name"] == name or f["name"].startswith(name + "/")]
-    if failed:
-      # A bad upload is not kept as an input: a resumed run would fail on it.
-      os.remove(os.path.join(self.inputs, name + ".png"))
-      raise AppError(f"{name}: {failed[0]['reason']}")
-    labels = [l for l in finished(self.workdir)
-              if l.split(os.sep)[0] == io.output_name(name)]
-    if not labels:
-      raise AppError(f"{name}: the run left no finished result")
-    return self.load(labels[0])
-
-  def load(self, label):
-    directory = finished(self.workdir).get(label)
-    if directory is None:
-      raise AppError(f"{label} is not a finished image of {self.workdir}")
-    try:
-      refined = load_refined(directory, self.G)
-    except (checkpoint.CheckpointError, OSError) as e:
-      # e.g. a workdir refined with another generator than --config's.
-      raise AppError(f"{label}: {e}") from None
-    photo, quad = _photo_and_quad(directory)
-    return Loaded(label, directory, refined, photo, quad)
-
-  # -- editing -------------------------------------------------------------
-
-  def edit(self, loaded, values, first, last):
-    """Renders the sliders' edit and writes OUT/<name>/app/ → (edit uint8,
-    pasted uint8 or None, {download: path})."""
-    first, last = int(first), int(last)
-    if not 0 <= first < last <= self.n_latent:
-      raise AppError(f"the layer range needs first < last (half-open), got "
-                     f"{first}:{last}")
-    codes = edited_codes(loaded.refined.codes, self.sliders, values,
-                         (first, last))
-    image = io.to_uint8(render(self.G, loaded.refined, codes))
-    out = os.path.join(loaded.directory, APP_DIR)
-    files = {"edit": os.path.join(out, "edit.png")}
-    io.write_bytes(files["edit"], io.png_bytes(image))
-    pasted = None
-    if loaded.photo is not None:
-      pasted = paste(loaded.photo, image, loaded.quad)
-      files["pasted"] = os.path.join(out, "pasted.png")
-      io.write_bytes(files["pasted"], io.png_bytes(pasted))
-    io.write_json(os.path.join(out, "edit.json"), dict(
-        image=loaded.label, layers=[first, last],
-        sliders={s.name: float(v) for s, v in zip(self.sliders, values)}))
-    files["refined"] = self.refined_zip(loaded.directory)
-    return image, pasted, files
-
-  def refined_zip(self, directory):
-    """OUT/<name>/app/refined.zip: refined/ under its own name, so that
-    unzipping it in an image folder gives what --mode=edit reads."""
-    path = os.path.join(directory, APP_DIR, "refined.zip")
-    src = os.path.join(directory, "refined")
-    if os.path.isfile(path) and os.path.getmtime(path) >= max(
-        os.path.getmtime(os.path.join(r, f))
-        for r, _, fs in os.walk(src) for f in fs):
-      return path
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-      for root, _, names in os.walk(src):
-        for f in sorted(names):
-          full = os.path.join(root, f)
-          z.write(full, os.path.relpath(full, directory))
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------
@@ -361,9 +61,9 @@ class Editor:
 
 def _images(loaded):
   d = loaded.directory
-  return (_read_png(os.path.join(d, "input.png")),
-          _read_png(os.path.join(d, "inversion.png")),
-          _read_png(os.path.join(d, "mask.png")))
+  return (dhr_files.read_png(os.path.join(d, "input.png")),
+          dhr_files.read_png(os.path.join(d, "inversion.png")),
+          dhr_files.read_png(os.path.join(d, "mask.png")))
 
 
 def _message(e):
@@ -540,9 +240,10 @@ def serve(config, workdir, host="127.0.0.1", port=7860, max_upload_mb=25,
   """Loads the models, builds the page and serves it until interrupted."""
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   try:
-    io.check_creatable(workdir)
+    dhr_files.check_creatable(workdir)
     editor = Editor(config, workdir, max_upload_mb, max_megapixels * 1e6)
-  except (runner.UserError, io.WorkdirError, editing.EditError) as e:
+  except (settings.UserError, dhr_files.WorkdirError,
+          editing.EditError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   page = build_ui(editor)
@@ -584,7 +285,7 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-  return runner.parse_flags(argv, _CONFIG)
+  return cli.parse_flags(argv, _CONFIG)
 
 
 def _main(argv):

@@ -14,8 +14,9 @@ InterFaceGAN (Shen et al., 2020): a direction n is a W-space normal of a
 linear attribute boundary; an edit of strength α is w + α·n. Files as
 distributed with GAN-inversion code (e4e, HFGI, PTI: age.pt, smile.pt,
 pose.pt) are PyTorch tensors of shape (1, 512) or (1, 18, 512); InterFaceGAN's
-own boundaries are .npy arrays of shape (1, 512). Directions are used as
-given (not renormalised), so α is in the file's units.
+own boundaries are .npy arrays of shape (1, 512) (`dhr_jax.directions` reads
+them). Directions are used as given (not renormalised), so α is in the
+file's units.
 
 GANSpace (Härkönen et al., 2020): PCA of W = mapping(z). Component c is a unit
 vector v_c with standard deviation σ_c of the W samples along it. The paper's
@@ -34,211 +35,16 @@ with t measured on layer 0 of each code, as e4e's `editings/ganspace.py`
 does; for W codes (all layers equal) this puts the edited layers at s
 standard deviations along v_c.
 """
-import dataclasses
 import functools
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dhr_jax import checkpoint
+from dhr_jax import directions
+from dhr_jax.directions import EditError
 from dhr_jax.models.stylegan2 import Generator, feature_resolution
-
-_TORCH_SUFFIXES = (".pt", ".pth")
-
-
-class EditError(ValueError):
-  """A direction or component file, or an edit specification, is unusable."""
-
-
-# --------------------------------------------------------------------------
-# Files
-
-
-def _torch_load(path):
-  """A .pt file read safely onto the CPU (files saved from GPU included)."""
-  try:
-    import torch
-  except ImportError:
-    raise EditError(
-        f"{path} is a PyTorch file and reading it needs PyTorch (CPU): "
-        "pip install -e '.[convert]' (or save the array as .npy/.npz).") from None
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for a bad file
-    raise EditError(
-        f"{path}: not a tensor file this reads "
-        f"({checkpoint.torch_refusal(e)}). Pass the file as distributed, or "
-        "save the array as .npy/.npz.") from None
-
-
-def _as_float(path, name, value):
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu().float().numpy()
-  try:
-    a = np.asarray(value, dtype=np.float32)
-  except (TypeError, ValueError):
-    raise EditError(f"{path}: {name} is a {type(value).__name__}, "
-                    "expected a numeric array") from None
-  if not np.all(np.isfinite(a)):
-    raise EditError(f"{path}: {name} contains NaN or inf")
-  return a
-
-
-def _check_exists(path, what):
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise EditError(f"{path}: no such {what} file")
-  return path
-
-
-def _np_load(path):
-  try:
-    return np.load(path, allow_pickle=False)
-  except ValueError as e:
-    if "pickle" in str(e):
-      raise EditError(
-          f"{path} holds pickled Python objects, which are not loaded (unsafe)."
-          " Save plain arrays: np.save for a direction, np.savez(path, "
-          "components=..., mean=..., std=...) for GANSpace components.") from None
-    raise EditError(f"{path}: not a readable numpy file ({e})") from None
-  except OSError as e:
-    raise EditError(f"{path}: not a readable numpy file ({e})") from None
-
-
-def load_direction(path):
-  """Reads an InterFaceGAN direction from `.npy` or a PyTorch `.pt`/`.pth`.
-
-  Accepted shapes: (D,) or (1, D) — one direction for every layer — and
-  (L, D) or (1, L, D) — one per W+ layer. Returns float32 numpy of shape
-  (D,) or (L, D). `.pt` files must hold a single tensor (needs PyTorch).
-  """
-  path = _check_exists(path, "direction")
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".npy":
-    value = _np_load(path)
-  elif suffix in _TORCH_SUFFIXES:
-    value = _torch_load(path)
-    if isinstance(value, dict):
-      raise EditError(
-          f"{path} holds a dict (keys {sorted(map(str, value))}), expected a "
-          "single direction tensor of shape (1, D) or (1, L, D).")
-  else:
-    raise EditError(f"{path}: unknown direction format {suffix!r}; use .npy "
-                    "or a PyTorch .pt/.pth tensor")
-  n = _as_float(path, "the direction", value)
-  if n.ndim == 3 and n.shape[0] == 1:
-    n = n[0]
-  elif n.ndim == 2 and n.shape[0] == 1:
-    n = n[0]
-  if n.ndim not in (1, 2) or n.size == 0:
-    raise EditError(
-        f"{path}: direction has shape {tuple(np.shape(value))}, expected (D,), "
-        "(1, D), (L, D) or (1, L, D)")
-  if not np.any(n):
-    raise EditError(f"{path}: the direction is all zeros")
-  return n
-
-
-@dataclasses.dataclass(frozen=True)
-class PrincipalComponents:
-  """GANSpace W-space PCA.
-
-  components: (K, D) unit directions v_c;  std: (K,) σ_c, the spread of W
-  along v_c;  mean: (D,) μ, the mean of W (only `mode="set"` needs it).
-  """
-  components: np.ndarray
-  std: np.ndarray
-  mean: Optional[np.ndarray] = None
-
-  def __post_init__(self):
-    for name in ("components", "std", "mean"):
-      value = getattr(self, name)
-      if value is not None:
-        object.__setattr__(self, name, _as_float(
-            "PrincipalComponents", name, value))
-    _check_components(self.components, self.std, self.mean,
-                      "PrincipalComponents")
-
-
-def _check_components(comp, std, mean, source):
-  if np.ndim(comp) != 2:
-    raise EditError(f"{source}: components must be (K, D), got "
-                    f"{np.shape(comp)}")
-  k, d = np.shape(comp)
-  if np.shape(std) != (k,):
-    raise EditError(f"{source}: std must be ({k},) for {k} components, got "
-                    f"{np.shape(std)}")
-  if mean is not None and np.shape(mean) != (d,):
-    raise EditError(f"{source}: mean must be ({d},) for {d}-dim components, "
-                    f"got {np.shape(mean)}")
-
-
-# Keys in the files GANSpace writes (`lat_*`, an npz) and the ones e4e/HFGI
-# ship (`comp`, `mean`, `std`, a .pt dict); first match wins.
-_COMPONENT_KEYS = ("components", "comp", "lat_comp")
-_MEAN_KEYS = ("mean", "lat_mean")
-_STD_KEYS = ("std", "stdev", "lat_stdev")
-
-
-def _pick(path, arrays, keys, what, required=True):
-  for k in keys:
-    if k in arrays:
-      return _as_float(path, f"{what} ({k!r})", arrays[k])
-  if required:
-    raise EditError(
-        f"{path} has no {what}: expected one of the keys {', '.join(keys)}; "
-        f"found {', '.join(sorted(map(str, arrays))) or 'none'}")
-  return None
-
-
-def _squeeze_to(a, ndim):
-  """Drops singleton axes (GANSpace stores (K, 1, D), (1, D), (K, 1))."""
-  if a is None or a.ndim <= ndim:
-    return a
-  axes = tuple(i for i, s in enumerate(a.shape) if s == 1)[:a.ndim - ndim]
-  return np.squeeze(a, axes) if axes else a
-
-
-def load_ganspace(path):
-  """Reads GANSpace principal components of W from `.npz` or `.pt`.
-
-  The file is a mapping (an `.npz` archive, or a PyTorch dict of tensors)
-  with
-    components: key 'components', 'comp' (e4e/HFGI `ffhq_pca.pt`) or
-                'lat_comp' (GANSpace's cache npz, computed with --use_w so
-                that its latent space is W); (K, D) or (K, 1, D);
-    std:        'std', 'stdev' or 'lat_stdev'; (K,) or (K, 1);
-    mean:       'mean' or 'lat_mean'; (D,), (1, D) or (1, 1, D); optional.
-  Other keys (GANSpace's 'act_comp', 'var_ratio', ...) are ignored.
-  A `.npy` file cannot hold the three arrays and is refused with a hint.
-  """
-  path = _check_exists(path, "GANSpace components")
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".npz":
-    with _np_load(path) as z:
-      arrays = {k: z[k] for k in z.files}
-  elif suffix in _TORCH_SUFFIXES:
-    arrays = _torch_load(path)
-    if not isinstance(arrays, dict):
-      raise EditError(
-          f"{path} holds a {type(arrays).__name__}, expected a dict with "
-          "'comp', 'mean' and 'std' tensors (as e4e's ffhq_pca.pt)")
-  elif suffix == ".npy":
-    raise EditError(
-        f"{path}: a .npy file holds one array, GANSpace needs components and "
-        "their std (and mean): save them together with np.savez(path, "
-        "components=C, std=S, mean=M) and pass the .npz")
-  else:
-    raise EditError(f"{path}: unknown GANSpace format {suffix!r}; use .npz or "
-                    "a PyTorch .pt/.pth dict")
-  comp = _squeeze_to(_pick(path, arrays, _COMPONENT_KEYS, "components"), 2)
-  std = _squeeze_to(_pick(path, arrays, _STD_KEYS, "std"), 1)
-  mean = _squeeze_to(_pick(path, arrays, _MEAN_KEYS, "mean", False), 1)
-  _check_components(comp, std, mean, path)  # errors name the file
-  return PrincipalComponents(comp, std, mean)
 
 
 # --------------------------------------------------------------------------
@@ -295,7 +101,7 @@ def edit_codes(codes, direction, strengths, layers=None):
   codes = _check_codes(codes)
   _, n_latent, dim = codes.shape
   if isinstance(direction, (str, os.PathLike)):
-    direction = load_direction(direction)
+    direction = directions.load_direction(direction)
   n = jnp.asarray(direction, codes.dtype)
   if n.ndim >= 2 and n.shape[0] == 1:
     n = n[0]
@@ -366,7 +172,7 @@ def ganspace_edit(codes, pcs, edits, mode="add"):
   """
   codes = _check_codes(codes)
   if isinstance(pcs, (str, os.PathLike)):
-    pcs = load_ganspace(pcs)
+    pcs = directions.load_ganspace(pcs)
   if pcs.components.shape[1] != codes.shape[2]:
     raise EditError(f"GANSpace components have dimension "
                     f"{pcs.components.shape[1]}, codes {codes.shape[2]}")
@@ -413,8 +219,17 @@ def _leading(tree):
           for x in jax.tree_util.tree_leaves(tree)}
 
 
+@jax.jit
+def _synthesize(G, codes):
+  return G.synthesis(G.params, codes, G.noise)
+
+
 def render(G, refinement, codes=None):
   """Images of (edited) codes with a refinement's weights, offset and mask.
+
+  The one way codes become images: refinement None renders `codes` with the
+  generator's own weights and fixed noise (an unrefined inversion, the
+  embedding, the true edits of a synthetic image).
 
   G: the `Generator` the refinement was made with.  refinement: a
   `refine.Refinement` of B images (from `hybrid_refine`, `load_refined`,
@@ -429,6 +244,13 @@ def render(G, refinement, codes=None):
   round-off (~1e-6), as per-image weights make a batched convolution.
   Returns (B, S, H, W, 3) or (B, H, W, 3), in [-1, 1] as the generator.
   """
+  if refinement is None:
+    codes = jnp.asarray(codes, jnp.float32)
+    if codes.ndim == 3:
+      return _synthesize(G, codes)
+    b, n = codes.shape[:2]
+    images = _synthesize(G, codes.reshape((b * n,) + codes.shape[2:]))
+    return images.reshape((b, n) + images.shape[1:])
   r = refinement
   codes = jnp.asarray(r.codes if codes is None else codes)
   single = codes.ndim == 3
@@ -485,60 +307,3 @@ def render(G, refinement, codes=None):
                    mask_feature, feature_idx=feature_idx,
                    noise_axis=noise_axis)
   return images[:, 0] if single else images
-
-
-# --------------------------------------------------------------------------
-# Strings (configs, command lines)
-
-
-def parse_strengths(text):
-  """'-3,0,3' → [-3.0, 0.0, 3.0]."""
-  try:
-    values = [float(x) for x in str(text).split(",") if x.strip()]
-  except ValueError:
-    raise EditError(f"strengths must be comma-separated numbers, got "
-                    f"{text!r}") from None
-  if not values:
-    raise EditError("no strengths given")
-  return values
-
-
-def parse_layers(text):
-  """'' / 'all' → None;  '4:8' → (4, 8) half-open;  '0,2,5' → [0, 2, 5]."""
-  text = "" if text is None else str(text).strip()
-  try:
-    if text in ("", "all"):
-      return None
-    if ":" in text:
-      first, last = text.split(":")
-      return (int(first), int(last))
-    return [int(x) for x in text.split(",")]
-  except ValueError:
-    raise EditError(f"layers must be 'all', 'first:last' (half-open) or "
-                    f"'i,j,k', got {text!r}") from None
-
-
-def parse_ganspace_edits(text):
-  """'54,7,8,20; 46,4,5,-20' → two edits; '+' joins tuples into one edit.
-
-  Each tuple is component,first,last,strength with layers first:last.
-  """
-  edits = []
-  for part in str(text).split(";"):
-    if not part.strip():
-      continue
-    group = []
-    for tup in part.split("+"):
-      fields = [x.strip() for x in tup.split(",")]
-      try:
-        if len(fields) != 4:
-          raise ValueError
-        c, first, last = (int(x) for x in fields[:3])
-        group.append((c, first, last, float(fields[3])))
-      except ValueError:
-        raise EditError(f"a GANSpace edit is 'component,first,last,strength'"
-                        f", got {tup.strip()!r}") from None
-    edits.append(group[0] if len(group) == 1 else group)
-  if not edits:
-    raise EditError("no GANSpace edits given")
-  return edits

@@ -1,7 +1,7 @@
 """Reconstruction metrics as the paper reports them.
 
 The paper's Table 1 comes from GANInverter's `scripts/test.py`, which does
-not score at the generator's resolution in floats (`pipeline.image_metrics`
+not score at the generator's resolution in floats (`image_metrics`
 does): it scores the inversion as a saved picture, at 256², against the
 input file resized to 256²:
 
@@ -99,3 +99,50 @@ def paper_metrics(inversions, targets_u8, lpips_alex=None):
   lp = np.asarray(lpips_distance(lpips_alex, x, y), np.float64)
   nan = np.where(finite, 0.0, np.nan)
   return dict(mse=mse + nan, psnr=psnr + nan, lpips=lp + nan)
+
+
+# --------------------------------------------------------------------------
+# A run's metrics: the paper's beside full-resolution float ones
+
+# The paper's protocol (`paper_metrics`: the inversion as a truncated
+# uint8 picture, both images at 256², MSE on [-1, 1], PSNR = 10·log10(2/MSE),
+# LPIPS-Alex), beside full-resolution float metrics (`image_metrics`).
+PAPER_METRICS = ("paper_mse", "paper_psnr", "paper_lpips_alex")
+METRICS = ("mse", "psnr", "lpips_alex", "lpips_vgg", "in_domain",
+           "out_of_domain") + PAPER_METRICS
+
+
+def psnr(mse):
+  """PSNR in dB for images in [0, 1]."""
+  return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
+  """Per-image metrics of a batch as a list of dicts.
+
+  image, target: (B, H, W, 3) in [-1, 1] (image is clipped to it, as it is
+  saved); mask: (B, H, W, 1), 1 = in-domain. MSE and PSNR are on [0, 1].
+  The paper_* entries are `metrics.paper_metrics` of the unclipped image.
+  """
+  # LPIPS on the device arrays as given; only MSE needs host copies.
+  xa = jnp.clip(jnp.asarray(image, jnp.float32), -1.0, 1.0)
+  ya = jnp.asarray(target, jnp.float32)
+  x, y = np.asarray(xa), np.asarray(ya)
+  mse = np.mean(((x - y) / 2.0) ** 2, axis=(1, 2, 3))
+  alex = np.asarray(lpips_distance(lpips_alex, xa, ya))
+  vgg = np.asarray(lpips_distance(lpips_vgg, xa, ya))
+  inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
+  # The uint8 target is the input as inverted (the pixels written as
+  # input.png): the runner loads each file as u / 127.5 − 1 at the
+  # generator's size, which io.to_uint8 maps back to u exactly. (The
+  # official script resizes the file itself; the same picture for inputs at
+  # the generator's size, such as FFHQ-aligned 1024² crops.)
+  paper = paper_metrics(image, io.to_uint8(y), lpips_alex)
+  return [dict(mse=float(mse[i]), psnr=psnr(mse[i]),
+               lpips_alex=float(alex[i]), lpips_vgg=float(vgg[i]),
+               in_domain=float(inside[i]), out_of_domain=float(1 - inside[i]),
+               paper_mse=float(paper["mse"][i]),
+               paper_psnr=float(paper["psnr"][i]),
+               paper_lpips_alex=float(paper["lpips"][i]))
+          for i in range(x.shape[0])]
+

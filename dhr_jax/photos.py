@@ -17,18 +17,18 @@ A photo without a face is a failed input (its reason says so), not an
 error. The pasted pictures are made from the written PNGs after the faces
 are done, so they are remade by every run and every re-edit.
 """
-import json
 import os
 import shutil
 
 import numpy as np
-from PIL import Image
 
 from dhr_jax import alignment
 from dhr_jax import faces
+from dhr_jax import files
 from dhr_jax import io
+from dhr_jax import workdir
 
-FACES_FILE = "faces.json"
+FACES_FILE = workdir.FACES_FILE
 TEMPLATE_NOTE = "canonical FFHQ template (no face found in the input)"
 NO_FACE_NOTE = ("no face found: no parsing mask, class 0 for every "
                 "superpixel (the official fallback)")
@@ -55,10 +55,10 @@ def face_models(required=False):
 
 def face_dir(photo_name, k):
   """The image name (and output folder) of face k of a photo."""
-  return f"{io.output_name(photo_name)}/face{k}"
+  return f"{workdir.output_name(photo_name)}/face{k}"
 
 
-def prepare(entries, workdir, size, models, which="largest", min_size=0,
+def prepare(entries, workdir_path, size, models, which="largest", min_size=0,
             upsample=1, min_score=faces.MIN_SCORE):
   """Detects and aligns the faces of every photo of `entries`.
 
@@ -83,29 +83,24 @@ def prepare(entries, workdir, size, models, which="largest", min_size=0,
           f"side ≥ {min_size} px); give an aligned face with "
           "--config.data.align=False or lower --config.data.min_face_size")))
       continue
-    directory = os.path.join(workdir, io.output_name(name))
+    directory = os.path.join(workdir_path, workdir.output_name(name))
     records = []
     for k, al in enumerate(found):
       crop = os.path.join(directory, "aligned", f"face{k}.png")
-      data = io.png_bytes(al.image)
+      data = files.png_bytes(al.image)
       if not os.path.isfile(crop) or open(crop, "rb").read() != data:
-        io.write_bytes(crop, data)
+        files.write_bytes(crop, data)
       records.append(dict(box=list(al.face.box), score=al.face.score,
                           landmarks=al.face.landmarks.tolist(),
                           quad=al.quad.tolist()))
       out.append((face_dir(name, k), crop))
-    io.write_json(os.path.join(directory, FACES_FILE), dict(
+    files.write_json(os.path.join(directory, FACES_FILE), dict(
         photo=os.path.abspath(path), height=photo.shape[0],
         width=photo.shape[1], size=size, faces=records))
   return out, failed
 
 
-def _read_png(path):
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def paste_photo(workdir, name, path, stamp=None):
+def paste_photo(workdir_path, name, path, stamp=None):
   """Puts every finished face of one prepared photo back into it.
 
   Writes face<k>/pasted/inversion.png and pasted/edits/<label>.png for each
@@ -113,40 +108,38 @@ def paste_photo(workdir, name, path, stamp=None):
   pasted_all.png with all their inversions. Returns the files written,
   relative to OUT/<photo>/.
   """
-  directory = os.path.join(workdir, io.output_name(name))
-  try:
-    with open(os.path.join(directory, FACES_FILE)) as f:
-      info = json.load(f)
-  except (OSError, ValueError):
+  directory = os.path.join(workdir_path, workdir.output_name(name))
+  info = workdir.read_faces(directory)
+  if info is None:
     return []
   photo = io.load_photo(path)
   written, pastes = [], []
   for k, record in enumerate(info["faces"]):
     sub = f"face{k}"
     d = os.path.join(directory, sub)
-    marker = io.read_marker(d)
+    marker = workdir.read_marker(d)
     if marker is None or (stamp is not None and
                           marker.get("fingerprint") != stamp):
       continue
     quad = np.asarray(record["quad"])
-    inversion = _read_png(os.path.join(d, "inversion.png"))
+    inversion = files.read_png(os.path.join(d, "inversion.png"))
     pasted, _ = faces.paste(photo, inversion, quad)
     # Rebuilt from the marker's edits, which a --mode=edit pass may change.
     shutil.rmtree(os.path.join(d, "pasted"), ignore_errors=True)
-    io.write_bytes(os.path.join(d, "pasted", "inversion.png"),
-                   io.png_bytes(pasted))
+    files.write_bytes(os.path.join(d, "pasted", "inversion.png"),
+                   files.png_bytes(pasted))
     written.append(f"{sub}/pasted/inversion.png")
     for label in marker.get("edits", []):
-      edit = _read_png(os.path.join(d, "edits", f"{label}.png"))
+      edit = files.read_png(os.path.join(d, "edits", f"{label}.png"))
       pasted, _ = faces.paste(photo, edit, quad)
       rel = f"pasted/edits/{label}.png"
-      io.write_bytes(os.path.join(d, rel), io.png_bytes(pasted))
+      files.write_bytes(os.path.join(d, rel), files.png_bytes(pasted))
       written.append(f"{sub}/{rel}")
     pastes.append((inversion, quad))
   if pastes:
     together, _ = faces.paste_all(photo, pastes)
-    io.write_bytes(os.path.join(directory, "pasted_all.png"),
-                   io.png_bytes(together))
+    files.write_bytes(os.path.join(directory, "pasted_all.png"),
+                   files.png_bytes(together))
     written.append("pasted_all.png")
   return written
 

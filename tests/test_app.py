@@ -33,11 +33,11 @@ import dhr_jax  # noqa: E402
 from dhr_jax import app  # noqa: E402
 from dhr_jax import config_files  # noqa: E402
 from dhr_jax import editing  # noqa: E402
+from dhr_jax import edits as edits_lib  # noqa: E402
 from dhr_jax import faces  # noqa: E402
 from dhr_jax import io  # noqa: E402
+from dhr_jax import loading  # noqa: E402
 from dhr_jax import photos  # noqa: E402
-from dhr_jax import pipeline  # noqa: E402
-from dhr_jax import runner  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -260,9 +260,9 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   labels = list(app.finished(workdir))
   assert len(labels) == 1, labels
   directory = os.path.join(workdir, labels[0])
-  G = runner.load_generator(_demo_config())
+  G = loading.load_generator(_demo_config())
   refined = dhr_jax.load_refined(os.path.join(directory, "refined"), G)
-  n = pipeline.random_direction(0, G.config["style_dim"])
+  n = edits_lib.random_direction(0, G.config["style_dim"])
   codes = editing.edit_codes(refined.codes, n, [alpha])[:, 0]
   want = np.asarray(dhr_jax.render(G, refined, codes)[0])
   # The page's image and the PNG are the uint8 rounding of that render.

@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dhr_jax import cli
 from dhr_jax import io
+from dhr_jax import loading
+from dhr_jax import lock as lock_lib
+from dhr_jax import loop as loop_lib
+from dhr_jax import pictures
 from dhr_jax import runner as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +36,7 @@ _TINY = (("batch_size", 2), ("data.synthetic.count", 2),
 
 
 def _demo_config():
-  return run_lib._load_config_file(DEMO)
+  return cli.load_config_file(DEMO)
 
 
 def _tiny_config():
@@ -79,15 +84,15 @@ def test_config_flag_errors_are_one_line_exit_2(tmp_path):
 def test_explain_flag_error_names_key_and_allowed_values():
   argv = ["run.py", "--config=" + DEMO]
   err = AttributeError("'nope'")
-  assert run_lib.explain_flag_error(argv + ["--config.nope.x=1"], err) == (
+  assert cli.explain_flag_error(argv + ["--config.nope.x=1"], err) == (
       "--config.nope.x: no such setting; config has batch_size, data, dss, "
       "edit, embedding, model, refine, save, seed")
-  line = run_lib.explain_flag_error(
+  line = cli.explain_flag_error(
       argv + ["--config.save.intermediate=maybe"],
       ValueError("flag --config.save.intermediate=maybe: bad"))
   assert line == ("--config.save.intermediate=maybe: expected True or False "
                   "(the config has True)")
-  line = run_lib.explain_flag_error(
+  line = cli.explain_flag_error(
       argv + ["--config.refine.mode.x=1"], AttributeError("x"))
   assert line.startswith("--config.refine.mode.x: no such setting; "
                          "config.refine.mode has nothing")
@@ -104,7 +109,7 @@ def test_explain_flag_error_names_key_and_allowed_values():
 ])
 def test_rejected_settings_create_no_workdir(tmp_path, monkeypatch, change,
                                              match):
-  monkeypatch.setattr(run_lib, "load_models", lambda *a: 1 / 0)
+  monkeypatch.setattr(loading, "load_models", lambda *a: 1 / 0)
   (tmp_path / "empty").mkdir()
   c = _tiny_config()
   data = change.get("data", {}).get("input")
@@ -323,7 +328,7 @@ def test_encoder_generator_mismatch_refused_when_loaded(tmp_path,
   from dhr_jax.models import lpips
   monkeypatch.setattr(lpips, "load", lambda *a: 1 / 0)
   with pytest.raises(run_lib.UserError) as e:
-    run_lib.load_models(c)
+    loading.load_models(c)
   msg = str(e.value)
   assert "g64" in msg and "predicts 8×512" in msg, msg
   assert "64² generator takes 10×512" in msg, msg
@@ -361,24 +366,24 @@ def _dead_pid():
 def test_workdir_lock_refuses_a_second_holder(tmp_path):
   workdir = tmp_path / "out"
   workdir.mkdir()
-  lock = io.WorkdirLock(workdir).acquire()
+  lock = lock_lib.WorkdirLock(workdir).acquire()
   try:
-    with pytest.raises(io.WorkdirBusy) as e:
-      io.WorkdirLock(workdir).acquire()
+    with pytest.raises(lock_lib.WorkdirBusy) as e:
+      lock_lib.WorkdirLock(workdir).acquire()
     assert e.value.pid == os.getpid() and f"pid {os.getpid()}" in str(e.value)
   finally:
     lock.release()
   assert not (workdir / ".lock").exists()
   # A lock file left by a dead process holds no lock: taken over.
   (workdir / ".lock").write_text(f"{_dead_pid()}\n")
-  with io.WorkdirLock(workdir):
+  with lock_lib.WorkdirLock(workdir):
     assert (workdir / ".lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_second_run_into_a_locked_workdir_exits_2(tmp_path):
   workdir = tmp_path / "out"
   workdir.mkdir()
-  with io.WorkdirLock(workdir):
+  with lock_lib.WorkdirLock(workdir):
     p = _cli(["--config=" + DEMO, "--workdir=" + str(workdir)], tmp_path)
     line = _one_error_line(p)
     assert f"in use by another run (pid {os.getpid()})" in line
@@ -481,7 +486,7 @@ def test_grid_has_a_title_over_every_column(tiny):
     assert (t < 128).any()  # dark text on the white strip
   assert len({t.tobytes() for t in titles}) == 5  # five different titles
   # The same strip as a picture of the expected titles.
-  want = io.title_strip(["input", "inversion", "mask (white = in-domain)",
+  want = pictures.title_strip(["input", "inversion", "mask (white = in-domain)",
                          "random -2", "random 2"], [32 * k] * 5, pad)
   np.testing.assert_array_equal(grid[:strip], want)
 
@@ -530,7 +535,7 @@ def test_edit_pass_counts_failed_images_as_failed(tiny, tmp_path, capsys):
 def test_results_table_aligns_long_names(capsys):
   rows = [dict(name="a_rather_long_image_name", psnr=21.123456, mse=0.5),
           dict(name="b", psnr=3.0, mse=0.25)]
-  run_lib._print_table(rows, ["name", "psnr", "mse"])
+  loop_lib.print_table(rows, ["name", "psnr", "mse"])
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 3
   starts = [[l.index(v) for v in vals] for l, vals in zip(
@@ -544,10 +549,38 @@ def test_run_whose_only_input_failed_prints_no_mean_line(tmp_path, capsys):
   bad = tmp_path / "in" / "x.png"
   bad.write_bytes(b"not a png")
   failed = [dict(name="x", file=str(bad), reason="not an image")]
-  outcome = run_lib._finish(_tiny_config(), str(tmp_path), [("x", str(bad))],
+  outcome = run_lib.finish(_tiny_config(), str(tmp_path), [("x", str(bad))],
                             failed, 0, 0.0, "run")
   out = capsys.readouterr().out
   assert "mean" not in out and out.strip() == ""
   assert outcome.status == 1 and outcome.done == []
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["means"] == {} and summary["done"] == 0
+
+
+def test_aligned_run_counts_photos_and_faces_by_name(tmp_path, capsys):
+  """With data.align the summary and the last line count photos and faces
+  apart: 3 faces of 2 photos done and a third photo without a face is not
+  '3 of 4 images'."""
+  from dhr_jax import settings
+  config = _tiny_config()
+  stamp = settings.fingerprint(config)
+  faces = [("a/face0", "a0.png"), ("a/face1", "a1.png"), ("b/face0", "b0.png")]
+  for name, _ in faces:
+    (tmp_path / name).mkdir(parents=True)
+    (tmp_path / name / "done.json").write_text(json.dumps(dict(
+        name=name, fingerprint=stamp, metrics=dict(mse=0.5), files=[])))
+  failed = [dict(name="c", file="c.jpg", reason="no face found")]
+  outcome = run_lib.finish(config, str(tmp_path), faces, failed, 0, 0.0,
+                           "run", photos=3)
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert (summary["photos"], summary["photos_failed"], summary["faces"],
+          summary["done"]) == (3, 1, 3, 3)
+  assert "images" not in summary
+  assert outcome.status == 1 and len(outcome.done) == 3
+  assert outcome.message.startswith(
+      "DHR: 3 of 3 faces of 3 photos done, 1 failed: c.jpg (no face found)")
+  # Without alignment the count stays one of images.
+  outcome = run_lib.finish(config, str(tmp_path), faces, [], 0, 0.0, "run")
+  assert json.load(open(tmp_path / "summary.json"))["images"] == 3
+  assert outcome.message.startswith("DHR: 3 of 3 images done in ")

@@ -11,8 +11,10 @@ from PIL import Image
 import pytest
 
 from dhr_jax import compare
-from dhr_jax import io
+from dhr_jax import edits as edits_lib
+from dhr_jax import pictures
 from dhr_jax import runner as run_lib
+from dhr_jax import synthetic
 from tests.test_cli import _TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +36,7 @@ def compared(tmp_path_factory):
   config = compare_config.get_config("demo")
   config.update_from_flattened_dict(dict(_TINY + _STEPS))
   workdir = str(tmp_path_factory.mktemp("compare") / "out")
-  status = run_lib.main(config, workdir, "compare",
-                        actions=dict(compare=compare.run))
+  status = run_lib.main(config, workdir, "compare")
   return config, workdir, status
 
 
@@ -113,8 +114,8 @@ def test_grid_has_a_titled_row_per_method(compared):
   for method in ("embedding", "pti", "dhr"):
     assert os.path.isfile(os.path.join(directory, f"{method}.png"))
   grid = np.asarray(Image.open(os.path.join(directory, "grid.png")))
-  tile = io.upscale(np.zeros((32, 32, 3), np.uint8)).shape[1]
-  strip = io.title_strip(["x"], [tile]).shape[0]
+  tile = pictures.upscale(np.zeros((32, 32, 3), np.uint8)).shape[1]
+  strip = pictures.title_strip(["x"], [tile]).shape[0]
   row = strip + tile + 2  # a title strip, the tiles, 2 pixels apart
   titles = ["random -2", "random 2"]
   want = [["input", "mask (white = in-domain)"]] + [
@@ -123,7 +124,7 @@ def test_grid_has_a_titled_row_per_method(compared):
   assert grid.shape[0] == row * len(want)
   for k, names in enumerate(want):
     got = grid[k * row:k * row + strip, :len(names) * (tile + 2) - 2]
-    assert np.array_equal(got, io.title_strip(names, [tile] * len(names)))
+    assert np.array_equal(got, pictures.title_strip(names, [tile] * len(names)))
 
 
 def test_pti_pivot_is_named_and_checked():
@@ -172,22 +173,21 @@ def test_edit_fidelity_against_the_true_edits():
   patch: the true edits themselves score exactly (inf), the edits of other
   codes finitely, and what is inside the patch does not count."""
   import jax
-  from dhr_jax import pipeline
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(jax.random.PRNGKey(0), size=16, style_dim=32, n_mlp=1,
                      channels=8)
-  _, truth = pipeline.synthetic_case(G, 0, 0)
+  _, truth = synthetic.synthetic_case(G, 0, 0)
   direction = np.random.RandomState(0).randn(32).astype(np.float32)
-  edits = [pipeline.interfacegan("d", direction, [-1.0, 1.0])]
-  true = pipeline.generator_edits(G, truth.codes[None], edits)
+  edits = [edits_lib.interfacegan("d", direction, [-1.0, 1.0])]
+  true = edits_lib.generator_edits(G, truth.codes[None], edits)
   assert sorted(true) == ["d_-1", "d_1"]
-  assert pipeline.edit_fidelity(G, truth, edits, true) == {
+  assert synthetic.edit_fidelity(G, truth, edits, true) == {
       "edit_psnr_in": float("inf")}
   spoiled = {l: np.where(truth.out[..., None], 5.0, im)
              for l, im in true.items()}
-  assert pipeline.edit_fidelity(G, truth, edits, spoiled) == {
+  assert synthetic.edit_fidelity(G, truth, edits, spoiled) == {
       "edit_psnr_in": float("inf")}
-  other = pipeline.generator_edits(G, truth.codes[None] + 0.5, edits)
-  got = pipeline.edit_fidelity(G, truth, edits, other)["edit_psnr_in"]
+  other = edits_lib.generator_edits(G, truth.codes[None] + 0.5, edits)
+  got = synthetic.edit_fidelity(G, truth, edits, other)["edit_psnr_in"]
   assert np.isfinite(got) and got > 0
-  assert pipeline.edit_fidelity(G, truth, [], {}) == {}
+  assert synthetic.edit_fidelity(G, truth, [], {}) == {}

@@ -235,6 +235,7 @@ def test_similarity_is_dot_of_embeddings(small_net):
 
 def test_run_refuses_missing_id_network(tmp_path, monkeypatch):
   from PIL import Image
+  from dhr_jax import loading
   from dhr_jax import runner
   from dhr_jax.config_files import load_config
   inputs = tmp_path / "in"
@@ -245,7 +246,7 @@ def test_run_refuses_missing_id_network(tmp_path, monkeypatch):
   assert config.model.id_network == ""   # off by default
   config.data.input = str(inputs)
   config.model.id_network = str(tmp_path / "idnet")
-  monkeypatch.setattr(runner, "_face_models", lambda c: object())
+  monkeypatch.setattr(loading, "face_models", lambda c: object())
   with pytest.raises(runner.UserError,
                      match=r"python -m converters\.curricularface .*idnet"):
     runner.run(config, str(tmp_path / "out"))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dhr_jax import directions as directions_lib
 from dhr_jax import editing
+from dhr_jax import edits as edits_lib
 from dhr_jax import refine
 from dhr_jax.editing import EditError
 from dhr_jax.models.stylegan2 import feature_resolution, init_generator
@@ -210,7 +212,7 @@ def test_bad_layers_are_refused(layers):
 def _orthonormal_pcs(k=5, d=16, seed=3):
   rng = np.random.RandomState(seed)
   q, _ = np.linalg.qr(rng.randn(d, k))
-  return editing.PrincipalComponents(
+  return directions_lib.PrincipalComponents(
       components=q.T.astype(np.float32),
       std=np.array([3.0, 2.0, 1.5, 1.0, 0.5], np.float32)[:k],
       mean=rng.randn(d).astype(np.float32))
@@ -258,7 +260,7 @@ def test_ganspace_set_mode_puts_coordinate_at_strength():
                              before[:, 2:4, [0, 2, 3, 4]], atol=1e-5)
   np.testing.assert_array_equal(out[:, :2], np.asarray(codes)[:, :2])
   with pytest.raises(EditError, match="mean"):
-    editing.ganspace_edit(codes, editing.PrincipalComponents(
+    editing.ganspace_edit(codes, directions_lib.PrincipalComponents(
         pcs.components, pcs.std), [(1, 2, 4, 1.0)], mode="set")
 
 
@@ -273,9 +275,9 @@ def test_ganspace_file_layouts_agree(tmp_path):
               "mean": torch.from_numpy(pcs.mean[None, None]),
               "std": torch.from_numpy(pcs.std)}, tmp_path / "pca.pt")
   np.savez(tmp_path / "plain.npz", components=pcs.components, std=pcs.std)
-  a = editing.load_ganspace(tmp_path / "ganspace.npz")
-  b = editing.load_ganspace(str(tmp_path / "pca.pt"))
-  c = editing.load_ganspace(tmp_path / "plain.npz")
+  a = directions_lib.load_ganspace(tmp_path / "ganspace.npz")
+  b = directions_lib.load_ganspace(str(tmp_path / "pca.pt"))
+  c = directions_lib.load_ganspace(tmp_path / "plain.npz")
   for x in (a, b, c):
     np.testing.assert_array_equal(x.components, pcs.components)
     np.testing.assert_array_equal(x.std, pcs.std)
@@ -293,14 +295,14 @@ def test_ganspace_file_layouts_agree(tmp_path):
                                         ("pose", (18, 512))])
 def test_direction_pt_and_npy_give_same_edit(tmp_path, name, shape):
   pt = os.path.join(DIRECTIONS, name + ".pt")
-  n_pt = editing.load_direction(pt)
+  n_pt = directions_lib.load_direction(pt)
   assert n_pt.shape == shape and n_pt.dtype == np.float32
   # InterFaceGAN normals are unit vectors (per layer for pose)
   # Stored float32 unit vectors of 512 elements: norm within ~√512 · 6e-8.
   np.testing.assert_allclose(np.linalg.norm(n_pt, axis=-1), 1.0, rtol=1e-5)
   raw = torch.load(pt, map_location="cpu", weights_only=True).numpy()
   np.save(tmp_path / (name + ".npy"), raw)
-  n_npy = editing.load_direction(tmp_path / (name + ".npy"))
+  n_npy = directions_lib.load_direction(tmp_path / (name + ".npy"))
   np.testing.assert_array_equal(n_npy, n_pt)
   codes = jnp.asarray(np.random.RandomState(7).randn(2, 18, 512), jnp.float32)
   np.testing.assert_array_equal(
@@ -313,12 +315,12 @@ def test_bad_direction_files_give_clear_errors(tmp_path, monkeypatch):
   (tmp_path / "junk.pt").write_text("not a tensor")
   with pytest.raises(EditError,
                      match=r"junk\.pt.*not a tensor file this reads"):
-    editing.load_direction(tmp_path / "junk.pt")
+    directions_lib.load_direction(tmp_path / "junk.pt")
   # A file naming a Python object is refused without PyTorch's advice to
   # load it with weights_only=False (which would run code from the file).
   torch.save({"direction": argparse.Namespace()}, tmp_path / "obj.pt")
   with pytest.raises(EditError) as refused:
-    editing.load_direction(tmp_path / "obj.pt")
+    directions_lib.load_direction(tmp_path / "obj.pt")
   assert str(refused.value) == (
       f"{tmp_path / 'obj.pt'}: not a tensor file this reads (it stores the "
       "Python object argparse.Namespace, not only tensors and plain "
@@ -326,25 +328,25 @@ def test_bad_direction_files_give_clear_errors(tmp_path, monkeypatch):
       "distributed, or save the array as .npy/.npz.")
   np.save(tmp_path / "cube.npy", np.ones((2, 3, 4, 5), np.float32))
   with pytest.raises(EditError, match=r"cube\.npy.*\(2, 3, 4, 5\)"):
-    editing.load_direction(tmp_path / "cube.npy")
+    directions_lib.load_direction(tmp_path / "cube.npy")
   np.save(tmp_path / "zero.npy", np.zeros((1, 8), np.float32))
   with pytest.raises(EditError, match=r"zero\.npy.*all zeros"):
-    editing.load_direction(tmp_path / "zero.npy")
+    directions_lib.load_direction(tmp_path / "zero.npy")
   np.save(tmp_path / "nan.npy", np.array([1.0, np.nan], np.float32))
   with pytest.raises(EditError, match=r"nan\.npy.*NaN"):
-    editing.load_direction(tmp_path / "nan.npy")
+    directions_lib.load_direction(tmp_path / "nan.npy")
   np.save(tmp_path / "obj.npy", np.array({"a": 1}, dtype=object),
           allow_pickle=True)
   with pytest.raises(EditError, match=r"obj\.npy.*pickled"):
-    editing.load_direction(tmp_path / "obj.npy")
+    directions_lib.load_direction(tmp_path / "obj.npy")
   torch.save({"w": torch.ones(1, 8)}, tmp_path / "dict.pt")
   with pytest.raises(EditError, match=r"dict\.pt.*dict.*'w'"):
-    editing.load_direction(tmp_path / "dict.pt")
+    directions_lib.load_direction(tmp_path / "dict.pt")
   (tmp_path / "d.txt").write_text("1 2 3")
   with pytest.raises(EditError, match=r"d\.txt.*unknown direction format"):
-    editing.load_direction(tmp_path / "d.txt")
+    directions_lib.load_direction(tmp_path / "d.txt")
   with pytest.raises(EditError, match=r"missing\.npy: no such direction"):
-    editing.load_direction(tmp_path / "missing.npy")
+    directions_lib.load_direction(tmp_path / "missing.npy")
   # a real direction that does not fit the generator names both shapes
   with pytest.raises(EditError, match=r"\(18, 512\).*\(B, 8, 64\)"):
     editing.edit_codes(jnp.zeros((1, 8, 64)),
@@ -352,7 +354,7 @@ def test_bad_direction_files_give_clear_errors(tmp_path, monkeypatch):
   # without PyTorch, a .pt says how to get it
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(EditError, match=r"age\.pt.*pip install -e '\.\[convert\]'"):
-    editing.load_direction(os.path.join(DIRECTIONS, "age.pt"))
+    directions_lib.load_direction(os.path.join(DIRECTIONS, "age.pt"))
 
 
 def test_bad_ganspace_files_give_clear_errors(tmp_path):
@@ -360,17 +362,17 @@ def test_bad_ganspace_files_give_clear_errors(tmp_path):
            lat_mean=np.zeros(4, np.float32), var_ratio=np.ones(4))
   with pytest.raises(EditError, match=r"nostd\.npz has no std.*lat_comp, "
                      r"lat_mean, var_ratio"):
-    editing.load_ganspace(tmp_path / "nostd.npz")
+    directions_lib.load_ganspace(tmp_path / "nostd.npz")
   np.savez(tmp_path / "short.npz", comp=np.eye(4, dtype=np.float32),
            std=np.ones(3, np.float32))
   with pytest.raises(EditError, match=r"short\.npz: std must be \(4,\)"):
-    editing.load_ganspace(tmp_path / "short.npz")
+    directions_lib.load_ganspace(tmp_path / "short.npz")
   np.save(tmp_path / "comp.npy", np.eye(4, dtype=np.float32))
   with pytest.raises(EditError, match=r"comp\.npy.*np\.savez"):
-    editing.load_ganspace(tmp_path / "comp.npy")
+    directions_lib.load_ganspace(tmp_path / "comp.npy")
   torch.save(torch.eye(4), tmp_path / "t.pt")
   with pytest.raises(EditError, match=r"t\.pt holds a Tensor"):
-    editing.load_ganspace(tmp_path / "t.pt")
+    directions_lib.load_ganspace(tmp_path / "t.pt")
   pcs = _orthonormal_pcs()
   with pytest.raises(EditError, match="component 5 out of range"):
     editing.ganspace_edit(jnp.zeros((1, 8, 16)), pcs, [(5, 0, 1, 1.0)])
@@ -400,16 +402,16 @@ def test_render_refuses_mismatched_inputs(setup):
 
 
 def test_parse_helpers():
-  assert editing.parse_strengths("-3, 0,2.5") == [-3.0, 0.0, 2.5]
-  assert editing.parse_layers("all") is None and editing.parse_layers("") is None
-  assert editing.parse_layers("4:8") == (4, 8)
-  assert editing.parse_layers("0,2,5") == [0, 2, 5]
-  assert editing.parse_ganspace_edits("54,7,8,20; 46,4,5,-20") == [
+  assert edits_lib.parse_strengths("-3, 0,2.5") == [-3.0, 0.0, 2.5]
+  assert edits_lib.parse_layers("all") is None and edits_lib.parse_layers("") is None
+  assert edits_lib.parse_layers("4:8") == (4, 8)
+  assert edits_lib.parse_layers("0,2,5") == [0, 2, 5]
+  assert edits_lib.parse_ganspace_edits("54,7,8,20; 46,4,5,-20") == [
       (54, 7, 8, 20.0), (46, 4, 5, -20.0)]
-  assert editing.parse_ganspace_edits("1,0,2,1+2,3,4,-1") == [
+  assert edits_lib.parse_ganspace_edits("1,0,2,1+2,3,4,-1") == [
       [(1, 0, 2, 1.0), (2, 3, 4, -1.0)]]
-  for bad, fn in [("a,b", editing.parse_strengths),
-                  ("1:x", editing.parse_layers),
-                  ("54,7,8", editing.parse_ganspace_edits)]:
+  for bad, fn in [("a,b", edits_lib.parse_strengths),
+                  ("1:x", edits_lib.parse_layers),
+                  ("54,7,8", edits_lib.parse_ganspace_edits)]:
     with pytest.raises(EditError):
       fn(bad)

@@ -17,6 +17,8 @@ from skimage import data
 
 from dhr_jax import alignment
 from dhr_jax import faces
+from dhr_jax import files as files_lib
+from dhr_jax import workdir as workdir_lib
 from dhr_jax.config_files import load_config
 
 pytest.importorskip("dlib")
@@ -324,10 +326,10 @@ def test_paste_photo_from_written_outputs(models, tmp_path):
   # the one edit is a grey square. Face 1 has no marker (not finished).
   d = tmp_path / "two" / "face0"
   crop = np.asarray(Image.open(entries[0][1]))
-  io.write_bytes(str(d / "inversion.png"), io.png_bytes(crop))
-  io.write_bytes(str(d / "edits" / "grey.png"),
-                 io.png_bytes(np.full((256, 256, 3), 128, np.uint8)))
-  io.write_json(str(d / io.MARKER), dict(
+  files_lib.write_bytes(str(d / "inversion.png"), files_lib.png_bytes(crop))
+  files_lib.write_bytes(str(d / "edits" / "grey.png"),
+                        files_lib.png_bytes(np.full((256, 256, 3), 128, np.uint8)))
+  files_lib.write_json(str(d / workdir_lib.MARKER), dict(
       fingerprint="x", edits=["grey"],
       files=["inversion.png", "edits/grey.png"]))
   written = photos.paste_photo(str(tmp_path), "two", str(src), stamp="x")

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dhr_jax import files as files_lib
 from dhr_jax import io
+from dhr_jax import pictures
 
 
 def _save(path, array, mode=None, **kw):
@@ -131,46 +133,46 @@ def test_bad_files_name_the_file(tmp_path):
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
   p = tmp_path / "sub" / "x.png"
   a = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-  io.save_png(p, a)
+  files_lib.save_png(p, a)
   np.testing.assert_array_equal(np.asarray(Image.open(p)), a)
-  io.save_png(p, a[..., 0])
+  files_lib.save_png(p, a[..., 0])
   np.testing.assert_array_equal(np.asarray(Image.open(p)), a[..., 0])
   assert sorted(os.listdir(p.parent)) == ["x.png"]
   assert os.stat(p).st_mode & 0o044  # readable by others, not mkstemp's 0600
   # PNG bytes are a pure function of the pixels (resume compares bytes).
-  assert io.png_bytes(a) == io.png_bytes(a.copy())
-  io.write_json(tmp_path / "j.json", {"a": np.float32(1.5), "b": (1, 2)})
+  assert files_lib.png_bytes(a) == files_lib.png_bytes(a.copy())
+  files_lib.write_json(tmp_path / "j.json", {"a": np.float32(1.5), "b": (1, 2)})
   assert (tmp_path / "j.json").read_text() == (
       '{\n  "a": 1.5,\n  "b": [\n    1,\n    2\n  ]\n}\n')
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
   p = tmp_path / "x.txt"
-  io.write_text(p, "old")
+  files_lib.write_text(p, "old")
 
   def boom(src, dst):
     raise OSError("disk full")
   monkeypatch.setattr(os, "replace", boom)
   with pytest.raises(OSError, match="disk full"):
-    io.write_text(p, "new")
+    files_lib.write_text(p, "new")
   assert p.read_text() == "old"
   assert sorted(os.listdir(tmp_path)) == ["x.txt"]
 
 
 def test_check_writable(tmp_path):
-  assert io.check_writable(tmp_path / "new" / "dir") == str(
+  assert files_lib.check_writable(tmp_path / "new" / "dir") == str(
       tmp_path / "new" / "dir")
   blocker = tmp_path / "file"
   blocker.write_text("")
-  with pytest.raises(io.WorkdirError, match="not writable"):
-    io.check_writable(blocker / "out")
+  with pytest.raises(files_lib.WorkdirError, match="not writable"):
+    files_lib.check_writable(blocker / "out")
 
 
 def test_grid_and_mask():
   a = np.zeros((4, 4, 3), np.uint8)
   m = io.mask_to_uint8(np.array([[[0.0], [1.0]], [[0.5], [0.25]]]))
   np.testing.assert_array_equal(m, [[0, 255], [128, 64]])
-  g = io.grid([a, np.full((4, 4), 7, np.uint8), a], pad=1)
+  g = pictures.grid([a, np.full((4, 4), 7, np.uint8), a], pad=1)
   assert g.shape == (4, 14, 3)
   np.testing.assert_array_equal(g[:, 4], 255)
   np.testing.assert_array_equal(g[:, 5:9], 7)
@@ -182,26 +184,26 @@ def test_superpixel_picture_fills_mean_colours():
   img[:, 2:] = [100, 0, 0]
   img[0, 0] = [30, 40, 50]
   labels = np.array([[1, 1, 2, 2]] * 4)
-  pic = io.superpixel_picture(img, labels)
+  pic = pictures.superpixel_picture(img, labels)
   np.testing.assert_array_equal(pic[1, 0], [13, 23, 33])  # (7·10 + 30)/8 rounded
   np.testing.assert_array_equal(pic[3, 3], [100, 0, 0])
   big = np.zeros((256, 256, 3), np.uint8)
   lab = np.ones((256, 256), int)
   bnd = np.zeros((256, 256), bool)
   bnd[5, 5] = True
-  pic = io.superpixel_picture(big, lab, bnd)
+  pic = pictures.superpixel_picture(big, lab, bnd)
   np.testing.assert_array_equal(pic[5, 5], [255, 255, 0])
   assert pic[5, 6].sum() == 0
-  assert io.superpixel_picture(img, labels, np.ones((4, 4), bool))[0, 0, 2] != 0
+  assert pictures.superpixel_picture(img, labels, np.ones((4, 4), bool))[0, 0, 2] != 0
 
 
 def test_error_and_parsing_pictures():
   e = np.array([[0.0, 1.0], [2.0, 4.0]])
-  np.testing.assert_array_equal(io.error_picture(e), [[0, 64], [128, 255]])
+  np.testing.assert_array_equal(pictures.error_picture(e), [[0, 64], [128, 255]])
   probs = np.zeros((1, 2, 19))
   probs[0, 0, 2] = 1.0   # face
   probs[0, 1, 0] = 1.0   # background
-  pic = io.parsing_picture(probs)
-  np.testing.assert_array_equal(pic[0, 0], io.PARSING_PALETTE[2])
+  pic = pictures.parsing_picture(probs)
+  np.testing.assert_array_equal(pic[0, 0], pictures.PARSING_PALETTE[2])
   np.testing.assert_array_equal(pic[0, 1], [0, 0, 0])
-  assert len({tuple(c) for c in io.PARSING_PALETTE}) == 19
+  assert len({tuple(c) for c in pictures.PARSING_PALETTE}) == 19

@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dhr_jax import checkpoint  # noqa: E402
+from dhr_jax import distributed  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
 from test_run import GOOD  # noqa: E402
 from test_run import _cli_overrides  # noqa: E402
@@ -103,10 +104,10 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_distributed_environment_is_checked():
-  assert run_lib.init_distributed({}) is False  # no coordinator: one process
+  assert distributed.init_distributed({}) is False  # no coordinator: one process
   for env in (dict(JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0"),
               dict(JAX_NUM_PROCESSES="2"),
               dict(JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2")):
     with pytest.raises(run_lib.UserError, match="JAX_PROCESS_ID"):
-      run_lib.init_distributed(dict(env,
+      distributed.init_distributed(dict(env,
                                     JAX_COORDINATOR_ADDRESS="127.0.0.1:1"))

@@ -24,10 +24,14 @@ sys.path.insert(0, REPO)
 
 from conftest import rel_l2  # noqa: E402
 from dhr_jax import editing  # noqa: E402
-from dhr_jax.config_files import load_config  # noqa: E402
+from dhr_jax import edits as edits_lib  # noqa: E402
+from dhr_jax import files as files_lib  # noqa: E402
 from dhr_jax import io  # noqa: E402
+from dhr_jax import loading  # noqa: E402
+from dhr_jax import methods  # noqa: E402
 from dhr_jax import pipeline  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
+from dhr_jax.config_files import load_config  # noqa: E402
 
 # The batch refinement, for stand-ins that wrap it (monkeypatched in). It is
 # patched where the runner calls it, in Python: `refine.hybrid_refine` runs
@@ -316,14 +320,14 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
   class Killed(BaseException):
     pass
 
-  write_bytes = io.write_bytes
+  write_bytes = files_lib.write_bytes
 
   def kill(path, data):
     write_bytes(path, data)
     if os.sep + "c_rgba" + os.sep in path and path.endswith("mask.png"):
       raise Killed()
   with monkeypatch.context() as m:
-    m.setattr(io, "write_bytes", kill)
+    m.setattr(files_lib, "write_bytes", kill)
     with pytest.raises(Killed):
       run_lib.run(setup["config"], workdir)
   assert os.path.isfile(os.path.join(workdir, "b_gray", "done.json"))
@@ -453,7 +457,7 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
 def test_user_errors_are_refused_early(setup, tmp_path, monkeypatch):
   config = _config(setup["bundle"], setup["inputs"])
   # Unwritable workdir: refused before any model is loaded.
-  monkeypatch.setattr(run_lib, "load_models", lambda *a: 1 / 0)
+  monkeypatch.setattr(loading, "load_models", lambda *a: 1 / 0)
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(run_lib.UserError, match="not writable"):
@@ -704,7 +708,7 @@ def test_optim_embedding_starts_from_latent_avg_or_the_coarse_codes(
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(np.asarray([0, 1], np.uint32), size=8, style_dim=8,
                      n_mlp=1, channels=8)
-  models = pipeline.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
+  models = loading.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
                            w_stats=("mean", "spread"))
   coarse = jnp.asarray(np.random.RandomState(0).randn(2, G.n_latent, 8),
                        jnp.float32)
@@ -764,7 +768,7 @@ def test_coarse_inversion_target_is_the_official_256_resize(monkeypatch):
   from dhr_jax.models.stylegan2 import init_generator
   G = init_generator(np.asarray([0, 3], np.uint32), size=8, style_dim=8,
                      n_mlp=1, channels=8)
-  models = pipeline.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
+  models = loading.Models(G=G, lpips_vgg="vgg", lpips_alex=None,
                            w_stats=("mean", "spread"))
 
   class Seen(Exception):
@@ -777,7 +781,7 @@ def test_coarse_inversion_target_is_the_official_256_resize(monkeypatch):
   config = _dhr_config()
   config.batch_size = 2
   with pytest.raises(Seen) as seen:
-    pipeline.run_batch(models, config, u / 127.5 - 1.0, ["p", "q"])
+    methods.run_batch(models, config, u / 127.5 - 1.0, ["p", "q"])
   target = seen.value.args[0]
   assert target.shape == (2, 256, 256, 3)
   for i in range(2):
@@ -803,7 +807,7 @@ def test_build_edits_from_config(tmp_path):
   c.ganspace = str(tmp_path / "pca.npz")
   c.ganspace_edits = "3,1,3,2; 0,0,1,-1+1,0,1,1"
   c.random_direction_seed = 5
-  specs = run_lib.build_edits(c, G)
+  specs = edits_lib.from_config(c, G)
   labels = [l for s in specs for l in s.labels]
   assert labels == ["age_-1", "age_2.5", "pose_-1", "pose_2.5",
                     "pca_3_1-3_2", "pca_0_0-1_-1+1_0-1_1", "random_-1",
@@ -829,15 +833,15 @@ def test_build_edits_from_config(tmp_path):
   assert abs(np.linalg.norm(step) - 1) < 1e-5
   c.directions = "age"
   with pytest.raises(run_lib.UserError, match="name=path"):
-    run_lib.build_edits(c, G)
+    edits_lib.from_config(c, G)
   c.directions = f"a={tmp_path / 'age.npy'},a={tmp_path / 'age.npy'}"
   c.ganspace, c.ganspace_edits, c.random_direction_seed = "", "", -1
   with pytest.raises(run_lib.UserError, match="same name"):
-    run_lib.build_edits(c, G)
+    edits_lib.from_config(c, G)
   c.directions, c.ganspace_edits = "", "1,0,1,1"
   with pytest.raises(run_lib.UserError, match="ganspace"):
-    run_lib.build_edits(c, G)
+    edits_lib.from_config(c, G)
   np.save(tmp_path / "wide.npy", np.ones(16, np.float32))
   c.ganspace_edits, c.directions = "", f"w={tmp_path / 'wide.npy'}"
   with pytest.raises(run_lib.UserError, match="does not fit"):
-    run_lib.build_edits(c, G)
+    edits_lib.from_config(c, G)

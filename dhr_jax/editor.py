@@ -1,0 +1,202 @@
+"""The browser editor's session: the state and workdir logic behind the page
+(`dhr_jax.app` draws it).
+
+An `Editor` holds the run config, the models (loaded once for every
+upload), the sliders (`edits.sliders`, a view of the CLI's edits) and the
+workdir: uploads become the run's inputs in OUT/inputs/, `Editor.invert`
+runs DHR on them exactly as run.py would (`runner.run`), and `Editor.edit`
+renders the sliders' edit of a finished image into OUT/<name>/app/.
+"""
+import dataclasses
+import os
+import threading
+import zipfile
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from dhr_jax import checkpoint
+from dhr_jax import editing
+from dhr_jax import edits
+from dhr_jax import faces
+from dhr_jax import files as dhr_files
+from dhr_jax import io
+from dhr_jax import loading
+from dhr_jax import photos
+from dhr_jax import refine
+from dhr_jax import runner
+from dhr_jax import settings
+from dhr_jax import workdir as workdir_lib
+
+INPUTS = "inputs"        # OUT/inputs: the uploads, the run's data.input
+APP_DIR = "app"          # OUT/<name>/app: the current edit and downloads
+
+
+class AppError(Exception):
+  """Bad input from the page: shown to the user as one message."""
+
+
+def finished(workdir):
+  """{label: image folder} of every finished image of the workdir (run.py's
+  OUT/<name>/ or OUT/<photo>/face<k>/), sorted."""
+  return {os.path.relpath(d, workdir): d
+          for _, d, _ in workdir_lib.finished(workdir)}
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A finished image as the page edits it."""
+  label: str
+  directory: str
+  refined: object
+  photo: object = None
+  quad: object = None
+
+
+class Editor:
+  """The state behind the page: config, generator, sliders, workdir."""
+
+  def __init__(self, config, workdir, max_upload_mb=25, max_pixels=50e6):
+    settings.validate_config(config)
+    self.workdir = os.path.abspath(workdir)
+    self.inputs = os.path.join(self.workdir, INPUTS)
+    self.config = ml_collections.ConfigDict(config.to_dict())
+    self.config.data.input = self.inputs
+    # With the faces extra every upload is treated as a raw photo.
+    self.align = photos.face_models() is not None
+    self.config.data.align = self.align
+    self.max_upload_mb = float(max_upload_mb)
+    self.max_pixels = float(max_pixels)
+    self.models = loading.load_models(self.config, loading.make_mesh())
+    self.G = self.models.G
+    # The CLI's edits (bad ones are refused now), as sliders.
+    self.sliders = edits.sliders(edits.from_config(config.edit, self.G))
+    self.n_latent = self.G.n_latent
+    first_last = edits.parse_layers(config.edit.layers)
+    self.layers = (first_last if isinstance(first_last, tuple)
+                   else (0, self.n_latent))
+    # One run at a time: the runner holds the workdir's lock while it writes.
+    self._lock = threading.Lock()
+
+  # -- inputs --------------------------------------------------------------
+
+  def add_upload(self, path):
+    """Checks an uploaded file and stores it as OUT/inputs/<name>.png →
+    the name. Raises AppError for anything that is not a usable image."""
+    if not path or not os.path.isfile(path):
+      raise AppError("no file received; upload a photo (png, jpg, webp)")
+    base = os.path.basename(path)
+    mb = os.path.getsize(path) / 2**20
+    if mb > self.max_upload_mb:
+      raise AppError(f"{base} is {mb:.1f} MB; the limit is "
+                     f"{self.max_upload_mb:g} MB (--max_upload_mb)")
+    try:
+      with Image.open(path) as im:
+        pixels = im.size[0] * im.size[1]
+    except Exception:  # whatever PIL raises for a file that is no image
+      pixels = 0
+    if pixels > self.max_pixels:
+      raise AppError(f"{base} has {pixels / 1e6:.0f} megapixels; the limit is "
+                     f"{self.max_pixels / 1e6:g} (--max_megapixels)")
+    try:
+      photo = io.load_photo(path)
+    except io.ImageError as e:
+      raise AppError(f"{base} is not an image this app can read: "
+                     f"{str(e).replace(path + ': ', '')}") from None
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_"
+                   for ch in os.path.splitext(base)[0])[:60] or "photo"
+    data = dhr_files.png_bytes(photo)
+    name, k = stem, 1
+    # A different photo under a taken name gets a new one; the same photo
+    # again finds its finished outputs.
+    while True:
+      target = os.path.join(self.inputs, name + ".png")
+      if not os.path.exists(target) or open(target, "rb").read() == data:
+        break
+      k += 1
+      name = f"{stem}_{k}"
+    if not os.path.exists(target):
+      dhr_files.write_bytes(target, data)
+    return name
+
+  def invert(self, name, report):
+    """Runs DHR on the workdir's inputs (finished ones are skipped) →
+    the Loaded result of input `name`."""
+    with self._lock:
+      try:
+        outcome = runner.run(self.config, self.workdir, models=self.models,
+                             progress=report)
+      except settings.UserError as e:
+        raise AppError(str(e)) from None
+    # The photo itself (no face) or one of its faces (OUT/<photo>/face<k>).
+    failed = [f for f in outcome.failed
+              if f["name"] == name or f["name"].startswith(name + "/")]
+    if failed:
+      # A bad upload is not kept as an input: a resumed run would fail on it.
+      os.remove(os.path.join(self.inputs, name + ".png"))
+      raise AppError(f"{name}: {failed[0]['reason']}")
+    labels = [l for l in finished(self.workdir)
+              if l.split(os.sep)[0] == workdir_lib.output_name(name)]
+    if not labels:
+      raise AppError(f"{name}: the run left no finished result")
+    return self.load(labels[0])
+
+  def load(self, label):
+    directory = finished(self.workdir).get(label)
+    if directory is None:
+      raise AppError(f"{label} is not a finished image of {self.workdir}")
+    try:
+      refined = refine.load_refined(os.path.join(directory, "refined"),
+                                    self.G)
+    except (checkpoint.CheckpointError, OSError) as e:
+      # e.g. a workdir refined with another generator than --config's.
+      raise AppError(f"{label}: {e}") from None
+    photo, quad = workdir_lib.photo_and_quad(directory)
+    return Loaded(label, directory, refined, photo, quad)
+
+  # -- editing -------------------------------------------------------------
+
+  def edit(self, loaded, values, first, last):
+    """Renders the sliders' edit and writes OUT/<name>/app/ → (edit uint8,
+    pasted uint8 or None, {download: path})."""
+    first, last = int(first), int(last)
+    if not 0 <= first < last <= self.n_latent:
+      raise AppError(f"the layer range needs first < last (half-open), got "
+                     f"{first}:{last}")
+    codes = edits.slider_codes(loaded.refined.codes, self.sliders, values,
+                               (first, last))
+    # The CLI's own render path: the refined weights, offset and mask.
+    image = io.to_uint8(editing.render(self.G, loaded.refined, codes)[0])
+    out = os.path.join(loaded.directory, APP_DIR)
+    files = {"edit": os.path.join(out, "edit.png")}
+    dhr_files.write_bytes(files["edit"], dhr_files.png_bytes(image))
+    pasted = None
+    if loaded.photo is not None:
+      # As `photos.paste_photo` pastes the run's PNGs (feathered).
+      pasted = faces.paste(loaded.photo, image, np.asarray(loaded.quad))[0]
+      files["pasted"] = os.path.join(out, "pasted.png")
+      dhr_files.write_bytes(files["pasted"], dhr_files.png_bytes(pasted))
+    dhr_files.write_json(os.path.join(out, "edit.json"), dict(
+        image=loaded.label, layers=[first, last],
+        sliders={s.name: float(v) for s, v in zip(self.sliders, values)}))
+    files["refined"] = self.refined_zip(loaded.directory)
+    return image, pasted, files
+
+  def refined_zip(self, directory):
+    """OUT/<name>/app/refined.zip: refined/ under its own name, so that
+    unzipping it in an image folder gives what --mode=edit reads."""
+    path = os.path.join(directory, APP_DIR, "refined.zip")
+    src = os.path.join(directory, "refined")
+    if os.path.isfile(path) and os.path.getmtime(path) >= max(
+        os.path.getmtime(os.path.join(r, f))
+        for r, _, fs in os.walk(src) for f in fs):
+      return path
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+      for root, _, names in os.walk(src):
+        for f in sorted(names):
+          full = os.path.join(root, f)
+          z.write(full, os.path.relpath(full, directory))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,235 @@
+"""The models a run needs: loaded and checked (a missing or wrong file is a
+`UserError` naming the command that converts it), bundled as `Models` and
+replicated over the devices' mesh."""
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from dhr_jax import checkpoint
+from dhr_jax import faces
+from dhr_jax import embedding as embedding_lib
+from dhr_jax import photos
+from dhr_jax import pipeline
+from dhr_jax import settings
+from dhr_jax.models import curricularface
+from dhr_jax.models import e4e
+from dhr_jax.models import farl
+from dhr_jax.models import hfgi as hfgi_lib
+from dhr_jax.models import lpips
+from dhr_jax.models import stylegan2
+from dhr_jax.models.stylegan2 import Generator
+from dhr_jax.settings import UserError
+
+
+# --------------------------------------------------------------------------
+# The bundle
+
+
+@dataclasses.dataclass(eq=False)
+class Models:
+  """Everything a batch needs besides the images.
+
+  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
+  (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
+  w_stats: (mean, spread) of W for the optimisation-based inversions;
+  id_network: optional IR-101 of the paper's ID metric (scored on host, not
+  replicated);  hfgi: optional HFGI model (the comparison's HFGI method);
+  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  device alone.
+  """
+  G: Generator
+  lpips_vgg: Any
+  lpips_alex: Any
+  encoder: Any = None
+  parser: Any = None
+  w_stats: Any = None
+  id_network: Any = None
+  mesh: Any = None
+  hfgi: Any = None
+
+  def __post_init__(self):
+    if self.mesh is None:
+      self.mesh = make_mesh(jax.local_devices()[:1])
+
+  @property
+  def n_devices(self):
+    return self.mesh.devices.size
+
+  def shard(self, x):
+    """The batch axis of x over the mesh's devices."""
+    return jax.device_put(x, jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec("batch")))
+
+
+def make_mesh(devices=None):
+  """A 1-D mesh named 'batch' over `devices` (one device: a mesh of one).
+
+  Default: this process's devices (in a multi-process run every process
+  refines its own images on its own devices, see `dhr_jax.distributed`).
+  """
+  devices = jax.local_devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.asarray(devices), ("batch",))
+
+
+def _replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def prepare_models(G, lpips_vgg, lpips_alex, *, encoder=None, parser=None,
+                   id_network=None, seed=0, n_mean_latent=10000, mesh=None):
+  """Bundles the models; replicates their weights over `mesh` (None: the
+  first local device alone).
+
+  w_stats (the W mean the optimisations start from, and its spread) are
+  computed once here from the run seed, so every image starts alike.
+  """
+  if mesh is None:
+    mesh = make_mesh(jax.local_devices()[:1])
+  # Models are pytrees: their weights are replicated, configs untouched.
+  G, lpips_vgg, lpips_alex, encoder, parser = jax.device_put(
+      (G, lpips_vgg, lpips_alex, encoder, parser), _replicated(mesh))
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x57A75)
+  w_stats = jax.device_put(embedding_lib.latent_stats(G, key, n_mean_latent),
+                           _replicated(mesh))
+  return Models(G=G, lpips_vgg=lpips_vgg, lpips_alex=lpips_alex,
+                encoder=encoder, parser=parser, w_stats=w_stats,
+                id_network=id_network, mesh=mesh)
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _missing(path, what, command):
+  return UserError(f"{what} {path!r} not found. Convert the released PyTorch "
+                   f"file first: {command}")
+
+
+_E4E_CMD = ("python -m converters.e4e --src e4e_ffhq_encode.pt "
+            "--dst {path}")
+_G_CMD = "python -m converters.stylegan2 --src stylegan2-ffhq-config-f.pt --dst {path}"
+_ID_CMD = ("python -m converters.curricularface --src "
+           "CurricularFace_Backbone.pth --dst {path}")
+_FARL_SOURCE = ("(facer's FaRL celebm/448 parser, github.com/FacePerceiver/"
+                "facer release models-v1)")
+_NO_PARSER_HINT = ("; or run without a parser, not the paper's DSS: "
+                   "--config.model.parser=none")
+
+
+def face_models(config):
+  """dlib's models when the `faces` extra is installed, else None (then no
+  id_dlib metrics); config.data.align requires them."""
+  try:
+    return photos.face_models(required=bool(config.data.get("align", False)))
+  except faces.FacesUnavailable as e:
+    raise UserError(f"config.data.align=True: {e}") from None
+
+
+def load_generator(config):
+  """The generator of `config.model` (a converted checkpoint or the stand-in)."""
+  m = config.model
+  if m.checkpoint == "stand-in":
+    s = m.stand_in
+    return stylegan2.init_generator(
+        jax.random.PRNGKey(int(s.seed)), size=int(s.size),
+        style_dim=int(s.style_dim), n_mlp=int(s.n_mlp),
+        channels=int(s.channels), noise_strength=float(s.noise_strength))
+  path = m.generator or m.checkpoint
+  if not path or not os.path.exists(path):
+    cmd = (_G_CMD if m.generator else _E4E_CMD).format(path=path or "DIR")
+    raise _missing(path, "generator checkpoint", cmd)
+  try:
+    return stylegan2.load(path)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{e} (convert with: "
+                    f"{(_G_CMD if m.generator else _E4E_CMD).format(path=path)})"
+                    ) from None
+
+
+def load_id_network(config, face_models):
+  """The paper's ID network of config.model.id_network (None when unset);
+  its metric needs dlib's landmarks (`face_models`)."""
+  path = config.model.get("id_network", "")
+  if not path:
+    return None
+  if not os.path.exists(path):
+    raise _missing(path, "ID network checkpoint", _ID_CMD.format(path=path))
+  if face_models is None:
+    raise UserError("config.model.id_network: the ID metric finds its "
+                    "landmarks with dlib; pip install 'dhr_jax[faces]'")
+  try:
+    return curricularface.load(path)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{e} (convert with: {_ID_CMD.format(path=path)})"
+                    ) from None
+
+
+def load_hfgi(config):
+  """HFGI of config.model.hfgi, or None (with a warning) when it is unset."""
+  path = config.model.get("hfgi", "")
+  if not path:
+    logging.warning("HFGI left out: config.model.hfgi is not set")
+    return None
+  if not os.path.exists(path):
+    raise UserError(f"config.model.hfgi {path!r} not found; convert it with "
+                    "python -m converters.hfgi")
+  return hfgi_lib.load(path)
+
+
+def load_models(config, mesh=None, hfgi=False):
+  """Loads every model the config needs (with hfgi: also config.model.hfgi,
+  `load_hfgi`); refuses an encoder whose codes do not fit the generator
+  before anything else is loaded."""
+  m = config.model
+  method = config.embedding.method
+  settings.one_of("embedding.method", method, pipeline.EMBEDDINGS)
+  # First: a wrong ID network path is found before the big models load.
+  id_network = load_id_network(config, face_models(config))
+  G = load_generator(config)
+  encoder = parser = None
+  if method == "e4e":
+    if m.checkpoint == "stand-in" or not os.path.exists(m.checkpoint):
+      raise _missing(m.checkpoint, "e4e checkpoint",
+                     _E4E_CMD.format(path=m.checkpoint or "DIR"))
+    try:
+      encoder = e4e.load(m.checkpoint)
+    except checkpoint.CheckpointError as e:
+      raise UserError(f"{e} (convert with: "
+                      f"{_E4E_CMD.format(path=m.checkpoint)})") from None
+    try:
+      pipeline.check_compatible(G, encoder)
+    except pipeline.PipelineError as e:
+      raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
+                      f"not fit model.checkpoint {m.checkpoint!r}: {e}"
+                      ) from None
+  path = settings.parser_path(config)
+  if path is not None:
+    if not os.path.exists(path):
+      cmd = settings.FARL_CMD.format(path=path)
+      raise UserError(f"{_missing(path, 'parser checkpoint', cmd)} "
+                      f"{_FARL_SOURCE}{_NO_PARSER_HINT}")
+    try:
+      parser = farl.load(path)
+    except checkpoint.CheckpointError as e:
+      raise UserError(f"{e} (convert with: "
+                      f"{settings.FARL_CMD.format(path=path)}){_NO_PARSER_HINT}"
+                      ) from None
+  elif m.checkpoint != "stand-in":
+    # The stand-in generator (the demo) makes no faces: nothing to parse.
+    logging.warning("%s", settings.no_parser_warning(config))
+  try:
+    vgg, alex = lpips.load("vgg"), lpips.load("alex")
+  except lpips.LPIPSWeightsError as e:
+    raise UserError(str(e)) from None
+  models = prepare_models(
+      G, vgg, alex, encoder=encoder, parser=parser, id_network=id_network,
+      seed=int(config.seed), n_mean_latent=int(config.embedding.n_mean_latent),
+      mesh=mesh)
+  if hfgi:
+    models.hfgi = load_hfgi(config)
+  return models
+

@@ -1,0 +1,125 @@
+"""The demo's synthetic inputs, whose truth is known, and scores against it.
+
+A synthetic image is a generator image with a foreign patch pasted at a
+known place: DSS should call the patch out-of-domain and the rest
+in-domain, and an edit should follow the generator's own edit of the true
+codes outside the patch.
+"""
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import skimage.data
+
+from dhr_jax import edits as edits_lib
+from dhr_jax import files
+from dhr_jax import segmentation
+from dhr_jax.metrics import psnr
+
+# The scores of `ground_truth_metrics` (metrics.csv's columns on synthetic
+# inputs).
+GT_METRICS = ("gt_recall", "gt_iou", "gt_rest_in", "psnr_in_embed",
+              "psnr_in", "psnr_out_embed", "psnr_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruth:
+  """What a synthetic input is made of.
+
+  out: (H, W) bool, True on the pasted (out-of-domain) patch; codes:
+  (n_latent, style_dim), the W+ codes the generator drew the rest from.
+  """
+  out: np.ndarray
+  codes: np.ndarray
+
+
+def synthetic_case(G, seed, index, patch_fraction=1 / 3):
+  """A generator image with a foreign patch at a known place.
+
+  G(w) for a seeded z, with a crop of the `skimage.data` astronaut (a real
+  photograph, far from what a small random generator draws) pasted over a
+  square of side patch_fraction·size at a seeded position. Returns
+  (target uint8 (H, W, 3), `GroundTruth`). Deterministic in (G, seed,
+  index).
+  """
+  rng = np.random.RandomState([seed, index])
+  size = G.config["size"]
+  z = jnp.asarray(rng.standard_normal((1, G.z_dim)), jnp.float32)
+  w = G.mapping(G.params, z)
+  wplus = jnp.repeat(w[:, None], G.n_latent, 1)
+  clean = G.synthesis(G.params, wplus)
+  target = segmentation.to_uint8(clean)[0]
+  n = max(4, int(round(size * patch_fraction)))
+  y0, x0 = (int(v) for v in rng.randint(0, size - n + 1, size=2))
+  photo = skimage.data.astronaut()
+  top, left = rng.randint(0, 200), rng.randint(100, 200)
+  crop = Image.fromarray(photo[top:top + 260, left:left + 260]).resize(
+      (n, n), Image.LANCZOS)
+  target[y0:y0 + n, x0:x0 + n] = np.asarray(crop)
+  gt = np.zeros((size, size), bool)
+  gt[y0:y0 + n, x0:x0 + n] = True
+  return target, GroundTruth(out=gt, codes=np.asarray(wplus[0]))
+
+
+def write_inputs(config, workdir, G):
+  """Writes the demo's synthetic targets to OUT/inputs (once) → (dir,
+  {name: GroundTruth})."""
+  s = config.data.synthetic
+  directory = os.path.join(workdir, "inputs")
+  gt = {}
+  for i in range(int(s.count)):
+    name = f"synthetic_{i}"
+    target, gt[name] = synthetic_case(G, int(s.seed), i,
+                                      float(s.patch_fraction))
+    path = os.path.join(directory, name + ".png")
+    data = files.png_bytes(target)
+    if not os.path.isfile(path) or open(path, "rb").read() != data:
+      files.write_bytes(path, data)
+  return directory, gt
+
+
+def ground_truth_metrics(image, embedded, target, mask, truth):
+  """How well DSS and the refinement did on a synthetic image (one image).
+
+  truth: its `GroundTruth`. Returns the recall of the patch as
+  out-of-domain, the IoU of the out-of-domain mask with it, the fraction of
+  the rest kept in-domain, and PSNR inside and outside the patch for the
+  embedding alone and after refinement.
+  """
+  out = np.asarray(mask)[..., 0] < 0.5
+  gt = np.asarray(truth.out, bool)
+  return dict(
+      gt_recall=float(np.mean(out[gt])),
+      gt_iou=float(np.sum(out & gt) / max(np.sum(out | gt), 1)),
+      gt_rest_in=float(np.mean(~out[~gt])),
+      psnr_in_embed=_region_psnr(embedded, target, ~gt),
+      psnr_in=_region_psnr(image, target, ~gt),
+      psnr_out_embed=_region_psnr(embedded, target, gt),
+      psnr_out=_region_psnr(image, target, gt))
+
+
+def _region_psnr(x, reference, region):
+  # Both as pictures are seen: clipped to [-1, 1].
+  clip = lambda a: np.clip(np.asarray(a, np.float32), -1, 1)
+  d = ((clip(x) - clip(reference)) / 2.0) ** 2
+  return psnr(float(np.mean(d[region])))
+
+
+def edit_fidelity(G, truth, edits, rendered):
+  """How closely one image's edits follow the true ones (synthetic inputs).
+
+  The true edit of a synthetic image is the generator's own image of its
+  edited true codes, G(e(w_true)) (no patch: the patch is not the
+  generator's to edit). rendered: {label: (H, W, 3)} the method's edits of
+  `edits`. Returns {'edit_psnr_in': PSNR (dB) outside the patch, mean over
+  the edits}; {} without edits.
+  """
+  true = edits_lib.generator_edits(G, np.asarray(truth.codes)[None], edits)
+  keep = ~np.asarray(truth.out, bool)
+  if not true:
+    return {}
+  return dict(edit_psnr_in=float(np.mean([
+      _region_psnr(rendered[l], true[l], keep) for l in true])))
+
