@@ -154,7 +154,10 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
 
   Returns {name: {'target', 'mask', 'methods': {method: {'image', 'edits',
   'metrics'}}}}; methods that fail (non-finite output) are left out of an
-  image's 'methods' with a warning.
+  image's 'methods' with a warning. progress: optional `progress(stage)`,
+  told `pipeline.segment_and_embed`'s stages, then each method's as
+  '<title>: <stage>' ('DHR: refinement step k/N', 'PTI (W pivot):
+  embedding step k/N', 'HFGI: edits', ...).
   """
   G = models.G
   emb = pipeline.segment_and_embed(models, config, target, names,
@@ -164,29 +167,39 @@ def compare_batch(models, config, methods, target, names, *, edits=(),
   out = {name: dict(target=emb.target[i], mask=np.asarray(mask[i]),
                     methods={}) for i, name in enumerate(names)}
   for method in methods:
+    if method == "hfgi" and hfgi is None:
+      continue
     t = time.perf_counter()
+    # None stays None down to the compiled loops (see
+    # `pipeline.step_reporter`); `note` tells the stages between them.
+    report = None if progress is None else (
+        lambda stage, title=method_title(method, config):
+        progress(f"{title}: {stage}"))
+    note = report or (lambda stage: None)
+    note("edits" if method == "embedding" else
+         "inversion and edits" if method == "hfgi" else "starting")
     if method == "embedding":
       images = emb.embedded[:n]
       rendered = [pipeline.generator_edits(G, emb.codes[i:i + 1], edits)
                   for i in range(n)]
     elif method == "hfgi":
-      if hfgi is None:
-        continue
       images, rendered = _hfgi_outputs(G, hfgi, emb.codes[:n], x, edits)
     else:
       start = emb
       if method == "pti" and pti_pivot(config) == "w":
         codes, embedded = pipeline.embed(
             models, config.compare.pti_embedding, emb.x, emb.padded_names,
-            int(config.seed))
+            int(config.seed), progress=report)
         start = dataclasses.replace(emb, codes=codes,
                                     embedded=np.asarray(embedded))
       rc = pti_config(config).refine if method == "pti" else config.refine
-      result = pipeline.refine_batch(models, rc, start, progress=progress)
+      result = pipeline.refine_batch(models, rc, start, progress=report)
+      note("edits")
       images = np.asarray(result.image)[:n]
       rendered = [pipeline.render_edits(G, result[i], edits)
                   for i in range(n)]
     seconds = (time.perf_counter() - t) / n
+    note("metrics")
     metrics = pipeline.image_metrics(images, x, mask, models.lpips_alex,
                                      models.lpips_vgg)
     for i, name in enumerate(names):
@@ -313,6 +326,8 @@ def _compare(config, workdir, entries, models, edits, methods, H,
   size = G.config["size"]
   b = pipeline.padded_size(None, config.batch_size, models.n_devices)
   per_image, failed = {}, []
+  progress = runner.Progress(len(entries), 0, desc="compare")
+  n_batches = -(-len(entries) // b)
   for start in range(0, len(entries), b):
     names, images = [], []
     for name, path in entries[start:start + b]:
@@ -323,17 +338,21 @@ def _compare(config, workdir, entries, models, edits, methods, H,
         logging.warning("skipping %s", e)
         failed.append(dict(name=name, file=path,
                            reason=runner._short(str(e))))
+        progress.update(1)
     if not names:
       continue
+    progress.start_batch(start // b + 1, n_batches, names)
     landmarks = None
     if models.parser is not None:  # as a run finds them
       landmarks, _ = photos.parser_landmarks(face_models, np.stack(images))
     try:
       results = compare_batch(models, config, methods, np.stack(images),
                               names, edits=edits, ground_truth=gt, hfgi=H,
-                              landmarks=landmarks)
+                              progress=progress, landmarks=landmarks)
     except pipeline.PipelineError as e:
+      progress.close()
       raise runner.UserError(str(e)) from None
+    progress("writing")
     for name, entry in results.items():
       if face_models is not None:
         for r in entry["methods"].values():
@@ -350,6 +369,8 @@ def _compare(config, workdir, entries, models, edits, methods, H,
       io.save_png(os.path.join(directory, "grid.png"),
                   grid(entry, titles, edit_names))
       per_image[name] = entry
+      progress.update(1)
+  progress.close()
   rows, columns = table(per_image, methods, titles)
   io.write_csv(os.path.join(workdir, "compare.csv"), rows, columns)
   io.write_text(os.path.join(workdir, "compare.md"), markdown(rows, columns))

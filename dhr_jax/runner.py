@@ -602,17 +602,20 @@ def _lock(workdir):
     lock.release()
 
 
-class _Progress:
-  """The images bar, with the running batch's stage beside it.
+class Progress:
+  """The images bar, with the running batch's stage beside it (run and
+  compare).
 
-  Stages come from `pipeline.run_batch`, the refinement steps from XLA's
-  callback thread; the bar is redrawn at most every `interval` seconds
-  (and on every stage change) so that the compiled loops never wait on it.
+  Stages come from `pipeline.run_batch` (`compare.compare_batch`), the
+  steps of the compiled loops from XLA's callback thread; the bar is
+  redrawn at most every `interval` seconds (and on every stage change) so
+  that the compiled loops never wait on it.
   """
 
-  def __init__(self, total, initial, interval=0.5, listener=None):
+  def __init__(self, total, initial, interval=0.5, listener=None,
+               desc="DHR"):
     self.listener = listener
-    self.bar = tqdm(total=total, initial=initial, unit="img", desc="DHR",
+    self.bar = tqdm(total=total, initial=initial, unit="img", desc=desc,
                     dynamic_ncols=True)
     self.batch = ""
     self.stage = ""
@@ -745,7 +748,7 @@ def _run_batches(config, workdir, entries, models, edits, t_start,
     skipped = sum(complete(n) for n, _ in mine)
     logging.info("process %d of %d: %d of the %d input(s)", process, n_processes,
                  len(mine), len(entries))
-  progress = _Progress(len(mine), skipped, listener=listener)
+  progress = Progress(len(mine), skipped, listener=listener)
   n_batches = len(chunks)
   for number, chunk in numbered:
     todo = [n for n, _ in chunk if not complete(n)]
