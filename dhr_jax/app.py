@@ -6,20 +6,24 @@ r"""An interactive DHR editor in the browser (Gradio; the optional `app` extra).
 serves a page on 127.0.0.1 (--port, 0 = any free port): upload a photo (or
 pick a finished image of the workdir), and DHR runs on it exactly as
 `run.py` would (`dhr_jax.runner.run`), with a progress bar per stage and per
-refinement step. With the `faces` extra the photo's largest face is detected
-and FFHQ-aligned first and every result is pasted back into the photo. The
-page then shows the input, the inversion, the domain mask (white =
-in-domain) and one slider per configured edit direction (config.edit:
-InterFaceGAN directions, GANSpace edits, the random direction) with a layer
-range for the InterFaceGAN ones. Moving a slider renders the edited codes
-from the saved refinement only (`pipeline.render_edits`, the CLI's own
-render; no refinement).
+refinement step. With the `faces` extra every face of the photo is detected
+and FFHQ-aligned first (run.py's data.faces='all') and every result is
+pasted back into the photo; a photo with several faces gets a Face picker:
+one face (left to right), or all of them edited together. The page then
+shows the input, the inversion, the domain mask (white = in-domain) and
+the edit, each scaled to PREVIEW_HEIGHT pixels, and one slider per
+configured edit direction (config.edit: InterFaceGAN directions, GANSpace
+edits, the random direction) with a layer range for the InterFaceGAN ones.
+Moving a slider renders the edited codes from the saved refinement only
+(`pipeline.render_edits`, the CLI's own render; no refinement).
 
 Everything goes to the workdir in run.py's layout: uploads are the run's
-inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face0/ when
+inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face<k>/ when
 aligned), and the current edit of an image in OUT/<name>/app/ (edit.png,
-pasted.png, refined.zip, edit.json). A session is resumed or re-edited from
-the command line with
+pasted.png, refined.zip, edit.json; of all faces together in
+OUT/<photo>/app/: the edits side by side, the photo with all of them
+pasted, every face's refined/). A session is resumed or re-edited from the
+command line with
 
     python run.py --config=... --config.data.input=OUT/inputs --workdir=OUT \
         [--mode=edit --config.edit.directions=...]
@@ -220,9 +224,13 @@ class Editor:
     self.inputs = os.path.join(self.workdir, INPUTS)
     self.config = ml_collections.ConfigDict(config.to_dict())
     self.config.data.input = self.inputs
-    # With the faces extra every upload is treated as a raw photo.
+    # With the faces extra every upload is treated as a raw photo, and
+    # every face of it is refined (run.py's data.faces='all'): the page
+    # lists them and edits the one picked, or all together.
     self.align = photos.face_models() is not None
     self.config.data.align = self.align
+    if self.align:
+      self.config.data.faces = "all"
     self.max_upload_mb = float(max_upload_mb)
     self.max_pixels = float(max_pixels)
     self.models = runner.load_models(self.config, pipeline.make_mesh())
@@ -292,11 +300,22 @@ class Editor:
       # A bad upload is not kept as an input: a resumed run would fail on it.
       os.remove(os.path.join(self.inputs, name + ".png"))
       raise AppError(f"{name}: {failed[0]['reason']}")
-    labels = [l for l in finished(self.workdir)
-              if l.split(os.sep)[0] == io.output_name(name)]
+    labels = self.faces_of(io.output_name(name))
     if not labels:
       raise AppError(f"{name}: the run left no finished result")
     return self.load(labels[0])
+
+  def faces_of(self, label):
+    """The finished images of the photo that `label` (a photo's name or one
+    of its faces, OUT/<photo>/face<k>) belongs to: its faces in face order
+    (left to right), or [label] for an image that is no photo's face."""
+    top = label.split(os.sep)[0]
+    labels = [l for l in finished(self.workdir) if l.split(os.sep)[0] == top]
+
+    def face_index(l):
+      sub = l.split(os.sep)[-1]
+      return int(sub[len("face"):]) if sub[len("face"):].isdigit() else -1
+    return sorted(labels, key=face_index)
 
   def load(self, label):
     directory = finished(self.workdir).get(label)
@@ -336,21 +355,52 @@ class Editor:
     files["refined"] = self.refined_zip(loaded.directory)
     return image, pasted, files
 
-  def refined_zip(self, directory):
+  def edit_faces(self, loaded, values, first, last):
+    """The sliders' edit of several faces of one photo at once (`edit` of
+    each, written to each face's app/ folder) → (the edits side by side,
+    the photo with every edit pasted in or None, {download: path}) with the
+    downloads in OUT/<photo>/app/."""
+    if len(loaded) == 1:
+      return self.edit(loaded[0], values, first, last)
+    images, pastes = [], []
+    for one in loaded:
+      image, _, _ = self.edit(one, values, first, last)
+      images.append(image)
+      if one.photo is not None:
+        pastes.append((image, np.asarray(one.quad)))
+    top = os.path.dirname(loaded[0].directory)
+    out = os.path.join(top, APP_DIR)
+    files = {"edit": os.path.join(out, "edit.png")}
+    strip = side_by_side(images)
+    io.write_bytes(files["edit"], io.png_bytes(strip))
+    pasted = None
+    if pastes:
+      pasted = faces.paste_all(loaded[0].photo, pastes)[0]
+      files["pasted"] = os.path.join(out, "pasted.png")
+      io.write_bytes(files["pasted"], io.png_bytes(pasted))
+    files["refined"] = self.refined_zip(
+        top, [os.path.basename(one.directory) for one in loaded])
+    return strip, pasted, files
+
+  def refined_zip(self, directory, subs=None):
     """OUT/<name>/app/refined.zip: refined/ under its own name, so that
-    unzipping it in an image folder gives what --mode=edit reads."""
+    unzipping it in an image folder gives what --mode=edit reads. subs:
+    the faces (face<k>) of the photo folder `directory` instead, each as
+    face<k>/refined/."""
     path = os.path.join(directory, APP_DIR, "refined.zip")
-    src = os.path.join(directory, "refined")
+    srcs = [os.path.join(directory, "refined")] if subs is None else [
+        os.path.join(directory, sub, "refined") for sub in subs]
     if os.path.isfile(path) and os.path.getmtime(path) >= max(
         os.path.getmtime(os.path.join(r, f))
-        for r, _, fs in os.walk(src) for f in fs):
+        for src in srcs for r, _, fs in os.walk(src) for f in fs):
       return path
     tmp = path + ".tmp"
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-      for root, _, names in os.walk(src):
-        for f in sorted(names):
-          full = os.path.join(root, f)
-          z.write(full, os.path.relpath(full, directory))
+      for src in srcs:
+        for root, _, names in os.walk(src):
+          for f in sorted(names):
+            full = os.path.join(root, f)
+            z.write(full, os.path.relpath(full, directory))
     os.replace(tmp, path)
     return path
 
@@ -359,11 +409,34 @@ class Editor:
 # The page
 
 
+# The previews' height on the page: the stand-in's 64² images (and any
+# face) are drawn scaled up to it, not at their own few pixels.
+PREVIEW_HEIGHT = 320
+ALL_FACES = "all faces"
+# Gradio draws an image no larger than its own size (object-fit
+# scale-down): the previews fill their frame instead, pixels kept sharp.
+PAGE_CSS = "\n".join(
+    f"#{e} img {{ object-fit: contain; image-rendering: pixelated; }}"
+    for e in ("input", "inversion", "mask", "edit"))
+
+
+def side_by_side(images, gap=4):
+  """uint8 images (H, W, 3) of one height in a row, `gap` white columns
+  between them (the faces of a photo edited together)."""
+  tiles = []
+  for i, image in enumerate(images):
+    if i:
+      tiles.append(np.full((image.shape[0], gap, 3), 255, np.uint8))
+    tiles.append(image)
+  return np.concatenate(tiles, axis=1)
+
+
 def _images(loaded):
-  d = loaded.directory
-  return (_read_png(os.path.join(d, "input.png")),
-          _read_png(os.path.join(d, "inversion.png")),
-          _read_png(os.path.join(d, "mask.png")))
+  """(input, inversion, mask) of a Loaded, or of several side by side."""
+  many = loaded if isinstance(loaded, list) else [loaded]
+  return tuple(side_by_side([_read_png(os.path.join(one.directory, f))
+                             for one in many])
+               for f in ("input.png", "inversion.png", "mask.png"))
 
 
 def _message(e):
@@ -414,22 +487,38 @@ def build_ui(editor):
       raise result["error"]
     return result["value"]
 
+  def face_choices(label):
+    """The Face picker for the photo of `label`: (shown name, label) per
+    face, then every face at once; hidden for a single image."""
+    labels = editor.faces_of(label)
+    if len(labels) < 2:
+      return gr.update(choices=[], value=None, visible=False)
+    choices = [(f"{os.path.basename(l)}", l) for l in labels]
+    return gr.update(choices=choices + [(ALL_FACES, ALL_FACES)],
+                     visible=True)
+
   def shown(loaded, status):
-    """Every output of the page for a newly loaded image."""
+    """Every output of the page for a newly loaded image (a Loaded) or
+    every face of a photo (a list of them)."""
     inp, inv, mask = _images(loaded)
     zeros = [gr.update(value=0) for _ in range(n_sliders)]
-    image, pasted, files = editor.edit(loaded, [0.0] * n_sliders,
-                                       *editor.layers)
+    many = isinstance(loaded, list)
+    first = loaded[0] if many else loaded
+    image, pasted, files = editor.edit_faces(
+        loaded if many else [loaded], [0.0] * n_sliders, *editor.layers)
+    picker = face_choices(first.label)
+    if picker.get("visible"):
+      picker["value"] = ALL_FACES if many else first.label
     return [inp, inv, mask, image,
             gr.update(value=pasted, visible=pasted is not None),
             status, loaded,
             gr.update(choices=list(finished(editor.workdir)),
-                      value=loaded.label),
-            *_downloads(files), *zeros]
+                      value=first.label),
+            *_downloads(files), picker, *zeros]
 
   def failed(e):
     return [gr.update()] * 4 + [gr.update(), _message(e), gr.update(),
-                                gr.update()] + [gr.update()] * 3 + [
+                                gr.update()] + [gr.update()] * 4 + [
                                     gr.update()] * n_sliders
 
   def _downloads(files):
@@ -443,8 +532,28 @@ def build_ui(editor):
       progress(0, desc="starting")
       loaded = with_progress(lambda report: editor.invert(name, report),
                              progress)
+      n = len(editor.faces_of(loaded.label))
+      pick_one = (f" {n} faces found: pick one (or all) under Face;"
+                  if n > 1 else "")
       return shown(loaded, f"Refined **{loaded.label}** in "
-                   f"{time.perf_counter() - t0:.0f} s; move a slider to edit.")
+                   f"{time.perf_counter() - t0:.0f} s;{pick_one} move a "
+                   "slider to edit.")
+    except Exception as e:  # the page reports it; the server goes on
+      return failed(e)
+
+  def on_face(choice, loaded):
+    if not choice or loaded is None:
+      return failed(AppError("pick a face"))
+    try:
+      current = loaded[0] if isinstance(loaded, list) else loaded
+      if choice == ALL_FACES:
+        labels = editor.faces_of(current.label)
+        return shown([editor.load(l) for l in labels],
+                     f"Loaded all {len(labels)} faces of "
+                     f"**{labels[0].split(os.sep)[0]}**; move a slider to "
+                     "edit them together.")
+      return shown(editor.load(choice), f"Loaded **{choice}**; move a "
+                   "slider to edit.")
     except Exception as e:  # the page reports it; the server goes on
       return failed(e)
 
@@ -463,11 +572,13 @@ def build_ui(editor):
               "**error:** upload a photo or pick an image first"] + [
                   gr.update()] * 3
     try:
-      image, pasted, files = editor.edit(loaded, values, first, last)
+      many = loaded if isinstance(loaded, list) else [loaded]
+      image, pasted, files = editor.edit_faces(many, values, first, last)
       moved = ", ".join(f"{s.name} {float(v):g}" for s, v in
                         zip(editor.sliders, values) if float(v) != 0)
+      what = ", ".join(one.label for one in many)
       return [image, gr.update(value=pasted, visible=pasted is not None),
-              f"Edited **{loaded.label}**: {moved or 'no edit'} "
+              f"Edited **{what}**: {moved or 'no edit'} "
               f"(layers {int(first)}:{int(last)})", *_downloads(files)]
     except Exception as e:  # the page reports it; the server goes on
       return [gr.update(), gr.update(), _message(e)] + [gr.update()] * 3
@@ -485,15 +596,16 @@ def build_ui(editor):
                             else " (No face alignment: the `faces` extra is "
                             "not installed; give aligned faces.)"),
                          elem_id="status")
+    face = gr.Radio(choices=[], label="Face (the photo's faces, left to "
+                    "right)", visible=False, elem_id="face",
+                    interactive=True)
     with gr.Row():
-      inp = gr.Image(label="Input", format="png", interactive=False,
-                     elem_id="input")
-      inv = gr.Image(label="Inversion", format="png", interactive=False,
-                     elem_id="inversion")
-      mask = gr.Image(label=MASK_LABEL, format="png", interactive=False,
-                      elem_id="mask")
-      edited = gr.Image(label="Edit", format="png", interactive=False,
-                        elem_id="edit")
+      inp, inv, mask, edited = [
+          gr.Image(label=label, format="png", interactive=False,
+                   elem_id=elem_id, height=PREVIEW_HEIGHT, min_width=240)
+          for label, elem_id in (("Input", "input"),
+                                 ("Inversion", "inversion"),
+                                 (MASK_LABEL, "mask"), ("Edit", "edit"))]
     pasted = gr.Image(label="Edit pasted into the photo", format="png",
                       interactive=False, visible=False, elem_id="pasted")
     sliders = [gr.Slider(-s.limit, s.limit, value=0, step=s.limit / 20,
@@ -515,9 +627,10 @@ def build_ui(editor):
     state = gr.State(None)
 
     loaded_outputs = [inp, inv, mask, edited, pasted, status, state, pick,
-                      dl_edit, dl_pasted, dl_refined, *sliders]
+                      dl_edit, dl_pasted, dl_refined, face, *sliders]
     upload.upload(on_upload, upload, loaded_outputs)
     pick.input(on_pick, pick, loaded_outputs)
+    face.input(on_face, [face, state], loaded_outputs)
     edit_outputs = [edited, pasted, status, dl_edit, dl_pasted, dl_refined]
     for control in sliders + [first, last]:
       control.release(on_edit, [state, first, last, *sliders], edit_outputs,
@@ -549,7 +662,7 @@ def serve(config, workdir, host="127.0.0.1", port=7860, max_upload_mb=25,
   port = port or free_port(host)
   page.queue(default_concurrency_limit=1)
   page.launch(server_name=host, server_port=port, prevent_thread_lock=True,
-              quiet=True, allowed_paths=[editor.workdir],
+              quiet=True, allowed_paths=[editor.workdir], css=PAGE_CSS,
               max_file_size=int(max_upload_mb * 2**20), show_error=False)
   # Tests and scripts wait for this line.
   print(f"DHR editor: http://{host}:{port} (workdir {editor.workdir})",
