@@ -64,8 +64,8 @@ INPUTS = "inputs"        # OUT/inputs: the uploads, the run's data.input
 APP_DIR = "app"          # OUT/<name>/app: the current edit and downloads
 MASK_LABEL = "Domain mask (white = in-domain)"
 # The stages `pipeline.run_batch` and the runner report, in order.
-STAGES = ("segmentation", "embedding", "refinement", "metrics", "edits",
-          "writing")
+STAGES = ("coarse inversion", "segmentation", "embedding", "refinement",
+          "metrics", "edits", "writing")
 
 
 class AppError(Exception):

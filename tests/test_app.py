@@ -347,16 +347,23 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   seen = {steps: [], r"segmentation|embedding": [], r"refinement": []}
   status = _upload(browser, url, str(photo), r"Refined|error", seen=seen)
   assert status.startswith("Refined"), status
-  # The progress bar named the stages and counted refinement steps (of the
-  # demo's feature_steps).
+  # The progress bar named the stages and counted the steps of the coarse
+  # inversion and of the refinement (the demo's dss.coarse_steps and
+  # refine.feature_steps).
   assert seen[r"segmentation|embedding"] and seen[r"refinement"]
+  demo = _demo_config()
   assert seen[steps] and {int(n) for _, n in seen[steps]} == {
-      _demo_config().refine.feature_steps}
+      demo.dss.coarse_steps, demo.refine.feature_steps}
   assert len({k for k, _ in seen[steps]}) > 1
 
-  # Page: input, inversion, the labelled mask and the edit at α = 0.
+  # Page: input, inversion, the labelled mask and the edit at α = 0, each
+  # drawn at a readable size (the 64² images scaled up in a 1280 px wide
+  # window; they were drawn at their own 64 px before).
   for elem_id in ("input", "inversion", "mask", "edit"):
     assert _image_src(browser, elem_id), elem_id
+    shown_px = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} img").size
+    assert min(shown_px["height"], shown_px["width"]) >= 200, (elem_id,
+                                                               shown_px)
   assert app.MASK_LABEL in browser.page_source
   before_src = _image_src(browser, "edit")
   before = _fetch_png(before_src)
