@@ -357,13 +357,17 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   assert len({k for k, _ in seen[steps]}) > 1
 
   # Page: input, inversion, the labelled mask and the edit at α = 0, each
-  # drawn at a readable size (the 64² images scaled up in a 1280 px wide
-  # window; they were drawn at their own 64 px before).
+  # drawn at a readable size: the 64² images fill their frame (object-fit
+  # contain; Gradio's own scale-down drew them at 64 px), 286 × 318 px
+  # each in the 1280 px wide window (measured), so a square image ≥ 256².
   for elem_id in ("input", "inversion", "mask", "edit"):
     assert _image_src(browser, elem_id), elem_id
-    shown_px = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} img").size
-    assert min(shown_px["height"], shown_px["width"]) >= 200, (elem_id,
-                                                               shown_px)
+    img = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} img")
+    fit = browser.execute_script(
+        "return getComputedStyle(arguments[0]).objectFit", img)
+    assert fit == "contain", (elem_id, fit)
+    assert min(img.size["height"], img.size["width"]) >= 256, (elem_id,
+                                                               img.size)
   assert app.MASK_LABEL in browser.page_source
   before_src = _image_src(browser, "edit")
   before = _fetch_png(before_src)
