@@ -493,7 +493,7 @@ def build_ui(editor):
     labels = editor.faces_of(label)
     if len(labels) < 2:
       return gr.update(choices=[], value=None, visible=False)
-    choices = [(f"{os.path.basename(l)}", l) for l in labels]
+    choices = [(os.path.basename(l), l) for l in labels]
     return gr.update(choices=choices + [(ALL_FACES, ALL_FACES)],
                      visible=True)
 
