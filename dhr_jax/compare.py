@@ -172,7 +172,8 @@ def run(config, workdir):
     titles = {m: method_title(m, config) for m in methods}
     edit_names = [e.name for e in s.edits]
     gt = s.ground_truth or {}
-    batches = loop.BatchLoop(s, s.entries, methods, desc="compare")
+    batches = loop.BatchLoop(s, s.entries, methods, desc="compare",
+                             titles=titles)
     per_image = {}
     for batch in batches:
       for name in batch.todo:

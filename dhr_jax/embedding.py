@@ -39,11 +39,14 @@ batch, which couples the images. Here one image is exactly the official run
 with batch 1, and a batch is those runs vmapped, so results do not depend on
 which images share a batch.
 
-The whole loop is one jitted `lax.scan`.
+The whole loop is one jitted `lax.scan`; with `progress` it reports every
+finished step from inside it.
 """
 import dataclasses
 import functools
+import itertools
 import math
+import threading
 from typing import Any
 
 import jax
@@ -173,10 +176,53 @@ def _draws(key, noise_shapes, latent_shape, steps):
   return noise0, eps
 
 
+# --------------------------------------------------------------------------
+# Progress: a host callback per step, only in a program that was asked for
+# one. JAX does not write a program with host callbacks to its persistent
+# compilation cache (`dhr_jax.compile_cache`), so without `progress` the
+# loop is compiled without it and stays cacheable. A listener is found by
+# its channel, a traced scalar: every caller shares one compiled program,
+# and concurrent runs (the browser editor's threads) hear only their own.
+
+_LISTENERS = {}
+_CHANNELS = itertools.count()
+_LISTENERS_LOCK = threading.Lock()
+
+
+def _report_step(channel, step):
+  fn = _LISTENERS.get(int(channel))
+  if fn is not None:
+    fn(int(step))
+
+
+def _listen(progress):
+  """Registers progress → its channel. Each step k is passed on once, in
+  order: several devices (or a retried callback) may report a step twice."""
+  last = [0]
+  lock = threading.Lock()
+
+  def heard(k):
+    with lock:
+      if k <= last[0]:
+        return
+      last[0] = k
+    progress(k)
+  with _LISTENERS_LOCK:
+    channel = next(_CHANNELS) % 2**31
+    _LISTENERS[channel] = heard
+  return channel
+
+
+def _unlisten(channel):
+  with _LISTENERS_LOCK:
+    _LISTENERS.pop(channel, None)
+
+
 def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
-               mse_weight, *, space, resize):
+               mse_weight, channel, *, space, resize):
   """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d);
-  noise0 [(1, r, r, 1)]; eps (steps, 1, d)|(steps, 1, n, d)."""
+  noise0 [(1, r, r, 1)]; eps (steps, 1, d)|(steps, 1, n, d); channel: None
+  (silent) or the listener's channel (int32 scalar)."""
   g_params, l_params = G.params, L.params
   n_latent = G.config["n_latent"]
   target = target[None]
@@ -202,20 +248,26 @@ def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
 
   def step(carry, xs):
     variables, state, _ = carry
-    strength, e = xs
+    strength, e = xs[:2]
     (loss, (p, reg, mse, generated)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(variables, e, strength)
     updates, state = opt.update(grads, state, variables)
     latent, noise = optax.apply_updates(variables, updates)
     variables = (latent, [normalize_noise(n) for n in noise])
+    if channel is not None:
+      # xs[2]: the step's number, 1-based (unbatched: one call per step).
+      jax.debug.callback(_report_step, channel, xs[2])
     # Only the last step's image is kept (a carry, not a per-step output:
     # 40 full-size images would cost 500 MB at 1024²).
     return (variables, state, generated), (loss, p, reg, mse)
 
   first = jax.eval_shape(render, *variables)
+  xs = (strengths, eps)
+  if channel is not None:
+    xs += (jnp.arange(1, strengths.shape[0] + 1, dtype=jnp.int32),)
   (variables, _, last_image), history = jax.lax.scan(
       step, (variables, opt.init(variables),
-             jnp.zeros(first.shape, first.dtype)), (strengths, eps))
+             jnp.zeros(first.shape, first.dtype)), xs)
   latent, noise = variables
   image = render(latent, noise)
   codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
@@ -226,13 +278,15 @@ def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
 
 @functools.partial(jax.jit, static_argnames=("space", "resize"))
 def embed_batch(G, lpips, targets, noise0, eps, inits, lrs, strengths,
-                noise_weight, mse_weight, *, space, resize):
+                noise_weight, mse_weight, channel=None, *, space, resize):
   """`optimize_latent`'s compiled optimisation of a batch from given random
   draws (`draw_batch`), without its float32 casts: public for bench/, which
-  runs it in float64 from the float32 draws."""
+  runs it in float64 from the float32 draws. channel: None (silent) or a
+  progress listener's channel."""
   one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
-  return jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None))(
-      targets, noise0, eps, inits, lrs, strengths, noise_weight, mse_weight)
+  return jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None, None))(
+      targets, noise0, eps, inits, lrs, strengths, noise_weight, mse_weight,
+      channel)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -268,7 +322,7 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
                     noise_ramp=0.75, lr_rampdown=0.25, lr_rampup=0.05,
                     w_stats=None, n_mean_latent=10000, init=None,
                     resize="interpolate", noise_init=None,
-                    latent_noise=None):
+                    latent_noise=None, progress=None):
   """Embeds images in W or W+ of generator `G` by optimisation.
 
   Args:
@@ -302,6 +356,10 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       latent noise, (B, steps, 1, style_dim) for 'w' or (B, steps, 1,
       n_latent, style_dim) for 'w+' (scaled by the schedule × spread).
       Default: drawn from the image's key.
+    progress: optional `progress(k)`, told k = 1, ..., steps as each step
+      finishes (once each, in order), from XLA's callback thread while the
+      compiled loop runs; the call returns after the last. None compiles the
+      loop without the callback (the one JAX's persistent cache can keep).
 
   Returns:
     EmbeddingResult (codes, image, noise, losses, terms, last_step_image).
@@ -360,10 +418,21 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       raise ValueError(f"latent_noise must be {eps.shape}, got "
                        f"{latent_noise.shape}")
     eps = latent_noise
-  codes, image, noise_maps, history, last_image = embed_batch(
-      G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
-      jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
-      resize=resize)
+  channel = None if progress is None else _listen(progress)
+  try:
+    out = embed_batch(
+        G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
+        jnp.float32(noise_regularize), jnp.float32(mse_lambda),
+        None if channel is None else np.int32(channel), space=space,
+        resize=resize)
+    if channel is not None:
+      # Dispatch is asynchronous: every step is reported before the
+      # listener goes.
+      jax.block_until_ready(out)
+  finally:
+    if channel is not None:
+      _unlisten(channel)
+  codes, image, noise_maps, history, last_image = out
   losses, p, reg, mse = history
   return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),
                          losses=losses,

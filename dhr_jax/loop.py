@@ -8,6 +8,7 @@
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -137,6 +138,10 @@ class Progress:
     self.bar.close()
 
 
+def _titled(progress, title, stage):
+  progress(f"{title}: {stage}")
+
+
 @dataclasses.dataclass
 class Batch:
   """One computed batch: `results` {name: {method: ImageResult}} of its
@@ -170,9 +175,12 @@ class BatchLoop:
   """
 
   def __init__(self, session, entries, methods, *, complete=None,
-               failed=(), listener=None, desc="DHR"):
+               failed=(), listener=None, desc="DHR", titles=None):
     self.session, self.entries = session, entries
     self.methods = list(methods)
+    # {method: title}: each method's stages are shown as '<title>: <stage>'
+    # (the comparison's several methods); None shows them as they are.
+    self.titles = titles
     self.complete = complete or (lambda name: False)
     self.failed = list(failed)
     config, models = session.config, session.models
@@ -238,9 +246,13 @@ class BatchLoop:
     results, times = {n: {} for n in names}, dict(emb.times)
     for method in self.methods:
       t = time.perf_counter()
+      progress = self.progress
+      if self.titles is not None:
+        progress = functools.partial(_titled, self.progress,
+                                     self.titles[method])
       for r in methods_lib.METHODS[method](
           models, config, emb, s.edits, ground_truth=s.ground_truth,
-          progress=self.progress):
+          progress=progress):
         results[r.name][method] = r
       times[method] = time.perf_counter() - t
     return results, notes, times

@@ -165,7 +165,7 @@ def pti(models, config, emb, edits, *, ground_truth=None, progress=None):
   if pti_pivot(config) == "w":
     codes, embedded = pipeline.embed(
         models, config.compare.pti_embedding, emb.x, emb.padded_names,
-        int(config.seed))
+        int(config.seed), progress=progress)
     start = dataclasses.replace(emb, codes=codes,
                                 embedded=np.asarray(embedded))
   result = pipeline.refine_batch(models, pti_config(config).refine, start,
@@ -224,9 +224,10 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     edits: `edits.EditSpec`s rendered for every image.
     ground_truth: optional {name: `synthetic.GroundTruth`}.
     progress: optional `progress(stage)`, told the stage as it starts
-      ('segmentation', 'embedding', 'refinement step k/N', 'metrics',
-      'edits'); the refinement steps are reported from XLA's callback
-      thread while the compiled loop runs.
+      ('coarse inversion step k/N' (DSS's), 'segmentation', 'embedding'
+      [and 'embedding step k/N' when it optimises], 'refinement step k/N',
+      'metrics', 'edits'); the steps are reported from XLA's callback
+      thread while the compiled loops run.
     landmarks: optional (n, 5, 2) five landmarks per image for the parser
       (`dhr_jax.photos.parser_landmarks`; an all-NaN row: no face found);
       None: the canonical FFHQ ones.

@@ -104,8 +104,19 @@ def check_compatible(G, encoder):
         "generator of the same e4e bundle (leave model.generator empty)")
 
 
+def step_reporter(progress, head, steps):
+  """A stage reporter `progress(stage)` (or None) → the `progress(k)` of a
+  compiled loop of `steps` steps, telling it '<head> step k/steps' (step 0
+  at once); None stays None, so that the loop is compiled without its
+  callback."""
+  if progress is None:
+    return None
+  progress(f"{head} step 0/{steps}")
+  return lambda k: progress(f"{head} step {k}/{steps}")
+
+
 def embed(models, config, target, names, seed, coarse_codes=None,
-          loss_target=None):
+          loss_target=None, progress=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
   'e4e' encodes the images. 'optim' optimises codes in config.space for
@@ -115,7 +126,8 @@ def embed(models, config, target, names, seed, coarse_codes=None,
   coarse W inversion `coarse_codes`, which already spent
   `dss.coarse_steps` steps; a shortcut of this project, e.g. the demo's).
   steps = 0 takes the start itself. Its loss compares with `loss_target`
-  (default `io.resize_target(target)`, the official 256²).
+  (default `io.resize_target(target)`, the official 256²). progress:
+  optional `progress(stage)`, told 'embedding step k/N' by the optimisation.
   """
   method = config.method
   G = models.G
@@ -153,7 +165,8 @@ def embed(models, config, target, names, seed, coarse_codes=None,
           G, loss_target, models.lpips_vgg, key=keys, steps=int(config.steps),
           space=config.space, lr=float(config.lr),
           mse_lambda=float(config.mse_lambda), w_stats=models.w_stats,
-          init=init)
+          init=init, progress=step_reporter(progress, "embedding",
+                                            int(config.steps)))
       codes = res.codes
     # Refinement renders with the generator's fixed noise, not the noise
     # maps the optimisation tuned, so the embedding is shown the same way
@@ -246,13 +259,15 @@ def segment_and_embed(models, config, target, names, *, progress=None,
   report = progress or (lambda stage: None)
 
   t = time.perf_counter()
-  report("segmentation")
   coarse_keys = models.shard(image_keys(seed, padded_names, "coarse"))
   dss_config = config.dss.to_dict() if hasattr(config.dss, "to_dict") else (
       dict(config.dss))
+  steps = int(dss_config["coarse_steps"])
   inv = embedding_lib.coarse_inversion(
-      G, x_loss, models.lpips_vgg, key=coarse_keys,
-      steps=int(dss_config["coarse_steps"]), w_stats=models.w_stats)
+      G, x_loss, models.lpips_vgg, key=coarse_keys, steps=steps,
+      w_stats=models.w_stats,
+      progress=step_reporter(progress, "coarse inversion", steps))
+  report("segmentation")
   dss = segmentation.domain_specific_segmentation(
       x, coarse=inv.last_step_image, coarse_codes=inv.codes,
       lpips_vgg=models.lpips_vgg, parser=models.parser, config=dss_config,
@@ -262,7 +277,8 @@ def segment_and_embed(models, config, target, names, *, progress=None,
   t = time.perf_counter()
   report("embedding")
   codes, embedded = embed(models, config.embedding, x, padded_names, seed,
-                          coarse_codes=inv.codes, loss_target=x_loss)
+                          coarse_codes=inv.codes, loss_target=x_loss,
+                          progress=progress)
   times["embed"] = time.perf_counter() - t
   return Embedded(x=x, target=target, names=list(names),
                   padded_names=padded_names, dss=dss, codes=codes,

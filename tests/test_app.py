@@ -188,6 +188,125 @@ def _assert_rounds(u8, image):
   assert np.abs(u8.astype(np.float64) - exact).max() <= 0.55
 
 
+# --------------------------------------------------------------------------
+# The Editor and the page's components, without a server: a photo with two
+# faces whose refinements are made here (one step each), as a run leaves
+# them.
+
+
+@pytest.fixture(scope="module")
+def two_faces(tmp_path_factory):
+  """An Editor (the demo's stand-in at 32²) over a workdir holding the two
+  finished faces of a photo → (editor, photo, {label: directory})."""
+  pytest.importorskip("dlib")
+  import jax
+  from dhr_jax import refine
+  from tests.test_faces import _two_face_photo
+  config = _demo_config()
+  config.update_from_flattened_dict({
+      "model.stand_in.size": 32, "model.stand_in.style_dim": 32,
+      "model.stand_in.n_mlp": 1, "model.stand_in.channels": 16,
+      "embedding.n_mean_latent": 100, "data.min_face_size": 32})
+  workdir = tmp_path_factory.mktemp("two_faces")
+  editor = app.Editor(config, str(workdir))
+  assert editor.align and editor.config.data.faces == "all"
+  photo = _two_face_photo()
+  src = workdir / "two.png"
+  Image.fromarray(photo).save(src)
+  entries, failed = photos.prepare(
+      [("two", str(src))], str(workdir), 32, photos.face_models(), "all",
+      min_size=32)
+  assert [n for n, _ in entries] == ["two/face0", "two/face1"] and not failed
+  G = editor.G
+  crops = np.stack([io.load_image(p, 32) for _, p in entries])
+  # Each face's own code (two random ones: the faces' renders differ).
+  codes = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 32)))
+  codes = np.asarray(G.mapping(G.params, codes))[:, None].repeat(
+      G.n_latent, 1)
+  r = refine.hybrid_refine(G, codes, crops, np.ones((2, 32, 32, 1),
+                                                     np.float32),
+                           feature_idx=3, feature_steps=1, weight_steps=0,
+                           lpips_lambda=0.0)
+  dirs = {}
+  for k, (name, _) in enumerate(entries):
+    d = os.path.join(str(workdir), name)
+    refine.save_refined(os.path.join(d, "refined"), r, G, index=k)
+    for f, image in (("input.png", crops[k]), ("inversion.png", r.image[k]),
+                     ("mask.png", np.ones((32, 32, 3)))):
+      io.write_bytes(os.path.join(d, f), io.png_bytes(io.to_uint8(image)))
+    io.write_json(os.path.join(d, io.MARKER), dict(
+        fingerprint="test", files=["input.png", "inversion.png", "mask.png"]))
+    dirs[name] = d
+  return editor, photo, dirs
+
+
+def test_editor_edits_the_face_picked(two_faces):
+  editor, photo, dirs = two_faces
+  assert editor.faces_of("two") == ["two/face0", "two/face1"]
+  assert editor.faces_of(os.path.join("two", "face1")) == list(dirs)
+  alpha = 1.5
+  assert [s.name for s in editor.sliders] == ["random"]
+  n = pipeline.random_direction(0, editor.G.config["style_dim"])
+  edits = {}
+  for label, d in dirs.items():
+    loaded = editor.load(label)
+    edit, pasted, files = editor.edit(loaded, [alpha], *editor.layers)
+    assert files["edit"] == os.path.join(d, app.APP_DIR, "edit.png")
+    # The picked face's own refinement, moved along the direction.
+    refined = dhr_jax.load_refined(os.path.join(d, "refined"), editor.G)
+    want = dhr_jax.render(editor.G, refined, editing.edit_codes(
+        refined.codes, n, [alpha])[:, 0])[0]
+    _assert_rounds(edit, np.asarray(want))
+    edits[label] = edit
+    # Pasted where that face is: the astronaut on the left (x < 512), her
+    # mirrored copy on the right; the other half is the photo's.
+    changed = np.any(pasted != photo, axis=(0, 2))
+    if label.endswith("face0"):
+      assert changed[:512].any() and not changed[512:].any()
+    else:
+      assert changed[512:].any() and not changed[:512].any()
+  assert not np.array_equal(edits["two/face0"], edits["two/face1"])
+
+  # All faces at once: each face's edit, side by side, all pasted in.
+  loaded = [editor.load(label) for label in dirs]
+  strip, pasted, files = editor.edit_faces(loaded, [alpha], *editor.layers)
+  np.testing.assert_array_equal(strip, app.side_by_side(list(edits.values())))
+  assert strip.shape == (32, 2 * 32 + 4, 3)
+  changed = np.any(pasted != photo, axis=(0, 2))
+  assert changed[:512].any() and changed[512:].any()
+  top = os.path.dirname(dirs["two/face0"])
+  assert files["pasted"] == os.path.join(top, app.APP_DIR, "pasted.png")
+  with zipfile.ZipFile(files["refined"]) as z:
+    tops = {tuple(n.split("/")[:2]) for n in z.namelist()}
+  assert tops == {("face0", "refined"), ("face1", "refined")}
+
+
+def test_page_lists_the_faces_and_draws_previews_large(two_faces):
+  editor, _, dirs = two_faces
+  page = app.build_ui(editor)
+  by_id = {b.elem_id: b for b in page.blocks.values()
+           if getattr(b, "elem_id", None)}
+  for elem_id in ("input", "inversion", "mask", "edit"):
+    assert by_id[elem_id].height >= 256, elem_id
+    # Gradio draws an image at most at its own size unless told otherwise.
+    assert f"#{elem_id} img {{ object-fit: contain;" in app.PAGE_CSS
+  # The Face picker's handler: picking a face shows it, 'all faces' both.
+  face = by_id["face"]
+  handler = next(f.fn for f in page.fns.values()
+                 if [b._id for b in f.inputs][:1] == [face._id])
+  first = editor.load("two/face0")
+  out = handler("two/face1", first)
+  inp, picker = out[0], out[11]
+  np.testing.assert_array_equal(inp, _png(os.path.join(dirs["two/face1"],
+                                                       "input.png")))
+  assert picker["visible"] and picker["value"] == "two/face1"
+  assert [c[1] for c in picker["choices"]] == [*dirs, app.ALL_FACES]
+  out = handler(app.ALL_FACES, first)
+  assert out[0].shape == (32, 2 * 32 + 4, 3)
+  assert isinstance(out[6], list) and len(out[6]) == 2
+  assert "all 2 faces" in out[5]
+
+
 def test_error_paths_are_messages_on_the_page(server, browser, tmp_path):
   url, workdir = server
   text = tmp_path / "notes.txt"
@@ -228,16 +347,27 @@ def test_upload_refine_slide_download(server, browser, tmp_path):
   seen = {steps: [], r"segmentation|embedding": [], r"refinement": []}
   status = _upload(browser, url, str(photo), r"Refined|error", seen=seen)
   assert status.startswith("Refined"), status
-  # The progress bar named the stages and counted refinement steps (of the
-  # demo's feature_steps).
+  # The progress bar named the stages and counted the steps of the coarse
+  # inversion and of the refinement (the demo's dss.coarse_steps and
+  # refine.feature_steps).
   assert seen[r"segmentation|embedding"] and seen[r"refinement"]
+  demo = _demo_config()
   assert seen[steps] and {int(n) for _, n in seen[steps]} == {
-      _demo_config().refine.feature_steps}
+      demo.dss.coarse_steps, demo.refine.feature_steps}
   assert len({k for k, _ in seen[steps]}) > 1
 
-  # Page: input, inversion, the labelled mask and the edit at α = 0.
+  # Page: input, inversion, the labelled mask and the edit at α = 0, each
+  # drawn at a readable size: the 64² images fill their frame (object-fit
+  # contain; Gradio's own scale-down drew them at 64 px), 286 × 318 px
+  # each in the 1280 px wide window (measured), so a square image ≥ 256².
   for elem_id in ("input", "inversion", "mask", "edit"):
     assert _image_src(browser, elem_id), elem_id
+    img = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} img")
+    fit = browser.execute_script(
+        "return getComputedStyle(arguments[0]).objectFit", img)
+    assert fit == "contain", (elem_id, fit)
+    assert min(img.size["height"], img.size["width"]) >= 256, (elem_id,
+                                                               img.size)
   assert app.MASK_LABEL in browser.page_source
   before_src = _image_src(browser, "edit")
   before = _fetch_png(before_src)

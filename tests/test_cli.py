@@ -436,9 +436,14 @@ def test_tiny_run_shows_stages_while_a_batch_runs(tiny):
                 "embedding", "refinement step 0/3", "metrics", "edits",
                 "writing"):
     assert stage in err, stage
-  # Steps are reported from inside the compiled loop (the first and the
-  # last always show).
+  # Steps are reported from inside the compiled loops (the first and the
+  # last always show): DSS's coarse inversion (dss.coarse_steps = 2), then
+  # the refinement.
+  for k in (0, 1, 2):
+    assert f"coarse inversion step {k}/2" in err, k
   assert "refinement step 1/3" in err and "refinement step 3/3" in err
+  assert (err.index("coarse inversion step 2/2") < err.index("segmentation")
+          < err.index("refinement step 0/3"))
 
 
 def test_refinement_reports_every_step():

@@ -35,9 +35,17 @@ PTI = "PTI (W pivot)"
 def compared(tmp_path_factory):
   config = compare_config.get_config("demo")
   config.update_from_flattened_dict(dict(_TINY + _STEPS))
-  workdir = str(tmp_path_factory.mktemp("compare") / "out")
-  status = run_lib.main(config, workdir, "compare")
-  return config, workdir, status
+  base = tmp_path_factory.mktemp("compare")
+  workdir = str(base / "out")
+  # The progress bar writes to stderr; keep what it wrote.
+  saved = sys.stderr
+  with open(base / "stderr.txt", "w") as f:
+    sys.stderr = f
+    try:
+      status = run_lib.main(config, workdir, "compare")
+    finally:
+      sys.stderr = saved
+  return config, workdir, status, (base / "stderr.txt").read_text()
 
 
 def _table(workdir):
@@ -46,7 +54,7 @@ def _table(workdir):
 
 
 def test_compare_writes_a_row_per_method(compared):
-  _, workdir, status = compared
+  _, workdir, status, _ = compared
   assert status == 0
   rows = _table(workdir)
   # HFGI is left out: the demo configures no HFGI checkpoint.
@@ -62,11 +70,30 @@ def test_compare_writes_a_row_per_method(compared):
       "| optim only", "| " + PTI, "| DHR"]
 
 
+def test_compare_reports_every_stage_and_step(compared):
+  # The bar shows each stage of the batch and the steps of every compiled
+  # loop (the first and the last always show): DSS's coarse inversion
+  # (dss.coarse_steps = 2), PTI's W pivot (2) and refinement (3), DHR's
+  # refinement (refine.feature_steps = 3), each method's under its title.
+  err = compared[3]
+  assert "compare" in err and "batch 1/1 (synthetic_0)" in err
+  stages = ["coarse inversion step 0/2", "coarse inversion step 2/2",
+            "segmentation", "embedding", "optim only: metrics",
+            f"{PTI}: embedding step 0/2", f"{PTI}: embedding step 2/2",
+            f"{PTI}: refinement step 1/3", f"{PTI}: refinement step 3/3",
+            f"{PTI}: edits", "DHR: refinement step 1/3",
+            "DHR: refinement step 3/3", "DHR: metrics", "DHR: edits",
+            "writing"]
+  at = [err.find(s) for s in stages]
+  assert all(i >= 0 for i in at), [s for s, i in zip(stages, at) if i < 0]
+  assert at == sorted(at), stages
+
+
 def test_paper_metrics_columns(compared):
   """compare.csv/md carry the paper's protocol beside the float metrics,
   from the method's inversion and the input file."""
   from dhr_jax import metrics
-  _, workdir, _ = compared
+  _, workdir, _, _ = compared
   rows = _table(workdir)
   md = open(os.path.join(workdir, "compare.md")).read().splitlines()
   assert "| lpips_vgg | paper_mse | paper_psnr | paper_lpips_alex |" in md[0]
@@ -93,7 +120,7 @@ def test_paper_metrics_columns(compared):
 
 
 def test_refinement_beats_the_embedding_on_the_patch(compared):
-  _, workdir, _ = compared
+  _, workdir, _, _ = compared
   rows = _table(workdir)
   f = lambda m, c: float(rows[m][c])
   # Measured (x86_64 Xeon, 2 cores, this test's settings: 32² stand-in,
@@ -109,7 +136,7 @@ def test_refinement_beats_the_embedding_on_the_patch(compared):
 
 
 def test_grid_has_a_titled_row_per_method(compared):
-  config, workdir, _ = compared
+  config, workdir, _, _ = compared
   directory = os.path.join(workdir, "synthetic_0")
   for method in ("embedding", "pti", "dhr"):
     assert os.path.isfile(os.path.join(directory, f"{method}.png"))

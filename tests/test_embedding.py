@@ -295,3 +295,25 @@ def test_w_pivot_parity_with_official_loop(rule, golden, tmp_path):
   # image before the last update is 11 % (rel. L2) from the one after it.
   np.testing.assert_array_equal(f["codes"][0, 0], f["latent_avg"])
   assert rel_l2(f["last_step_image"], f["final_image"]) > 0.05
+
+
+def test_coarse_inversion_reports_every_step_once(setup):
+  """`progress` hears steps 1..N once each, in order, for a batch of two
+  (vmapped: one callback per step, not per image), and listening changes
+  no number: the compiled loop is the same but for the callback."""
+  G, L, targets, stats = setup
+  keys = jax.random.split(jax.random.PRNGKey(7), 2)
+  heard = []
+  kw = dict(key=keys, steps=3, w_stats=stats)
+  loud = embedding.coarse_inversion(G, targets[:2], L, progress=heard.append,
+                                    **kw)
+  assert heard == [1, 2, 3]
+  quiet = embedding.coarse_inversion(G, targets[:2], L, **kw)
+  for a, b in ((loud.codes, quiet.codes), (loud.losses, quiet.losses),
+               (loud.last_step_image, quiet.last_step_image)):
+    np.testing.assert_array_equal(a, b)
+  # The same program (no new compile) with another listener: each hears
+  # only its own run's steps.
+  again = []
+  embedding.coarse_inversion(G, targets[:2], L, progress=again.append, **kw)
+  assert again == [1, 2, 3] and heard == [1, 2, 3]
