@@ -5,7 +5,11 @@ An `Editor` holds the run config, the models (loaded once for every
 upload), the sliders (`edits.sliders`, a view of the CLI's edits) and the
 workdir: uploads become the run's inputs in OUT/inputs/, `Editor.invert`
 runs DHR on them exactly as run.py would (`runner.run`), and `Editor.edit`
-renders the sliders' edit of a finished image into OUT/<name>/app/.
+renders the sliders' edit of a finished image into OUT/<name>/app/. With
+the faces extra every face of a photo is refined (run.py's
+data.faces='all'); `Editor.faces_of` lists them and `Editor.edit_faces`
+edits several together (OUT/<photo>/app/: the edits side by side, the
+photo with all of them pasted, every face's refined/).
 """
 import dataclasses
 import os
@@ -24,6 +28,7 @@ from dhr_jax import files as dhr_files
 from dhr_jax import io
 from dhr_jax import loading
 from dhr_jax import photos
+from dhr_jax import pictures
 from dhr_jax import refine
 from dhr_jax import runner
 from dhr_jax import settings
@@ -31,6 +36,8 @@ from dhr_jax import workdir as workdir_lib
 
 INPUTS = "inputs"        # OUT/inputs: the uploads, the run's data.input
 APP_DIR = "app"          # OUT/<name>/app: the current edit and downloads
+# White columns between the faces of a photo edited together.
+FACES_GAP = 4
 
 
 class AppError(Exception):
@@ -42,6 +49,12 @@ def finished(workdir):
   OUT/<name>/ or OUT/<photo>/face<k>/), sorted."""
   return {os.path.relpath(d, workdir): d
           for _, d, _ in workdir_lib.finished(workdir)}
+
+
+def side_by_side(images):
+  """uint8 images (H, W, 3) of one height in a row, FACES_GAP white columns
+  apart (the faces of a photo edited together)."""
+  return pictures.grid(images, pad=FACES_GAP)
 
 
 @dataclasses.dataclass
@@ -63,9 +76,13 @@ class Editor:
     self.inputs = os.path.join(self.workdir, INPUTS)
     self.config = ml_collections.ConfigDict(config.to_dict())
     self.config.data.input = self.inputs
-    # With the faces extra every upload is treated as a raw photo.
+    # With the faces extra every upload is treated as a raw photo, and
+    # every face of it is refined (run.py's data.faces='all'): the page
+    # lists them and edits the one picked, or all together.
     self.align = photos.face_models() is not None
     self.config.data.align = self.align
+    if self.align:
+      self.config.data.faces = "all"
     self.max_upload_mb = float(max_upload_mb)
     self.max_pixels = float(max_pixels)
     self.models = loading.load_models(self.config, loading.make_mesh())
@@ -136,11 +153,23 @@ class Editor:
       # A bad upload is not kept as an input: a resumed run would fail on it.
       os.remove(os.path.join(self.inputs, name + ".png"))
       raise AppError(f"{name}: {failed[0]['reason']}")
-    labels = [l for l in finished(self.workdir)
-              if l.split(os.sep)[0] == workdir_lib.output_name(name)]
+    labels = self.faces_of(workdir_lib.output_name(name))
     if not labels:
       raise AppError(f"{name}: the run left no finished result")
     return self.load(labels[0])
+
+  def faces_of(self, label):
+    """The finished images of the photo that `label` (a photo's name or one
+    of its faces, OUT/<photo>/face<k>) belongs to: its faces in face order
+    (left to right), or [label] for an image that is no photo's face."""
+    top = label.split(os.sep)[0]
+    labels = [l for l in finished(self.workdir) if l.split(os.sep)[0] == top]
+
+    def face_index(l):
+      k = l.split(os.sep)[-1][len("face"):]
+      # face10 after face9, not after face1 as the folders sort.
+      return int(k) if k.isdigit() else -1
+    return sorted(labels, key=face_index)
 
   def load(self, label):
     directory = finished(self.workdir).get(label)
@@ -183,20 +212,51 @@ class Editor:
     files["refined"] = self.refined_zip(loaded.directory)
     return image, pasted, files
 
-  def refined_zip(self, directory):
+  def edit_faces(self, loaded, values, first, last):
+    """The sliders' edit of several faces of one photo at once (`edit` of
+    each, written to each face's app/ folder) → (the edits side by side,
+    the photo with every edit pasted in or None, {download: path}) with the
+    downloads in OUT/<photo>/app/."""
+    if len(loaded) == 1:
+      return self.edit(loaded[0], values, first, last)
+    images, pastes = [], []
+    for one in loaded:
+      image, _, _ = self.edit(one, values, first, last)
+      images.append(image)
+      if one.photo is not None:
+        pastes.append((image, np.asarray(one.quad)))
+    top = os.path.dirname(loaded[0].directory)
+    out = os.path.join(top, APP_DIR)
+    files = {"edit": os.path.join(out, "edit.png")}
+    strip = side_by_side(images)
+    dhr_files.write_bytes(files["edit"], dhr_files.png_bytes(strip))
+    pasted = None
+    if pastes:
+      pasted = faces.paste_all(loaded[0].photo, pastes)[0]
+      files["pasted"] = os.path.join(out, "pasted.png")
+      dhr_files.write_bytes(files["pasted"], dhr_files.png_bytes(pasted))
+    files["refined"] = self.refined_zip(
+        top, [os.path.basename(one.directory) for one in loaded])
+    return strip, pasted, files
+
+  def refined_zip(self, directory, subs=None):
     """OUT/<name>/app/refined.zip: refined/ under its own name, so that
-    unzipping it in an image folder gives what --mode=edit reads."""
+    unzipping it in an image folder gives what --mode=edit reads. subs:
+    the faces (face<k>) of the photo folder `directory` instead, each as
+    face<k>/refined/."""
     path = os.path.join(directory, APP_DIR, "refined.zip")
-    src = os.path.join(directory, "refined")
+    srcs = [os.path.join(directory, "refined")] if subs is None else [
+        os.path.join(directory, sub, "refined") for sub in subs]
     if os.path.isfile(path) and os.path.getmtime(path) >= max(
         os.path.getmtime(os.path.join(r, f))
-        for r, _, fs in os.walk(src) for f in fs):
+        for src in srcs for r, _, fs in os.walk(src) for f in fs):
       return path
     tmp = path + ".tmp"
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-      for root, _, names in os.walk(src):
-        for f in sorted(names):
-          full = os.path.join(root, f)
-          z.write(full, os.path.relpath(full, directory))
+      for src in srcs:
+        for root, _, names in os.walk(src):
+          for f in sorted(names):
+            full = os.path.join(root, f)
+            z.write(full, os.path.relpath(full, directory))
     os.replace(tmp, path)
     return path
