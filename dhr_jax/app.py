@@ -6,20 +6,25 @@ r"""An interactive DHR editor in the browser (Gradio; the optional `app` extra).
 serves a page on 127.0.0.1 (--port, 0 = any free port): upload a photo (or
 pick a finished image of the workdir), and DHR runs on it exactly as
 `run.py` would (`dhr_jax.runner.run`), with a progress bar per stage and per
-refinement step. With the `faces` extra the photo's largest face is detected
-and FFHQ-aligned first and every result is pasted back into the photo. The
-page then shows the input, the inversion, the domain mask (white =
-in-domain) and one slider per configured edit direction (config.edit:
-InterFaceGAN directions, GANSpace edits, the random direction) with a layer
-range for the InterFaceGAN ones (`edits.sliders`, a view of the CLI's
-edits). Moving a slider renders the edited codes from the saved refinement
-only (`editing.render`, the CLI's own render; no refinement).
+step. With the `faces` extra every face of the photo is detected and
+FFHQ-aligned first (run.py's data.faces='all') and every result is pasted
+back into the photo; a photo with several faces gets a Face picker: one
+face (left to right), or all of them edited together. The page then shows
+the input, the inversion, the domain mask (white = in-domain) and the
+edit, each scaled to PREVIEW_HEIGHT pixels, and one slider per configured
+edit direction (config.edit: InterFaceGAN directions, GANSpace edits, the
+random direction) with a layer range for the InterFaceGAN ones
+(`edits.sliders`, a view of the CLI's edits). Moving a slider renders the
+edited codes from the saved refinement only (`editing.render`, the CLI's
+own render; no refinement).
 
 Everything goes to the workdir in run.py's layout: uploads are the run's
-inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face0/ when
+inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face<k>/ when
 aligned), and the current edit of an image in OUT/<name>/app/ (edit.png,
-pasted.png, refined.zip, edit.json). A session is resumed or re-edited from
-the command line with
+pasted.png, refined.zip, edit.json; of all faces together in
+OUT/<photo>/app/: the edits side by side, the photo with all of them
+pasted, every face's refined/). A session is resumed or re-edited from the
+command line with
 
     python run.py --config=... --config.data.input=OUT/inputs --workdir=OUT \
         [--mode=edit --config.edit.directions=...]
@@ -48,11 +53,21 @@ from dhr_jax import settings
 from dhr_jax.editor import AppError
 from dhr_jax.editor import Editor
 from dhr_jax.editor import finished
+from dhr_jax.editor import side_by_side
 
 MASK_LABEL = "Domain mask (white = in-domain)"
 # The stages a run reports (`dhr_jax.loop`), in order.
-STAGES = ("segmentation", "embedding", "refinement", "metrics", "edits",
-          "writing")
+STAGES = ("coarse inversion", "segmentation", "embedding", "refinement",
+          "metrics", "edits", "writing")
+# The previews' height on the page: the stand-in's 64² images (and any
+# face) are drawn scaled up to it, not at their own few pixels.
+PREVIEW_HEIGHT = 320
+ALL_FACES = "all faces"
+# Gradio draws an image no larger than its own size (object-fit
+# scale-down): the previews fill their frame instead, pixels kept sharp.
+PAGE_CSS = "\n".join(
+    f"#{e} img {{ object-fit: contain; image-rendering: pixelated; }}"
+    for e in ("input", "inversion", "mask", "edit"))
 
 
 # --------------------------------------------------------------------------
@@ -60,10 +75,12 @@ STAGES = ("segmentation", "embedding", "refinement", "metrics", "edits",
 
 
 def _images(loaded):
-  d = loaded.directory
-  return (dhr_files.read_png(os.path.join(d, "input.png")),
-          dhr_files.read_png(os.path.join(d, "inversion.png")),
-          dhr_files.read_png(os.path.join(d, "mask.png")))
+  """(input, inversion, mask) of a Loaded, or of several side by side."""
+  many = loaded if isinstance(loaded, list) else [loaded]
+  return tuple(side_by_side([dhr_files.read_png(os.path.join(one.directory,
+                                                              f))
+                             for one in many])
+               for f in ("input.png", "inversion.png", "mask.png"))
 
 
 def _message(e):
@@ -114,22 +131,38 @@ def build_ui(editor):
       raise result["error"]
     return result["value"]
 
+  def face_choices(label):
+    """The Face picker for the photo of `label`: (shown name, label) per
+    face, then every face at once; hidden for a single image."""
+    labels = editor.faces_of(label)
+    if len(labels) < 2:
+      return gr.update(choices=[], value=None, visible=False)
+    choices = [(os.path.basename(l), l) for l in labels]
+    return gr.update(choices=choices + [(ALL_FACES, ALL_FACES)],
+                     visible=True)
+
   def shown(loaded, status):
-    """Every output of the page for a newly loaded image."""
+    """Every output of the page for a newly loaded image (a Loaded) or
+    every face of a photo (a list of them)."""
     inp, inv, mask = _images(loaded)
     zeros = [gr.update(value=0) for _ in range(n_sliders)]
-    image, pasted, files = editor.edit(loaded, [0.0] * n_sliders,
-                                       *editor.layers)
+    many = isinstance(loaded, list)
+    first = loaded[0] if many else loaded
+    image, pasted, files = editor.edit_faces(
+        loaded if many else [loaded], [0.0] * n_sliders, *editor.layers)
+    picker = face_choices(first.label)
+    if picker.get("visible"):
+      picker["value"] = ALL_FACES if many else first.label
     return [inp, inv, mask, image,
             gr.update(value=pasted, visible=pasted is not None),
             status, loaded,
             gr.update(choices=list(finished(editor.workdir)),
-                      value=loaded.label),
-            *_downloads(files), *zeros]
+                      value=first.label),
+            *_downloads(files), picker, *zeros]
 
   def failed(e):
     return [gr.update()] * 4 + [gr.update(), _message(e), gr.update(),
-                                gr.update()] + [gr.update()] * 3 + [
+                                gr.update()] + [gr.update()] * 4 + [
                                     gr.update()] * n_sliders
 
   def _downloads(files):
@@ -143,8 +176,28 @@ def build_ui(editor):
       progress(0, desc="starting")
       loaded = with_progress(lambda report: editor.invert(name, report),
                              progress)
+      n = len(editor.faces_of(loaded.label))
+      pick_one = (f" {n} faces found: pick one (or all) under Face;"
+                  if n > 1 else "")
       return shown(loaded, f"Refined **{loaded.label}** in "
-                   f"{time.perf_counter() - t0:.0f} s; move a slider to edit.")
+                   f"{time.perf_counter() - t0:.0f} s;{pick_one} move a "
+                   "slider to edit.")
+    except Exception as e:  # the page reports it; the server goes on
+      return failed(e)
+
+  def on_face(choice, loaded):
+    if not choice or loaded is None:
+      return failed(AppError("pick a face"))
+    try:
+      current = loaded[0] if isinstance(loaded, list) else loaded
+      if choice == ALL_FACES:
+        labels = editor.faces_of(current.label)
+        return shown([editor.load(l) for l in labels],
+                     f"Loaded all {len(labels)} faces of "
+                     f"**{labels[0].split(os.sep)[0]}**; move a slider to "
+                     "edit them together.")
+      return shown(editor.load(choice), f"Loaded **{choice}**; move a "
+                   "slider to edit.")
     except Exception as e:  # the page reports it; the server goes on
       return failed(e)
 
@@ -163,11 +216,13 @@ def build_ui(editor):
               "**error:** upload a photo or pick an image first"] + [
                   gr.update()] * 3
     try:
-      image, pasted, files = editor.edit(loaded, values, first, last)
+      many = loaded if isinstance(loaded, list) else [loaded]
+      image, pasted, files = editor.edit_faces(many, values, first, last)
       moved = ", ".join(f"{s.name} {float(v):g}" for s, v in
                         zip(editor.sliders, values) if float(v) != 0)
+      what = ", ".join(one.label for one in many)
       return [image, gr.update(value=pasted, visible=pasted is not None),
-              f"Edited **{loaded.label}**: {moved or 'no edit'} "
+              f"Edited **{what}**: {moved or 'no edit'} "
               f"(layers {int(first)}:{int(last)})", *_downloads(files)]
     except Exception as e:  # the page reports it; the server goes on
       return [gr.update(), gr.update(), _message(e)] + [gr.update()] * 3
@@ -185,15 +240,16 @@ def build_ui(editor):
                             else " (No face alignment: the `faces` extra is "
                             "not installed; give aligned faces.)"),
                          elem_id="status")
+    face = gr.Radio(choices=[], label="Face (the photo's faces, left to "
+                    "right)", visible=False, elem_id="face",
+                    interactive=True)
     with gr.Row():
-      inp = gr.Image(label="Input", format="png", interactive=False,
-                     elem_id="input")
-      inv = gr.Image(label="Inversion", format="png", interactive=False,
-                     elem_id="inversion")
-      mask = gr.Image(label=MASK_LABEL, format="png", interactive=False,
-                      elem_id="mask")
-      edited = gr.Image(label="Edit", format="png", interactive=False,
-                        elem_id="edit")
+      inp, inv, mask, edited = [
+          gr.Image(label=label, format="png", interactive=False,
+                   elem_id=elem_id, height=PREVIEW_HEIGHT, min_width=240)
+          for label, elem_id in (("Input", "input"),
+                                 ("Inversion", "inversion"),
+                                 (MASK_LABEL, "mask"), ("Edit", "edit"))]
     pasted = gr.Image(label="Edit pasted into the photo", format="png",
                       interactive=False, visible=False, elem_id="pasted")
     sliders = [gr.Slider(-s.limit, s.limit, value=0, step=s.limit / 20,
@@ -215,9 +271,10 @@ def build_ui(editor):
     state = gr.State(None)
 
     loaded_outputs = [inp, inv, mask, edited, pasted, status, state, pick,
-                      dl_edit, dl_pasted, dl_refined, *sliders]
+                      dl_edit, dl_pasted, dl_refined, face, *sliders]
     upload.upload(on_upload, upload, loaded_outputs)
     pick.input(on_pick, pick, loaded_outputs)
+    face.input(on_face, [face, state], loaded_outputs)
     edit_outputs = [edited, pasted, status, dl_edit, dl_pasted, dl_refined]
     for control in sliders + [first, last]:
       control.release(on_edit, [state, first, last, *sliders], edit_outputs,
@@ -250,7 +307,7 @@ def serve(config, workdir, host="127.0.0.1", port=7860, max_upload_mb=25,
   port = port or free_port(host)
   page.queue(default_concurrency_limit=1)
   page.launch(server_name=host, server_port=port, prevent_thread_lock=True,
-              quiet=True, allowed_paths=[editor.workdir],
+              quiet=True, allowed_paths=[editor.workdir], css=PAGE_CSS,
               max_file_size=int(max_upload_mb * 2**20), show_error=False)
   # Tests and scripts wait for this line.
   print(f"DHR editor: http://{host}:{port} (workdir {editor.workdir})",
