@@ -33,11 +33,14 @@ import dhr_jax  # noqa: E402
 from dhr_jax import app  # noqa: E402
 from dhr_jax import config_files  # noqa: E402
 from dhr_jax import editing  # noqa: E402
+from dhr_jax import editor as editor_lib  # noqa: E402
 from dhr_jax import edits as edits_lib  # noqa: E402
 from dhr_jax import faces  # noqa: E402
+from dhr_jax import files  # noqa: E402
 from dhr_jax import io  # noqa: E402
 from dhr_jax import loading  # noqa: E402
 from dhr_jax import photos  # noqa: E402
+from dhr_jax import workdir as workdir_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -233,9 +236,11 @@ def two_faces(tmp_path_factory):
     refine.save_refined(os.path.join(d, "refined"), r, G, index=k)
     for f, image in (("input.png", crops[k]), ("inversion.png", r.image[k]),
                      ("mask.png", np.ones((32, 32, 3)))):
-      io.write_bytes(os.path.join(d, f), io.png_bytes(io.to_uint8(image)))
-    io.write_json(os.path.join(d, io.MARKER), dict(
-        fingerprint="test", files=["input.png", "inversion.png", "mask.png"]))
+      files.write_bytes(os.path.join(d, f),
+                        files.png_bytes(io.to_uint8(image)))
+    files.write_json(os.path.join(d, workdir_lib.MARKER), dict(
+        name=name, fingerprint="test",
+        files=["input.png", "inversion.png", "mask.png"]))
     dirs[name] = d
   return editor, photo, dirs
 
@@ -246,12 +251,12 @@ def test_editor_edits_the_face_picked(two_faces):
   assert editor.faces_of(os.path.join("two", "face1")) == list(dirs)
   alpha = 1.5
   assert [s.name for s in editor.sliders] == ["random"]
-  n = pipeline.random_direction(0, editor.G.config["style_dim"])
+  n = edits_lib.random_direction(0, editor.G.config["style_dim"])
   edits = {}
   for label, d in dirs.items():
     loaded = editor.load(label)
-    edit, pasted, files = editor.edit(loaded, [alpha], *editor.layers)
-    assert files["edit"] == os.path.join(d, app.APP_DIR, "edit.png")
+    edit, pasted, written = editor.edit(loaded, [alpha], *editor.layers)
+    assert written["edit"] == os.path.join(d, editor_lib.APP_DIR, "edit.png")
     # The picked face's own refinement, moved along the direction.
     refined = dhr_jax.load_refined(os.path.join(d, "refined"), editor.G)
     want = dhr_jax.render(editor.G, refined, editing.edit_codes(
@@ -269,14 +274,16 @@ def test_editor_edits_the_face_picked(two_faces):
 
   # All faces at once: each face's edit, side by side, all pasted in.
   loaded = [editor.load(label) for label in dirs]
-  strip, pasted, files = editor.edit_faces(loaded, [alpha], *editor.layers)
-  np.testing.assert_array_equal(strip, app.side_by_side(list(edits.values())))
+  strip, pasted, written = editor.edit_faces(loaded, [alpha], *editor.layers)
+  np.testing.assert_array_equal(strip,
+                                editor_lib.side_by_side(list(edits.values())))
   assert strip.shape == (32, 2 * 32 + 4, 3)
   changed = np.any(pasted != photo, axis=(0, 2))
   assert changed[:512].any() and changed[512:].any()
   top = os.path.dirname(dirs["two/face0"])
-  assert files["pasted"] == os.path.join(top, app.APP_DIR, "pasted.png")
-  with zipfile.ZipFile(files["refined"]) as z:
+  assert written["pasted"] == os.path.join(top, editor_lib.APP_DIR,
+                                          "pasted.png")
+  with zipfile.ZipFile(written["refined"]) as z:
     tops = {tuple(n.split("/")[:2]) for n in z.namelist()}
   assert tops == {("face0", "refined"), ("face1", "refined")}
 
