@@ -67,6 +67,12 @@ def get_config():
       # ID metric, column id_curricularface (needs the `faces` extra: dlib
       # finds the landmarks MTCNN finds in the official script); "" = off.
       id_network="",
+      # edit.method='diffcam' only (README "Editing via differential
+      # activations"): model.checkpoint is then the converted pSp bundle
+      # (converters.encoder), these the converted DiffCam
+      # (converters.diffcam) and deghosting network (converters.deghosting).
+      diffcam="",
+      deghosting="",
   ))
 
   config.embedding = ml_collections.ConfigDict(dict(
@@ -128,6 +134,14 @@ def get_config():
 
   # Edits rendered for every image (and by --mode=edit on a finished run).
   config.edit = ml_collections.ConfigDict(dict(
+      # 'dhr' (invert, refine, edit the refined generator) or 'diffcam'
+      # (edit pSp's codes and blend the edit into the photo where DiffCam's
+      # differential activations put it, then deghost; no DSS, no
+      # refinement). diffcam's directions are "name=path" with name one of
+      # the seven published (Smiling, ...) or "name:class=path".
+      method="dhr",
+      # diffcam: the edit's strength along the unit direction (published 20).
+      alpha=20.0,
       # InterFaceGAN directions: "name=path.npy,name2=path.pt" ((D,) or (L, D)).
       directions="",
       strengths="-3,3",          # α of w + α·n, comma-separated

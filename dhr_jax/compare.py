@@ -79,6 +79,10 @@ def validate(config):
                            "configs/compare.py)")
   methods = methods_of(config)
   settings.validate_config(config)
+  if settings.edit_method(config) != "dhr":
+    raise UserError("config.edit.method: the comparison edits with every "
+                    "method's own generator; diffcam has no row here yet "
+                    "(run it with --mode=run)")
   if "pti" in methods:
     try:
       settings.validate_config(methods_lib.pti_config(config))

@@ -16,9 +16,11 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from dhr_jax import differential
 from dhr_jax import directions as directions_lib
 from dhr_jax import editing
 from dhr_jax.editing import EditError
+from dhr_jax.models import diffcam
 from dhr_jax.settings import UserError
 
 
@@ -27,9 +29,10 @@ class EditSpec:
   """One named edit: `fn(codes (B, L, D)) → (B, S, L, D)`, with one output
   label per edited code (used as the file name `edits/<label>.png`).
 
-  kind 'interfacegan' (`direction`, `strengths`, `layers`) or 'ganspace'
+  kind 'interfacegan' (`direction`, `strengths`, `layers`), 'ganspace'
   (`pcs`, `groups`: per output a list of (component, first, last,
-  strength), `mode`): what the edit is made of, for the sliders' view.
+  strength), `mode`) or 'diffcam' (`direction`, `strengths` (α,), `target`
+  its DiffCam class): what the edit is made of, for the sliders' view.
   """
   name: str
   labels: tuple
@@ -41,6 +44,7 @@ class EditSpec:
   pcs: Any = dataclasses.field(default=None, compare=False)
   groups: tuple = ()
   mode: str = "add"
+  target: Any = None
 
 
 def format_strength(s):
@@ -109,11 +113,76 @@ def _directions(edit_config, G):
   return out
 
 
-def from_config(edit_config, G):
+def diffcam_edit(name, direction, target, alpha):
+  """The differential-activation edit w + α·d/‖d‖ (`differential`) of a
+  direction whose DiffCam class is `target`; label '<name>_<α>'."""
+  direction = np.asarray(direction, np.float32)
+  unit = differential.unit_direction(direction)
+  return EditSpec(
+      name, (f"{name}_{format_strength(alpha)}",),
+      lambda codes: (codes + float(alpha) * unit)[:, None],
+      kind="diffcam", direction=direction, strengths=(float(alpha),),
+      target=int(target))
+
+
+def _direction_class(name, num_classes):
+  """'Smiling' → its published class; 'name:7' → 7 (checked against the
+  DiffCam's `num_classes` when known)."""
+  name, _, given = name.partition(":")
+  if not given:
+    try:
+      return name, diffcam.direction_class(name)
+    except ValueError as err:
+      raise UserError(f"config.edit.directions: {err} Or give the class: "
+                      f"{name}:CLASS=file.npy") from None
+  try:
+    target = int(given)
+  except ValueError:
+    target = -1
+  if target < 0 or (num_classes is not None and target >= num_classes):
+    top = "" if num_classes is None else f" below {num_classes}"
+    raise UserError(f"config.edit.directions: {name}:{given}: the class "
+                    f"must be a whole number ≥ 0{top} (DiffCam's classes)")
+  return name, target
+
+
+def diffcam_specs(edit_config, G, num_classes=None):
+  """config.edit of edit.method='diffcam' → [EditSpec] of kind 'diffcam':
+  one per "name=path" (name a published direction) or "name:class=path",
+  at strength config.edit.alpha."""
+  e = edit_config
+  if e.ganspace or e.ganspace_edits:
+    raise UserError("config.edit.ganspace: edit.method='diffcam' edits "
+                    "along directions with a DiffCam class; unset it")
+  if int(e.random_direction_seed) >= 0:
+    raise UserError("config.edit.random_direction_seed: a random direction "
+                    "has no DiffCam class; set it to -1 and give "
+                    "--config.edit.directions=name:class=file.npy")
+  want = (G.n_latent, G.config["style_dim"])
+  out = []
+  for label, direction in _directions(e, G):
+    name, target = _direction_class(label, num_classes)
+    if direction.shape not in (want, want[1:]):
+      raise UserError(f"config.edit.directions: {label} has shape "
+                      f"{direction.shape}; the generator takes {want} (or "
+                      f"({want[1]},))")
+    out.append(diffcam_edit(name, direction, target, float(e.alpha)))
+  if not out:
+    raise UserError("edit.method='diffcam' needs directions: "
+                    "--config.edit.directions=Smiling=directions/Smiling.npy "
+                    "(the published ones) or name:class=file.npy")
+  return out
+
+
+def from_config(edit_config, G, num_classes=None):
   """config.edit → [EditSpec]: the InterFaceGAN directions, the GANSpace
   edits, then the random direction (the one reader of config.edit:
-  the CLI renders these specs, the app's sliders are a view of them)."""
+  the CLI renders these specs, the app's sliders are a view of them); with
+  edit.method='diffcam' its edits (`diffcam_specs`, num_classes: the
+  DiffCam's)."""
   e = edit_config
+  if e.get("method", "dhr") == "diffcam":
+    return diffcam_specs(e, G, num_classes)
   directions = _directions(e, G)
   n_given = len(directions) - (int(e.random_direction_seed) >= 0)
   try:

@@ -16,7 +16,10 @@ from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import settings
 from dhr_jax.models import curricularface
+from dhr_jax.models import deghosting as deghosting_lib
+from dhr_jax.models import diffcam as diffcam_lib
 from dhr_jax.models import e4e
+from dhr_jax.models import encoders
 from dhr_jax.models import farl
 from dhr_jax.models import hfgi as hfgi_lib
 from dhr_jax.models import lpips
@@ -38,7 +41,8 @@ class Models:
   w_stats: (mean, spread) of W for the optimisation-based inversions;
   id_network: optional IR-101 of the paper's ID metric (scored on host, not
   replicated);  hfgi: optional HFGI model (the comparison's HFGI method);
-  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  diffcam / deghosting: DiffCam and the deghosting network of
+  edit.method='diffcam' (`encoder` is then pSp);  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
   device alone.
   """
   G: Generator
@@ -50,6 +54,8 @@ class Models:
   id_network: Any = None
   mesh: Any = None
   hfgi: Any = None
+  diffcam: Any = None
+  deghosting: Any = None
 
   def __post_init__(self):
     if self.mesh is None:
@@ -180,6 +186,52 @@ def load_hfgi(config):
   return hfgi_lib.load(path)
 
 
+_PSP_CMD = "python -m converters.encoder --src pSp_ffhq_encode.pt --dst {path}"
+_DIFFCAM_CMD = ("python -m converters.diffcam --src diff_cam_weight.pt "
+                "--dst {path}")
+_DEGHOSTING_CMD = ("python -m converters.deghosting --src deghosting.pt "
+                   "--dst {path}")
+
+
+def _load_converted(key, path, load, command):
+  """A converted checkpoint of config.<key>, a missing or wrong one a
+  UserError naming its converter."""
+  if not path or not os.path.exists(path):
+    raise _missing(path or "", f"config.{key}", command.format(
+        path=path or "DIR"))
+  try:
+    return load(path)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"config.{key}: {e} (convert with: "
+                    f"{command.format(path=path)})") from None
+
+
+def load_diffcam_models(config):
+  """edit.method='diffcam''s models: (G, pSp encoder, DiffCam, deghosting
+  network), their sizes checked against each other."""
+  m = config.model
+  if m.checkpoint == "stand-in":
+    raise UserError("edit.method='diffcam' needs pSp: --config.model."
+                    "checkpoint=DIR, " + _PSP_CMD.format(path="DIR"))
+  encoder = _load_converted("model.checkpoint", m.checkpoint,
+                            lambda p: encoders.load(p, arch="psp"), _PSP_CMD)
+  G = load_generator(config)
+  try:
+    encoders.check_compatible(encoder, G, "psp")
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"model.generator {m.generator or m.checkpoint!r}: {e}"
+                    ) from None
+  C = _load_converted("model.diffcam", m.get("diffcam", ""),
+                      diffcam_lib.load, _DIFFCAM_CMD)
+  D = _load_converted("model.deghosting", m.get("deghosting", ""),
+                      deghosting_lib.load, _DEGHOSTING_CMD)
+  if D.config["in_size"] > G.config["size"]:
+    raise UserError(f"config.model.deghosting {m.deghosting!r} takes "
+                    f"{D.config['in_size']}² inputs, larger than the "
+                    f"{G.config['size']}² generator's images")
+  return G, encoder, C, D
+
+
 def load_models(config, mesh=None, hfgi=False):
   """Loads every model the config needs (with hfgi: also config.model.hfgi,
   `load_hfgi`); refuses an encoder whose codes do not fit the generator
@@ -189,9 +241,14 @@ def load_models(config, mesh=None, hfgi=False):
   settings.one_of("embedding.method", method, pipeline.EMBEDDINGS)
   # First: a wrong ID network path is found before the big models load.
   id_network = load_id_network(config, face_models(config))
-  G = load_generator(config)
-  encoder = parser = None
-  if method == "e4e":
+  encoder = parser = C = D = None
+  diffcam = settings.edit_method(config) == "diffcam"
+  if diffcam:
+    # pSp embeds, no DSS: no parser, no shared embedding.
+    G, encoder, C, D = load_diffcam_models(config)
+  else:
+    G = load_generator(config)
+  if method == "e4e" and not diffcam:
     if m.checkpoint == "stand-in" or not os.path.exists(m.checkpoint):
       raise _missing(m.checkpoint, "e4e checkpoint",
                      _E4E_CMD.format(path=m.checkpoint or "DIR"))
@@ -206,7 +263,7 @@ def load_models(config, mesh=None, hfgi=False):
       raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
                       f"not fit model.checkpoint {m.checkpoint!r}: {e}"
                       ) from None
-  path = settings.parser_path(config)
+  path = None if diffcam else settings.parser_path(config)
   if path is not None:
     if not os.path.exists(path):
       cmd = settings.FARL_CMD.format(path=path)
@@ -218,7 +275,7 @@ def load_models(config, mesh=None, hfgi=False):
       raise UserError(f"{e} (convert with: "
                       f"{settings.FARL_CMD.format(path=path)}){_NO_PARSER_HINT}"
                       ) from None
-  elif m.checkpoint != "stand-in":
+  elif m.checkpoint != "stand-in" and not diffcam:
     # The stand-in generator (the demo) makes no faces: nothing to parse.
     logging.warning("%s", settings.no_parser_warning(config))
   try:
@@ -229,6 +286,8 @@ def load_models(config, mesh=None, hfgi=False):
       G, vgg, alex, encoder=encoder, parser=parser, id_network=id_network,
       seed=int(config.seed), n_mean_latent=int(config.embedding.n_mean_latent),
       mesh=mesh)
+  models.diffcam, models.deghosting = jax.device_put(
+      (C, D), _replicated(models.mesh))
   if hfgi:
     models.hfgi = load_hfgi(config)
   return models

@@ -2,7 +2,8 @@
 
   set-up (`prepare`: settings, inputs, models, edits, the workdir and its
   lock) → batches of inputs (`BatchLoop`: DSS and the embedding once per
-  batch, then every method of `methods.METHODS` asked for) → one
+  batch when a method needs them, then every method of `methods.METHODS`
+  asked for) → one
   `methods.ImageResult` per image and method, which the caller writes into
   the workdir (`dhr_jax.workdir`) → the `Outcome`.
 """
@@ -79,8 +80,11 @@ def prepare(config, workdir, *, models=None, hfgi=False):
       held.enter_context(lock.hold(workdir))
     if models is None:
       models = loading.load_models(config, loading.make_mesh(), hfgi)
-    settings.check_feature_idx(config, models.G)
-    edits = edits_lib.from_config(config.edit, models.G)
+    if settings.edit_method(config) == "dhr":
+      settings.check_feature_idx(config, models.G)
+    edits = edits_lib.from_config(
+        config.edit, models.G, num_classes=None if models.diffcam is None
+        else models.diffcam.num_classes)
     if not os.path.isdir(workdir):
       try:
         files.check_writable(workdir)
@@ -240,9 +244,12 @@ class BatchLoop:
           s.face_models, np.stack(images),
           aligned_crops=bool(config.data.get("align", False)))
       notes = {n: dict(landmarks=w or "detected") for n, w in zip(names, why)}
-    emb = pipeline.segment_and_embed(models, config, np.stack(images), names,
-                                     progress=self.progress,
-                                     landmarks=landmarks)
+    if methods_lib.NEEDS_DSS.isdisjoint(self.methods):
+      emb = pipeline.batch_only(models, config, np.stack(images), names)
+    else:
+      emb = pipeline.segment_and_embed(models, config, np.stack(images),
+                                       names, progress=self.progress,
+                                       landmarks=landmarks)
     results, times = {n: {} for n in names}, dict(emb.times)
     for method in self.methods:
       t = time.perf_counter()

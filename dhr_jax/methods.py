@@ -12,7 +12,9 @@ the method 'dhr'; the comparison runs several on the same embedding:
              pti_embedding), or with config.compare.pti_pivot='embedding'
              the shared embedding;
   hfgi       HFGI's consultation of the e4e codes (`Models.hfgi`);
-  dhr        hybrid refinement with config.refine.
+  dhr        hybrid refinement with config.refine;
+  diffcam    editing via differential activations (edit.method='diffcam':
+             pSp, DiffCam, deghosting; no DSS and no shared embedding).
 
 A new method (an encoder, another refinement) is one more function of the
 same signature in `METHODS`.
@@ -21,9 +23,11 @@ import dataclasses
 import time
 from typing import Any, Optional
 
+from absl import logging
 import ml_collections
 import numpy as np
 
+from dhr_jax import differential
 from dhr_jax import edits as edits_lib
 from dhr_jax import io
 from dhr_jax import metrics as metrics_lib
@@ -37,29 +41,34 @@ class ImageResult:
   """One method's result for one image (numpy, batch axis removed).
 
   ok / reason: False and why when the image failed (non-finite losses or
-  outputs); the DSS fields (target, embedding, coarse, mask, superpixels,
-  boundaries, parsing, error_map) are the batch's, shared by every method;
-  refined: a `refine.Refinement` of this image (methods that refine), for
-  saving and re-editing; edits: {label: (H, W, 3) image}.
+  outputs); image: the inversion; edits: {label: (H, W, 3) image}; the DSS
+  fields (embedding, coarse, mask, superpixels, boundaries, parsing,
+  error_map) are the batch's, shared by every method, None for methods
+  without DSS (`NEEDS_DSS`); refined: a `refine.Refinement` of this image
+  (methods that refine), for saving and re-editing; pictures: more outputs
+  {relative path: (H, W[, 3]) uint8}; notes: more entries for the image's
+  marker (e.g. warnings).
   """
   name: str
   ok: bool
   reason: str
   target: np.ndarray
-  embedding: np.ndarray
-  coarse: np.ndarray
-  mask: np.ndarray
-  superpixels: np.ndarray
-  boundaries: np.ndarray
-  parsing: Optional[np.ndarray]
-  error_map: np.ndarray
   image: np.ndarray
-  refined: Any
   edits: dict
   metrics: dict
+  embedding: Optional[np.ndarray] = None
+  coarse: Optional[np.ndarray] = None
+  mask: Optional[np.ndarray] = None
+  superpixels: Optional[np.ndarray] = None
+  boundaries: Optional[np.ndarray] = None
+  parsing: Optional[np.ndarray] = None
+  error_map: Optional[np.ndarray] = None
+  refined: Any = None
   losses_in: Optional[np.ndarray] = None
   losses_out: Optional[np.ndarray] = None
   method: str = "dhr"
+  pictures: dict = dataclasses.field(default_factory=dict)
+  notes: dict = dataclasses.field(default_factory=dict)
 
 
 def _results(models, emb, method, image, rendered, ok, reasons, *,
@@ -205,7 +214,66 @@ def hfgi(models, config, emb, edits, *, ground_truth=None, progress=None):
                     progress)
 
 
-METHODS = dict(embedding=embedding, pti=pti, hfgi=hfgi, dhr=dhr)
+def diffcam(models, config, emb, edits, *, ground_truth=None,
+            progress=None):
+  """Editing via differential activations (`differential`): pSp's codes
+  edited along each direction, the edit blended into the photo where
+  DiffCam puts it, deghosted. No DSS, no refinement; the inversion is
+  G(pSp's codes)."""
+  report = progress or (lambda stage: None)
+  E, G, C, D = models.encoder, models.G, models.diffcam, models.deghosting
+  n, b = len(emb.names), len(emb.padded_names)
+  rendered = [{} for _ in range(n)]
+  pictures = [{} for _ in range(n)]
+  empty = [[] for _ in range(n)]
+  inverted = None
+  for spec in edits:
+    label = spec.labels[0]
+    report(f"differential edit {label}")
+    de = differential.differential_edit(
+        E, G, C, D, emb.x, spec.direction, np.full((b,), spec.target),
+        spec.strengths[0])
+    inverted = np.asarray(de.inverted[:n])
+    parts = dict(manipulated=de.manipulated, fused=de.fused)
+    parts = {k: io.to_uint8(np.asarray(v[:n])) for k, v in parts.items()}
+    heat, flat = np.asarray(de.heat_map[:n]), np.asarray(de.empty[:n])
+    deghosted = np.asarray(de.deghosted[:n])
+    for i in range(n):
+      rendered[i][label] = deghosted[i]
+      pictures[i].update({f"diffcam/{label}/{k}.png": v[i]
+                          for k, v in parts.items()})
+      pictures[i][f"diffcam/{label}/heat_map.png"] = io.mask_to_uint8(
+          heat[i])
+      if flat[i]:
+        empty[i].append(label)
+  report("metrics")
+  # The inversion is whole-image: no mask, no in/out-of-domain shares.
+  scores = metrics_lib.image_metrics(
+      inverted, emb.x[:n], np.ones(inverted.shape[:3] + (1,), np.float32),
+      models.lpips_alex, models.lpips_vgg)
+  out = []
+  for i, name in enumerate(emb.names):
+    m = {k: v for k, v in scores[i].items()
+         if k not in ("in_domain", "out_of_domain")}
+    ok = pipeline.finite(inverted[i], *rendered[i].values())
+    notes = {}
+    if empty[i]:
+      logging.warning("%s: DiffCam's heat map is empty for %s: no edit "
+                      "region, the edit is the photo", name,
+                      ", ".join(empty[i]))
+      notes["empty_heat_map"] = empty[i]
+    out.append(ImageResult(
+        name=name, ok=ok, reason="" if ok else "non-finite output (NaN/inf)",
+        target=emb.target[i], image=inverted[i], edits=rendered[i],
+        metrics=m, method="diffcam", pictures=pictures[i], notes=notes))
+  return out
+
+
+METHODS = dict(embedding=embedding, pti=pti, hfgi=hfgi, dhr=dhr,
+               diffcam=diffcam)
+# The methods that read the batch's DSS and shared embedding
+# (`pipeline.segment_and_embed`); a run of none of them skips both.
+NEEDS_DSS = frozenset(("embedding", "pti", "hfgi", "dhr"))
 
 
 def run_batch(models, config, target, names, *, edits=(), ground_truth=None,

@@ -114,11 +114,14 @@ def grid_titles(edit_labels, edit_names=()):
 
 
 def image_grid(input_u8, inversion_u8, mask_u8, edit_tiles, edit_names):
-  """grid.png of one image: input, inversion, mask and every edit, the
-  columns titled, tiles scaled up for small generators."""
-  return titled_grid([input_u8, inversion_u8, mask_u8]
-                     + list(edit_tiles.values()),
-                     grid_titles(list(edit_tiles), edit_names))
+  """grid.png of one image: input, inversion, mask (None: a method without
+  one) and every edit, the columns titled, tiles scaled up for small
+  generators."""
+  titles = grid_titles(list(edit_tiles), edit_names)
+  heads = [input_u8, inversion_u8, mask_u8]
+  if mask_u8 is None:
+    heads, titles = heads[:2], titles[:2] + titles[3:]
+  return titled_grid(heads + list(edit_tiles.values()), titles)
 
 
 def error_figure(error_map, label="LPIPS", min_side=MIN_TILE):

@@ -223,7 +223,8 @@ class Embedded:
 
   x: (b, H, W, 3) padded targets on the device(s); target: the n real ones
   (numpy); names / padded_names; dss: the `segmentation` result; codes: W+
-  codes (b, n_latent, d); embedded: (b, H, W, 3) G(codes) as numpy.
+  codes (b, n_latent, d); embedded: (b, H, W, 3) G(codes) as numpy (dss,
+  codes and embedded None from `batch_only`).
   Several refinements (`refine_batch`) can start from the same one.
   """
   x: Any
@@ -236,12 +237,10 @@ class Embedded:
   times: dict
 
 
-def segment_and_embed(models, config, target, names, *, progress=None,
-                      landmarks=None):
-  """Stages 1-2 (DSS, then the embedding) → `Embedded`."""
-  G = models.G
+def _padded(models, config, target, names):
+  """(target as float32, padded names, padded targets (host)) of a batch."""
+  size = models.G.config["size"]
   n = len(names)
-  size = G.config["size"]
   target = np.asarray(target, np.float32)
   if target.shape != (n, size, size, 3):
     raise PipelineError(f"target must be ({n}, {size}, {size}, 3), got "
@@ -249,8 +248,24 @@ def segment_and_embed(models, config, target, names, *, progress=None,
   b = padded_size(n, config.batch_size, models.n_devices)
   if n > b:
     raise PipelineError(f"{n} images for a batch of {b}")
-  padded_names = list(names) + [names[-1]] * (b - n)
-  x = _pad(target, b)
+  return target, list(names) + [names[-1]] * (b - n), _pad(target, b)
+
+
+def batch_only(models, config, target, names):
+  """A batch padded and sharded, without DSS or an embedding (`Embedded`
+  with dss, codes and embedded None): for methods that embed themselves."""
+  target, padded_names, x = _padded(models, config, target, names)
+  return Embedded(x=models.shard(x), target=target, names=list(names),
+                  padded_names=padded_names, dss=None, codes=None,
+                  embedded=None, times={})
+
+
+def segment_and_embed(models, config, target, names, *, progress=None,
+                      landmarks=None):
+  """Stages 1-2 (DSS, then the embedding) → `Embedded`."""
+  G = models.G
+  target, padded_names, x = _padded(models, config, target, names)
+  b = len(padded_names)
   # The optimisation embedding's target: the official code's 256² resize.
   x_loss = models.shard(io.resize_target(x))
   x = models.shard(x)

@@ -62,12 +62,13 @@ def _run(s, listener):
     for f in photo_failed:
       logging.warning("%s: %s", f["file"], f["reason"])
   edit_names = [e.name for e in s.edits]
+  method = settings.edit_method(config)
   batches = loop.BatchLoop(
-      s, entries, ["dhr"], failed=photo_failed, listener=listener,
+      s, entries, [method], failed=photo_failed, listener=listener,
       complete=lambda name: workdir_lib.complete(workdir, name, stamp))
   for batch in batches:
     for name in batch.todo:
-      r = batch.results[name]["dhr"]
+      r = batch.results[name][method]
       if not r.ok:
         logging.warning("%s failed: %s", r.name, r.reason)
         batches.failed.append(dict(name=r.name, file=batch.files[r.name],
@@ -133,6 +134,9 @@ def finish(config, workdir, entries, failed, skipped, t_start, mode,
   landmarks = settings.landmarks_description(config, face_models)
   if landmarks is not None:
     summary["parser_landmarks"] = landmarks
+  empty = workdir_lib.marker_notes(workdir, entries, stamp, "empty_heat_map")
+  if empty:  # edit.method='diffcam': edits that found no region
+    summary["empty_heat_map"] = empty
   if jax.process_count() > 1:
     summary["processes"] = jax.process_count()
   files.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -164,6 +168,10 @@ def edit(config, workdir):
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; run without "
                     "--mode=edit first")
+  if settings.edit_method(config) != "dhr":
+    raise UserError("--mode=edit re-edits DHR's refined generators; "
+                    "edit.method='diffcam' keeps none: run it again with "
+                    "the new directions")
   with lock.hold(workdir):
     G = loading.load_generator(config)
     specs = edits_lib.from_config(config.edit, G)

@@ -5,6 +5,7 @@ Bad settings raise `UserError` (one line for the user, exit status 2).
 """
 import hashlib
 import json
+import math
 
 from dhr_jax import pipeline
 from dhr_jax import refine
@@ -44,6 +45,8 @@ def _thresholds_in_words(c):
 
 def dss_description(config):
   """What DSS does under `config`, in words (summary.json's "dss")."""
+  if edit_method(config) != "dhr":
+    return f"none: edit.method={edit_method(config)!r} runs no DSS"
   c = config.dss
   # Named variants of the official DSS that are switched on.
   variants = "".join(
@@ -126,6 +129,10 @@ def validate_config(config):
         f"config.refine.feature_steps ({r.feature_steps}): the weights are "
         "refined during the first weight_steps of the feature steps")
   one_of("edit.ganspace_mode", config.edit.ganspace_mode, ("add", "set"))
+  one_of("edit.method", edit_method(config), EDIT_METHODS)
+  if not math.isfinite(float(config.edit.get("alpha", 0.0))):
+    raise UserError(f"config.edit.alpha must be a finite number; got "
+                    f"{config.edit.alpha}")
   if config.data.input == "synthetic" and "synthetic" not in config.data:
     raise UserError("config.data.input='synthetic' needs config.data."
                     "synthetic (see configs/demo.py)")
@@ -135,6 +142,16 @@ def validate_config(config):
                       "--config.data.input=PHOTO_OR_DIR")
     one_of("data.faces", config.data.faces, ("largest", "all"))
     at_least("data.min_face_size", int(config.data.min_face_size), 0)
+
+
+# config.edit.method: how a run edits (README "Editing via differential
+# activations" for 'diffcam').
+EDIT_METHODS = ("dhr", "diffcam")
+
+
+def edit_method(config):
+  """config.edit.method ('dhr' when absent: configs from before it)."""
+  return config.edit.get("method", "dhr")
 
 
 def check_feature_idx(config, G):
@@ -147,13 +164,21 @@ def check_feature_idx(config, G):
 def fingerprint(config):
   """Hash of the settings that determine an image's outputs.
 
-  Edits (re-done by --mode=edit), the ID network (a metric only) and the
+  Edits (re-done by --mode=edit; those of edit.method='diffcam' are its
+  outputs and count), the ID network (a metric only) and the
   batch size (it changes results by float rounding only) are left out, the
   spellings of "no parser" are one;
   a marker with another fingerprint is stale.
   """
   d = config.to_dict()
-  d.pop("edit", None)
+  edit = d.pop("edit", {})
+  if edit_method(config) == "diffcam":
+    # No refined state to re-edit: the edits are the outputs.
+    d["edit"] = {k: edit.get(k) for k in ("method", "alpha", "directions")}
+  else:
+    # The differential-activation models change no DHR output.
+    d["model"].pop("diffcam", None)
+    d["model"].pop("deghosting", None)
   d.pop("batch_size", None)
   # The ID network adds a metric column; it changes no image.
   d["model"].pop("id_network", None)

@@ -159,6 +159,29 @@ def write_edits(directory, rendered, written):
   return tiles
 
 
+def grid_tiles(tiles, pictures_of_image):
+  """The grid's edit columns: each edit's tile, after its heat map when the
+  method made one (`<...>/<label>/heat_map.png` among the pictures)."""
+  out = {}
+  for label, tile in tiles.items():
+    for rel, picture in pictures_of_image.items():
+      if rel.endswith(f"/{label}/heat_map.png"):
+        out[f"{label} heat map"] = picture
+    out[label] = tile
+  return out
+
+
+def marker_notes(workdir, entries, stamp, key):
+  """{name: marker[key]} of the complete images of `entries` that have it."""
+  out = {}
+  for name, _ in entries:
+    marker = read_marker(os.path.join(workdir, output_name(name)))
+    if (marker is not None and marker.get("fingerprint") == stamp
+        and key in marker):
+      out[name] = marker[key]
+  return out
+
+
 def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
                 edit_names=(), notes=None):
   """All outputs of one successful image, the marker last.
@@ -174,15 +197,17 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
     shutil.rmtree(directory)  # leftovers of an interrupted attempt
   os.makedirs(directory)
   written = []
-  refine.save_refined(os.path.join(directory, "refined"), r.refined, G,
-                      overwrite=True)
-  written += ["refined/arrays.npz", "refined/config.json"]
+  if r.refined is not None:
+    refine.save_refined(os.path.join(directory, "refined"), r.refined, G,
+                        overwrite=True)
+    written += ["refined/arrays.npz", "refined/config.json"]
   inp, inv = io.to_uint8(r.target), io.to_uint8(r.image)
-  mask = io.mask_to_uint8(r.mask)
+  mask = None if r.mask is None else io.mask_to_uint8(r.mask)
   write_png(directory, "input.png", inp, written)
   write_png(directory, "inversion.png", inv, written)
-  write_png(directory, "mask.png", mask, written)
-  if config.save.intermediate:
+  if mask is not None:
+    write_png(directory, "mask.png", mask, written)
+  if config.save.intermediate and r.coarse is not None:
     write_png(directory, "embedding.png", io.to_uint8(r.embedding), written)
     write_png(directory, "coarse.png", io.to_uint8(r.coarse), written)
     write_png(directory, "superpixels.png", pictures.superpixel_picture(
@@ -192,14 +217,16 @@ def write_image(workdir, r, G, config, source, stamp, seconds_before=0.0,
     if r.parsing is not None:
       write_png(directory, "parsing.png", pictures.parsing_picture(r.parsing),
                 written)
+  for rel, picture in r.pictures.items():
+    write_png(directory, rel, picture, written)
   tiles = write_edits(directory, r.edits, written)
-  write_png(directory, "grid.png",
-            pictures.image_grid(inp, inv, mask, tiles, edit_names), written)
+  write_png(directory, "grid.png", pictures.image_grid(
+      inp, inv, mask, grid_tiles(tiles, r.pictures), edit_names), written)
   seconds = seconds_before + time.perf_counter() - t0
   marker = dict(name=r.name, source=source, fingerprint=stamp,
                 metrics=dict(r.metrics, seconds=seconds),
                 edits=list(r.edits), edit_names=list(edit_names),
-                files=written, **(notes or {}))
+                files=written, **(notes or {}), **r.notes)
   path = os.path.join(directory, MARKER)
   files.write_json(path, marker)
   return marker

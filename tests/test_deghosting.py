@@ -36,7 +36,9 @@ TINY = dg.make_config(
                                pixel_norm="mmediting"))
 
 
-def _tiny_state_dict(seed=0):
+def tiny_state_dict(seed=0):
+  """Stand-in weights of TINY (8² → 32²) in the released layout (public:
+  test_diffcam_run builds its deghosting network with it)."""
   rs = np.random.RandomState(seed)
   sd = {}
   for k, s in dg_converter.expected_shapes(TINY).items():
@@ -50,7 +52,7 @@ def _tiny_state_dict(seed=0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  sd = _tiny_state_dict()
+  sd = tiny_state_dict()
   folder = tmp_path_factory.mktemp("tiny")
   assert dg_converter.main(["--src", str(_save(folder / "d.pt", sd)),
                             "--dst", str(folder / "d")]) == 0
@@ -168,7 +170,7 @@ def test_refuses_bad_files(tmp_path, capsys):
   assert code == 2 and "not the deghosting network" in err
   assert "deghosting.pt as released" in err and len(err.splitlines()) == 1
   # The FCN with a generator under other names: one line, no key listing.
-  sd = _tiny_state_dict()
+  sd = tiny_state_dict()
   renamed = {k.replace("generator.constant_input", "generator.const"): v
              for k, v in sd.items()}
   code, err = _convert_cli(_save(tmp_path / "renamed.pt", renamed),

@@ -1,0 +1,246 @@
+"""edit.method='diffcam' through run.py: pSp, DiffCam and deghosting stand-ins
+saved in the released layouts, converted by the project's converters, run by
+`runner.main`; and its settings' refusals."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from dhr_jax import edits as edits_lib
+from dhr_jax import files as files_lib
+from dhr_jax import runner
+from dhr_jax import settings
+from dhr_jax.config_files import load_config
+from dhr_jax.models import stylegan2
+from dhr_jax.settings import UserError
+
+SIZE = 32  # the generator's, and the deghosting network's output
+N_LATENT = 8  # 2·log2(32) − 2
+STYLE_DIM = 512  # pSp's codes
+
+
+def _config(tmp, **model):
+  config = load_config("configs/dhr.py")
+  config.batch_size = 2
+  config.data.input = str(tmp / "inputs")
+  config.model.update(dict(checkpoint=str(tmp / "psp"), parser="none",
+                           diffcam=str(tmp / "diffcam"),
+                           deghosting=str(tmp / "deghosting")))
+  config.model.update(model)
+  config.embedding.n_mean_latent = 100
+  config.edit.method = "diffcam"
+  config.edit.directions = (f"Smiling={tmp / 'smile.npy'},"
+                            f"mine:3={tmp / 'mine.npy'}")
+  return config
+
+
+def _stand_in(shapes, seed):
+  """Seeded weights that keep a deep network's activations O(1): BatchNorm
+  statistics near (0, 1), fan-in scaled kernels, scales near 1."""
+  rs = np.random.RandomState(seed)
+  out = {}
+  for key, shape in shapes.items():
+    a = rs.standard_normal(shape).astype(np.float32)
+    if key.endswith("running_var"):
+      a = np.abs(a) * 0.5 + 0.5
+    elif key.endswith("weight") and len(shape) >= 2:
+      a /= np.sqrt(np.prod(shape[1:]))
+    elif key.endswith("weight"):
+      a = 1 + 0.1 * a
+    else:
+      a *= 0.1
+    out[key] = a
+  return out
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+  """A 32² generator (512-d codes) with its pSp bundle, DiffCam (ResNet-101,
+  17 classes) and the 8² → 32² deghosting network of test_deghosting, saved
+  as the released files and converted; two input photos; two directions."""
+  torch = pytest.importorskip("torch")
+  from converters import deghosting as deghosting_converter
+  from converters import diffcam as diffcam_converter
+  from converters import encoder as encoder_converter
+  from converters import stylegan2 as stylegan2_converter
+  import test_deghosting
+  t = lambda v: torch.from_numpy(np.array(v, np.float32))
+  tmp = tmp_path_factory.mktemp("diffcam_run")
+  G = stylegan2.init_generator(jax.random.PRNGKey(0), size=SIZE,
+                               style_dim=STYLE_DIM, n_mlp=2, channels=8)
+  decoder = stylegan2_converter.to_torch_state_dict(G.params, G.noise)
+  encoder = _stand_in(encoder_converter.expected_shapes("psp", N_LATENT), 1)
+  torch.save({"state_dict": {**{"encoder." + k: t(v)
+                                for k, v in encoder.items()},
+                             **{"decoder." + k: t(v)
+                                for k, v in decoder.items()}},
+              # pSp's codes are offsets from the mean W.
+              "latent_avg": t(np.asarray(G.mapping(G.params, jax.random.normal(
+                  jax.random.PRNGKey(1), (256, STYLE_DIM))).mean(0))),
+              "opts": {"encoder_type": "GradualStyleEncoder", "input_nc": 3,
+                       "output_size": SIZE}}, tmp / "psp.pt")
+  del encoder
+  torch.save({k: t(v) for k, v in _stand_in(
+      diffcam_converter.expected_shapes(17), 2).items()},
+             tmp / "diff_cam_weight.pt")
+  torch.save({k: t(v) for k, v in test_deghosting.tiny_state_dict().items()},
+             tmp / "deghosting.pt")
+  for main, name, dst in ((encoder_converter.main, "psp.pt", "psp"),
+                          (diffcam_converter.main, "diff_cam_weight.pt",
+                           "diffcam"),
+                          (deghosting_converter.main, "deghosting.pt",
+                           "deghosting")):
+    assert main(["--src", str(tmp / name), "--dst", str(tmp / dst)]) == 0
+    os.remove(tmp / name)
+  os.makedirs(tmp / "inputs")
+  rs = np.random.RandomState(0)
+  for i in range(2):
+    ramp = np.linspace(0, 255, SIZE)[None, :, None] * np.ones((SIZE, 1, 3))
+    pixels = 0.7 * ramp + 0.3 * rs.uniform(0, 255, (SIZE, SIZE, 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp / "inputs" /
+                                                  f"p{i}.png")
+  np.save(tmp / "smile.npy", rs.standard_normal((1, N_LATENT, STYLE_DIM)))
+  np.save(tmp / "mine.npy", rs.standard_normal(STYLE_DIM))
+  return tmp
+
+
+# The stand-ins hold ~160M values (pSp's encoder ~115M, ResNet-101 43M: their
+# widths are fixed), drawn, saved and converted: ~2 min on a busy 2-core CPU;
+# the run compiles pSp at 256², DiffCam with its gradient, the deghosting
+# network and the generator: ~70 s there.
+@pytest.mark.slow
+def test_run_writes_the_method_outputs(stand_ins, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert runner.main(_config(stand_ins), str(out), "run") == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["done"] == 2 and summary["failed"] == []
+  assert summary["dss"].startswith("none")
+  labels = ["Smiling_20", "mine_20"]
+  nonzero = 0
+  for name in ("p0", "p1"):
+    d = out / name
+    marker = json.loads((d / "done.json").read_text())
+    assert marker["edits"] == labels
+    # No DSS, no refinement: no mask, no refined state.
+    assert not (d / "mask.png").exists() and not (d / "refined").exists()
+    assert all(np.isfinite(v) for v in marker["metrics"].values())
+    read = lambda rel: files_lib.read_png(str(d / rel)).astype(np.int64)
+    x = read("input.png")
+    assert read("inversion.png").shape == x.shape
+    for label in labels:
+      assert f"edits/{label}.png" in marker["files"]
+      heat = read(f"diffcam/{label}/heat_map.png")  # gray, read as RGB
+      assert heat.shape == (256, 256, 3)  # pSp's input size, where DiffCam runs
+      # The heat map at the photo's size, as the blend reads it (nearest).
+      h = heat[(np.arange(SIZE) * 256) // SIZE][:, (np.arange(SIZE) * 256)
+                                                 // SIZE, 0]
+      fused = read(f"diffcam/{label}/fused.png")
+      deghosted = read(f"edits/{label}.png")
+      # Outside the edit region the fused image is the photo itself: where
+      # the written map is 0, h < 0.5/255 moves a pixel by less than
+      # 0.5/255·2 in [-1, 1], under one grey level after rounding.
+      assert np.all(np.abs(fused - x)[h == 0] <= 1)
+      empty = label in marker.get("empty_heat_map", [])
+      assert empty == (heat.max() == 0)
+      if not empty:
+        nonzero += 1
+        assert np.abs(deghosted - x)[h > 0].mean() > 1
+      read(f"diffcam/{label}/manipulated.png")
+    grid = files_lib.read_png(str(d / "grid.png"))
+    # input, inversion, then a heat map and an edit per direction, each
+    # scaled up to 256: 6 tiles 2 px apart.
+    assert grid.shape[1] == 6 * 256 + 5 * 2
+  assert nonzero > 0
+  empty = {n: json.loads((out / n / "done.json").read_text()).get(
+      "empty_heat_map") for n in ("p0", "p1")}
+  assert summary.get("empty_heat_map", {}) == {
+      n: v for n, v in empty.items() if v}
+
+
+@pytest.mark.slow
+def test_refuses_unusable_models(stand_ins, tmp_path, capsys):
+  def error(**model):
+    assert runner.main(_config(stand_ins, **model), str(tmp_path / "o"),
+                       "run") == 2
+    return _error_line(capsys)
+  # Not a pSp encoder (here the DiffCam): the converter named.
+  assert "converters.encoder" in error(checkpoint=str(stand_ins / "diffcam"))
+  assert "converters.deghosting" in error(deghosting="")
+  assert "converters.diffcam" in error(diffcam=str(stand_ins / "nothing"))
+  assert not (tmp_path / "o").exists()
+
+
+def _error_line(capsys):
+  """The refusal: stderr's last line (absl's log lines may come before)."""
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: ")
+  return err
+
+
+def test_refuses_missing_psp_and_edit_mode(tmp_path, capsys):
+  config = _config(tmp_path)
+  os.makedirs(tmp_path / "inputs")
+  Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "inputs" / "a.png")
+  assert runner.main(config, str(tmp_path / "o"), "run") == 2
+  assert "converters.encoder" in _error_line(capsys)
+  config.model.checkpoint = "stand-in"
+  assert runner.main(config, str(tmp_path / "o"), "run") == 2
+  assert "needs pSp" in capsys.readouterr().err
+  os.makedirs(tmp_path / "o")
+  assert runner.main(config, str(tmp_path / "o"), "edit") == 2
+  assert "run it again" in capsys.readouterr().err
+  config.edit.method = "other"
+  assert runner.main(config, str(tmp_path / "o"), "run") == 2
+  assert "edit.method must be one of dhr, diffcam" in (
+      capsys.readouterr().err)
+
+
+class _G:
+  n_latent, config = N_LATENT, {"style_dim": STYLE_DIM}
+
+
+def test_directions_need_a_class(tmp_path):
+  np.save(tmp_path / "d.npy", np.ones((N_LATENT, STYLE_DIM), np.float32))
+  edit = _config(tmp_path).edit
+
+  def specs(directions, **kw):
+    edit.update(dict(directions=directions, **kw))
+    return edits_lib.from_config(edit, _G(), num_classes=17)
+  (spec,) = specs(f"Old={tmp_path / 'd.npy'}", alpha=2.5)
+  assert (spec.kind, spec.target, spec.labels) == ("diffcam", 16, ("Old_2.5",))
+  # w + α·d/‖d‖ (the published normalisation, over the whole direction).
+  moved = np.asarray(spec.fn(np.zeros((1, N_LATENT, STYLE_DIM))))
+  np.testing.assert_allclose(np.linalg.norm(moved), 2.5, rtol=1e-6)
+  (spec,) = specs(f"smirk:4={tmp_path / 'd.npy'}")
+  assert (spec.name, spec.target) == ("smirk", 4)
+  for bad, why in ((f"smirk={tmp_path / 'd.npy'}", "Bushy_Eyebrows"),
+                   (f"smirk:17={tmp_path / 'd.npy'}", "below 17"),
+                   (f"smirk:x={tmp_path / 'd.npy'}", "whole number"),
+                   ("", "needs directions")):
+    with pytest.raises(UserError, match=why) as e:
+      specs(bad)
+    assert "\n" not in str(e.value)
+  with pytest.raises(UserError, match="no DiffCam class"):
+    specs(f"Old={tmp_path / 'd.npy'}", random_direction_seed=0)
+
+
+def test_dhr_fingerprint_ignores_the_diffcam_settings():
+  config = load_config("configs/dhr.py")
+  stamp = settings.fingerprint(config)
+  config.model.diffcam = "elsewhere"
+  config.edit.alpha = 3.0
+  assert settings.fingerprint(config) == stamp
+  config.edit.method = "diffcam"
+  other = settings.fingerprint(config)
+  config.edit.alpha = 4.0
+  assert settings.fingerprint(config) not in (stamp, other)
+
+
+def test_compare_refuses_diffcam_for_now(tmp_path, capsys):
+  config = load_config("configs/compare.py")
+  config.edit.method = "diffcam"
+  assert runner.main(config, str(tmp_path / "o"), "compare") == 2
+  assert "diffcam has no row" in _error_line(capsys)
