@@ -15,7 +15,7 @@ from converters import diffcam as diffcam_converter
 from converters import encoder as encoder_converter
 from dhr_jax import differential
 from dhr_jax.models import diffcam
-from dhr_jax.models.farl import adaptive_avg_pool
+from dhr_jax.models.ops import adaptive_avg_pool
 
 torch = pytest.importorskip("torch")
 
