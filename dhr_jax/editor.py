@@ -72,6 +72,11 @@ class Editor:
 
   def __init__(self, config, workdir, max_upload_mb=25, max_pixels=50e6):
     settings.validate_config(config)
+    if settings.edit_method(config) != "dhr":
+      # Its sliders move refined generators, which diffcam does not make.
+      raise settings.UserError(
+          "the browser editor edits DHR's refinements; edit.method="
+          f"{settings.edit_method(config)!r} runs with run.py only")
     self.workdir = os.path.abspath(workdir)
     self.inputs = os.path.join(self.workdir, INPUTS)
     self.config = ml_collections.ConfigDict(config.to_dict())
@@ -93,7 +98,8 @@ class Editor:
     first_last = edits.parse_layers(config.edit.layers)
     self.layers = (first_last if isinstance(first_last, tuple)
                    else (0, self.n_latent))
-    # One run at a time: the runner holds the workdir's lock while it writes.
+    # One run at a time: `loop.prepare` holds the workdir's lock while a
+    # run writes.
     self._lock = threading.Lock()
 
   # -- inputs --------------------------------------------------------------

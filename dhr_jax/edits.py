@@ -174,6 +174,14 @@ def diffcam_specs(edit_config, G, num_classes=None):
   return out
 
 
+def _unique(specs):
+  # Edits are written by label: two of one label would overwrite each other.
+  labels = [l for spec in specs for l in spec.labels]
+  if len(set(labels)) != len(labels):
+    raise UserError(f"config.edit gives two edits the same name: {labels}")
+  return specs
+
+
 def from_config(edit_config, G, num_classes=None):
   """config.edit → [EditSpec]: the InterFaceGAN directions, the GANSpace
   edits, then the random direction (the one reader of config.edit:
@@ -182,7 +190,7 @@ def from_config(edit_config, G, num_classes=None):
   DiffCam's)."""
   e = edit_config
   if e.get("method", "dhr") == "diffcam":
-    return diffcam_specs(e, G, num_classes)
+    return _unique(diffcam_specs(e, G, num_classes))
   directions = _directions(e, G)
   n_given = len(directions) - (int(e.random_direction_seed) >= 0)
   try:
@@ -203,9 +211,7 @@ def from_config(edit_config, G, num_classes=None):
             for name, n in directions[n_given:]]
   except EditError as err:
     raise UserError(f"config.edit: {err}") from None
-  labels = [l for spec in out for l in spec.labels]
-  if len(set(labels)) != len(labels):
-    raise UserError(f"config.edit gives two edits the same name: {labels}")
+  _unique(out)
   # Shapes are checked now, on a dummy code, not after an hour of refinement.
   probe = jnp.zeros((1, G.n_latent, G.config["style_dim"]), jnp.float32)
   for spec in out:

@@ -183,7 +183,11 @@ def load_hfgi(config):
   if not os.path.exists(path):
     raise UserError(f"config.model.hfgi {path!r} not found; convert it with "
                     "python -m converters.hfgi")
-  return hfgi_lib.load(path)
+  try:
+    return hfgi_lib.load(path)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{e} (convert with: python -m converters.hfgi)"
+                    ) from None
 
 
 _PSP_CMD = "python -m converters.encoder --src pSp_ffhq_encode.pt --dst {path}"

@@ -280,38 +280,43 @@ class BatchLoop:
                                             s.face_models, r.target, r.image))
 
   def __iter__(self):
-    n_batches = len(self.chunks)
-    for number, chunk in self.numbered:
-      todo = [n for n, _ in chunk if not self.complete(n)]
-      if not todo:
-        continue
-      names, images = self._load(chunk)
-      if not any(n in todo for n in names):
-        continue
-      self.progress.start_batch(number, n_batches, todo)
-      t0 = time.perf_counter()
-      try:
-        results, notes, times = self._compute(names, images)
-      except pipeline.PipelineError as e:
-        raise UserError(str(e)) from None
-      except Exception as e:  # one bad batch must not end the run
-        logging.exception("batch %s failed", names)
-        for name in names:
-          if name in todo:
-            self.failed.append(dict(
-                name=name, file=dict(chunk)[name],
-                reason=settings.short(f"{type(e).__name__}: {e}")))
-            self.progress.update(1)
-        continue
-      self.progress("writing")
-      share = (time.perf_counter() - t0) / len(names)
-      self._score_identity({n: r for n, r in results.items() if n in todo})
-      yield Batch(number, [n for n in names if n in todo], dict(chunk),
-                  results, notes, share, times)
-      self.progress.update(sum(n in todo for n in names))
-      logging.info("batch %s: %s", ", ".join(todo),
-                   ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
-    self.progress.close()
+    try:
+      n_batches = len(self.chunks)
+      for number, chunk in self.numbered:
+        todo = [n for n, _ in chunk if not self.complete(n)]
+        if not todo:
+          continue
+        names, images = self._load(chunk)
+        if not any(n in todo for n in names):
+          continue
+        self.progress.start_batch(number, n_batches, todo)
+        t0 = time.perf_counter()
+        try:
+          results, notes, times = self._compute(names, images)
+          self._score_identity(
+              {n: r for n, r in results.items() if n in todo})
+        except pipeline.PipelineError as e:
+          raise UserError(str(e)) from None
+        except Exception as e:  # one bad batch must not end the run
+          logging.exception("batch %s failed", names)
+          for name in names:
+            if name in todo:
+              self.failed.append(dict(
+                  name=name, file=dict(chunk)[name],
+                  reason=settings.short(f"{type(e).__name__}: {e}")))
+              self.progress.update(1)
+          continue
+        self.progress("writing")
+        share = (time.perf_counter() - t0) / len(names)
+        yield Batch(number, [n for n in names if n in todo], dict(chunk),
+                    results, notes, share, times)
+        self.progress.update(sum(n in todo for n in names))
+        logging.info("batch %s: %s", ", ".join(todo),
+                     ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    finally:
+      # Also when the caller stops early or a batch raises: the bar and its
+      # listener end with the loop.
+      self.progress.close()
 
 
 # --------------------------------------------------------------------------

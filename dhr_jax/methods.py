@@ -2,8 +2,9 @@
 
 Every method takes the batch after DSS and the shared embedding
 (`pipeline.Embedded`) and returns one `ImageResult` per real image of the
-batch: its inversion, its edits, its metrics against the input. The run is
-the method 'dhr'; the comparison runs several on the same embedding:
+batch: its inversion, its edits, its metrics against the input. A run is
+the method of config.edit.method ('dhr' or 'diffcam'); the comparison runs
+several on the same embedding:
 
   embedding  the codes rendered by the unrefined generator;
   pti        generator weights tuned alone (config.refine updated by

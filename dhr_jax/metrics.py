@@ -133,7 +133,7 @@ def image_metrics(image, target, mask, lpips_alex, lpips_vgg):
   vgg = np.asarray(lpips_distance(lpips_vgg, xa, ya))
   inside = np.mean(np.asarray(mask, np.float32), axis=(1, 2, 3))
   # The uint8 target is the input as inverted (the pixels written as
-  # input.png): the runner loads each file as u / 127.5 − 1 at the
+  # input.png): `loop.BatchLoop` loads each file as u / 127.5 − 1 at the
   # generator's size, which io.to_uint8 maps back to u exactly. (The
   # official script resizes the file itself; the same picture for inputs at
   # the generator's size, such as FFHQ-aligned 1024² crops.)

@@ -84,7 +84,12 @@ def _run(s, listener):
     failed_photos = {f["name"] for f in photo_failed}
     for name, path in photo_entries:
       if name not in failed_photos:
-        photos.paste_photo(workdir, name, path, stamp)
+        try:
+          photos.paste_photo(workdir, name, path, stamp)
+        except io.ImageError as e:  # the faces are done; say what failed
+          failure = dict(name=name, file=path, reason=settings.short(e))
+          batches.failed.append(failure)
+          photo_failed.append(failure)
   order = {name: i for i, (name, _) in enumerate(
       entries + [(f["name"], f["file"]) for f in photo_failed])}
   gathered = distributed.gather_failures(batches.failed, batches.skipped,
@@ -216,7 +221,12 @@ def _edit_entries(workdir, G, specs, entries):
     files.write_json(os.path.join(directory, workdir_lib.MARKER), marker)
     done.append(name)
   for directory in workdir_lib.photo_dirs(workdir):
-    source = workdir_lib.read_faces(directory)["photo"]
+    faces_file = workdir_lib.read_faces(directory)
+    if faces_file is None:  # unreadable: its faces were re-edited above
+      failed.append(dict(name=os.path.basename(directory), file=directory,
+                         reason=f"{workdir_lib.FACES_FILE} is unreadable"))
+      continue
+    source = faces_file["photo"]
     try:
       photos.paste_photo(workdir, os.path.basename(directory), source)
     except io.ImageError as e:

@@ -225,6 +225,17 @@ def test_directions_need_a_class(tmp_path):
     assert "\n" not in str(e.value)
   with pytest.raises(UserError, match="no DiffCam class"):
     specs(f"Old={tmp_path / 'd.npy'}", random_direction_seed=0)
+  # Two edits of one label would write over each other's files.
+  with pytest.raises(UserError, match="two edits the same name"):
+    specs(f"Old={tmp_path / 'd.npy'},Old:3={tmp_path / 'd.npy'}",
+          random_direction_seed=-1)
+
+
+def test_browser_editor_refuses_diffcam_before_loading(tmp_path):
+  from dhr_jax import editor
+  config = _config(tmp_path)  # its checkpoints do not exist: never loaded
+  with pytest.raises(UserError, match="run.py only"):
+    editor.Editor(config, str(tmp_path / "o"))
 
 
 def test_dhr_fingerprint_ignores_the_diffcam_settings():
