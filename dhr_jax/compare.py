@@ -207,9 +207,11 @@ def run(config, workdir):
   loop.print_table(rows, columns)
   failed = batches.failed
   if failed:
+    # Unreadable inputs and batches that raised, each with its reason.
     return loop.Outcome(list(per_image), failed, 0, 1,
-                        f"compare: {len(failed)} image(s) unreadable: "
-                        f"{', '.join(f['file'] for f in failed)}")
+                        f"compare: {len(failed)} image(s) failed: " +
+                        "; ".join(f"{f['file']} ({f['reason']})"
+                                  for f in failed))
   return loop.Outcome(list(per_image), [], 0, 0,
                       f"compare: {len(per_image)} image(s), "
                       f"{len(rows)} methods in {s.workdir}/compare.md")

@@ -4,7 +4,10 @@ pass and the browser editor.
   OUT/<name>/            one image: input.png, inversion.png, mask.png,
                          grid.png, edits/<label>.png, refined/, and the
                          marker done.json, written last (a folder without a
-                         complete marker is unfinished: a rerun redoes it)
+                         complete marker is unfinished: a rerun redoes it);
+                         with edit.method='diffcam' no mask.png and no
+                         refined/, but diffcam/<label>/ (manipulated,
+                         heat_map, fused) beside the deghosted edits/
   OUT/<photo>/faces.json, OUT/<photo>/face<k>/
                          an aligned photo's faces (`dhr_jax.photos`)
   OUT/inputs/            the demo's synthetic inputs, the app's uploads
