@@ -173,8 +173,12 @@ def fingerprint(config):
   d = config.to_dict()
   edit = d.pop("edit", {})
   if edit_method(config) == "diffcam":
-    # No refined state to re-edit: the edits are the outputs.
+    # No refined state to re-edit: the edits are the outputs. DSS, the
+    # embedding's optimisation, the refinement and the parser take no part.
     d["edit"] = {k: edit.get(k) for k in ("method", "alpha", "directions")}
+    for section in ("dss", "embedding", "refine"):
+      d.pop(section, None)
+    d["model"].pop("parser", None)
   else:
     # The differential-activation models change no DHR output.
     d["model"].pop("diffcam", None)

@@ -248,6 +248,12 @@ def test_dhr_fingerprint_ignores_the_diffcam_settings():
   other = settings.fingerprint(config)
   config.edit.alpha = 4.0
   assert settings.fingerprint(config) not in (stamp, other)
+  # Settings diffcam does not use leave its markers valid.
+  moved = settings.fingerprint(config)
+  config.refine.feature_steps = 7
+  config.dss.coarse_steps = 3
+  config.model.parser = "elsewhere"
+  assert settings.fingerprint(config) == moved
 
 
 def test_compare_refuses_diffcam_for_now(tmp_path, capsys):
