@@ -42,6 +42,26 @@ def to_numpy(state_dict, prefix=""):
   return out
 
 
+def read_plain_state_dict(src, released):
+  """{key: numpy} of a plain state dict at `src` (IR-101, DiffCam,
+  deghosting are published so); anything else is one ConversionError that
+  ends with `released` (what to pass instead)."""
+  ckpt = torch_load(src)
+  if not isinstance(ckpt, dict) or not ckpt:
+    raise ConversionError(
+        f"{src}: not a state dict (got {type(ckpt).__name__}); {released}.")
+  not_tensors = sorted(str(k) for k, v in ckpt.items()
+                       if not hasattr(v, "detach"))
+  if not_tensors:
+    hint = (" It looks like a training bundle; convert it with its own "
+            "converter (e.g. converters.e4e)." if "state_dict" in ckpt
+            or "g_ema" in ckpt else "")
+    raise ConversionError(
+        f"{src}: not a plain state dict of tensors (entries "
+        f"{', '.join(not_tensors[:10])} are not tensors); {released}.{hint}")
+  return to_numpy(ckpt)
+
+
 def conv_to_hwio(w):
   """A PyTorch conv weight (out, in, kh, kw) as Flax's HWIO, float32."""
   return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), np.float32)

@@ -12,7 +12,7 @@ by `dhr_jax.load_id_network(DIR)`.
 import sys
 
 from converters.common import (ConversionError, check_keys, cli_main, f32,
-                               to_numpy, torch_load)
+                               read_plain_state_dict)
 from converters.e4e import (bn_shapes, bottleneck_shapes, convert_bn,
                             convert_bottleneck, convert_stem, stem_shapes)
 
@@ -62,30 +62,14 @@ def convert_state_dict(state_dict, src="<state_dict>"):
   return {"params": params}, cf.make_config()
 
 
-def read_state_dict(src):
-  """The file's {key: numpy}, refusing anything but a plain state dict."""
-  ckpt = torch_load(src)
-  if not isinstance(ckpt, dict) or not ckpt:
-    raise ConversionError(
-        f"{src}: not a state dict (got {type(ckpt).__name__}); pass "
-        "CurricularFace_Backbone.pth as released.")
-  not_tensors = sorted(k for k, v in ckpt.items() if not hasattr(v, "detach"))
-  if not_tensors:
-    hint = (" It looks like a training bundle; convert it with its own "
-            "converter (e.g. converters.e4e)." if "state_dict" in ckpt
-            or "g_ema" in ckpt else "")
-    raise ConversionError(
-        f"{src}: not a plain state dict of tensors (entries "
-        f"{', '.join(map(str, not_tensors[:10]))} are not tensors).{hint}")
-  return to_numpy(ckpt)
-
-
 def convert(src, dst, overwrite=False):
   """Converts the file at `src` into the checkpoint directory `dst`;
   everything is checked before anything is written."""
   from dhr_jax import checkpoint
   from dhr_jax.models import curricularface as cf
-  tree, config = convert_state_dict(read_state_dict(src), src)
+  tree, config = convert_state_dict(
+      read_plain_state_dict(src, "pass CurricularFace_Backbone.pth as "
+                            "released"), src)
   return checkpoint.save(dst, tree, cf.KIND, config, overwrite=overwrite)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from converters import stylegan2 as sg2
 from converters.common import (ConversionError, check_keys, cli_main,
-                               conv_to_hwio, f32, to_numpy, torch_load)
+                               conv_to_hwio, f32, read_plain_state_dict)
 
 # mmediting → rosinality generator names; the first matching rule applies.
 _TO_ROSINALITY = (
@@ -169,27 +169,13 @@ def convert_state_dict(state_dict, src="<state_dict>"):
   return tree, config
 
 
-def read_state_dict(src):
-  """The file's {key: numpy}, refusing anything but a plain state dict."""
-  ckpt = torch_load(src)
-  if not isinstance(ckpt, dict) or not ckpt:
-    raise ConversionError(
-        f"{src}: not a state dict (got {type(ckpt).__name__}); {_RELEASED}.")
-  not_tensors = sorted(str(k) for k, v in ckpt.items()
-                       if not hasattr(v, "detach"))
-  if not_tensors:
-    raise ConversionError(
-        f"{src}: not a plain state dict of tensors (entries "
-        f"{', '.join(not_tensors[:10])} are not tensors); {_RELEASED}.")
-  return to_numpy(ckpt)
-
-
 def convert(src, dst, overwrite=False):
   """Converts the file at `src` into the checkpoint directory `dst`;
   everything is checked before anything is written."""
   from dhr_jax import checkpoint
   from dhr_jax.models import deghosting as dg
-  tree, config = convert_state_dict(read_state_dict(src), src)
+  tree, config = convert_state_dict(
+      read_plain_state_dict(src, _RELEASED), src)
   return checkpoint.save(dst, tree, dg.KIND, config, overwrite=overwrite)
 
 
