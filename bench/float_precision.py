@@ -213,7 +213,7 @@ def refine_values(tmp, x64):
   l_params = _cast(alex.params, dt)
 
   def run(sl):
-    p, o, mf, img, _, _ = refine.refine_batch(
+    p, o, mf, img, _, _ = refine.compiled_refinement(
         spec, 4, 2, params, jnp.asarray(codes[sl], dt),
         jnp.asarray(targets[sl], dt), jnp.asarray(masks[sl], dt), noise,
         l_params, hyper)
@@ -323,16 +323,16 @@ def refine_map_values(tmp, x64):
     # The jitted loop is cached by shapes: a cached program would keep
     # the other path.
     refine.map_images = map_images
-    refine.refine_batch.clear_cache()
+    refine.compiled_refinement.clear_cache()
     try:
-      _, o, _, img, _, _ = refine.refine_batch(
+      _, o, _, img, _, _ = refine.compiled_refinement(
           spec, meta["feature_steps"], meta["weight_steps"],
           _cast(G.params["synthesis"], dt), jnp.asarray(codes, dt),
           jnp.asarray(target, dt), jnp.asarray(mask, dt),
           _cast(list(G.noise), dt), _cast(alex.params, dt), hyper)
     finally:
       refine.map_images = mapped
-      refine.refine_batch.clear_cache()
+      refine.compiled_refinement.clear_cache()
     out[name + "_image"] = np.asarray(img, np.float64)
     out[name + "_offset"] = np.asarray(o, np.float64)
 
@@ -501,7 +501,7 @@ def refine_tiny_values(tmp, x64):
   spec = refine.refine_spec(G, k, "hybrid")
   hyper = _cast(refine.make_hyper(1e-2, 9e-2, 1.0, 0.0), dt)
   params, noise = _cast(G.params["synthesis"], dt), _cast(list(G.noise), dt)
-  p, o, _, image, l_in, l_out = refine.refine_batch(
+  p, o, _, image, l_in, l_out = refine.compiled_refinement(
       spec, 6, 3, params, jnp.asarray(codes, dt), jnp.asarray(target, dt),
       jnp.asarray(mask, dt), noise, None, hyper)
   flat = lambda p: np.concatenate([np.ravel(np.asarray(x, np.float64))

@@ -119,7 +119,7 @@ def measure(size, batch, lpips_on, feature_idx):
   G, codes, target, mask, net, lp, hyper = problem(size, batch, lpips_on)
   spec = refine.refine_spec(G, feature_idx, "hybrid", net)
   t0 = time.perf_counter()
-  refine.refine_batch.lower(spec, FEATURE_STEPS, WEIGHT_STEPS,
+  refine.compiled_refinement.lower(spec, FEATURE_STEPS, WEIGHT_STEPS,
                              G.params["synthesis"], codes, target, mask,
                              list(G.noise), lp, hyper).compile()
   compile_s = time.perf_counter() - t0

@@ -368,8 +368,8 @@ def map_images(fn, *xs):
 
 @functools.partial(jax.jit, static_argnames=("spec", "feature_steps",
                                              "weight_steps"))
-def refine_batch(spec, feature_steps, weight_steps, params, codes, target,
-                 mask, noise, lpips_params, hyper):
+def compiled_refinement(spec, feature_steps, weight_steps, params, codes,
+                        target, mask, noise, lpips_params, hyper):
   """`hybrid_refine`'s compiled loop on prepared inputs, without its checks
   and float32 casts: public for bench/, which lowers it to time compilation
   and runs it in float64. Returns (synthesis params, offset, mask_feature,
@@ -537,9 +537,10 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
     lpips_net, lpips_params = lpips_alex.net, lpips_alex.params
   spec = refine_spec(G, feature_idx, mode, lpips_net, mse_norm)
   hyper = make_hyper(weight_lr, feature_lr, l2_lambda, lpips_lambda)
-  params, offset, mask_feature, image, losses_in, losses_out = refine_batch(
-      spec, int(feature_steps), int(weight_steps), G.params["synthesis"],
-      codes, target, mask, noise, lpips_params, hyper)
+  (params, offset, mask_feature, image, losses_in,
+   losses_out) = compiled_refinement(
+       spec, int(feature_steps), int(weight_steps), G.params["synthesis"],
+       codes, target, mask, noise, lpips_params, hyper)
   return Refinement(synthesis=params, mapping=G.params["mapping"],
                     codes=codes, offset=offset, mask_feature=mask_feature,
                     noise=noise, feature_idx=int(feature_idx), mode=mode,

@@ -168,10 +168,10 @@ def test_batched_equals_looped_single_image_steps(tiny):
 
 def test_one_program_per_shapes_and_config(tiny):
   _run(tiny)
-  n = refine.refine_batch._cache_size()
+  n = refine.compiled_refinement._cache_size()
   # Learning rates and loss weights are traced.
   r = _run(tiny, weight_lr=3e-3, feature_lr=0.05, l2_lambda=2.0)
-  assert refine.refine_batch._cache_size() == n
+  assert refine.compiled_refinement._cache_size() == n
   assert r.losses_in.shape == (3, 3) and r.losses_out.shape == (3, 6)
   # Another generator of the same architecture reuses the program too.
   G, codes, target, mask = tiny
@@ -179,7 +179,7 @@ def test_one_program_per_shapes_and_config(tiny):
                          n_mlp=1, channels=16)
   refine.hybrid_refine(other, codes, target, mask, feature_idx=K,
                        feature_steps=6, weight_steps=3, lpips_lambda=0.0)
-  assert refine.refine_batch._cache_size() == n
+  assert refine.compiled_refinement._cache_size() == n
 
 
 def _own_feature(G, codes):
@@ -415,7 +415,7 @@ def test_map_path_close_to_float64():
       lambda x: jnp.asarray(x, jnp.float64), t)
   with jax.enable_x64(True):
     spec = refine.refine_spec(G, k, "hybrid", alex.net)
-    _, offset, _, image, _, _ = refine.refine_batch(
+    _, offset, _, image, _, _ = refine.compiled_refinement(
         spec, 6, 3, f64(G.params["synthesis"]), f64(codes), f64(target),
         f64(mask), f64(list(G.noise)), f64(alex.params),
         f64(refine.make_hyper()))
