@@ -16,6 +16,7 @@ import os
 import threading
 import zipfile
 
+from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -155,11 +156,14 @@ class Editor:
     # The photo itself (no face) or one of its faces (OUT/<photo>/face<k>).
     failed = [f for f in outcome.failed
               if f["name"] == name or f["name"].startswith(name + "/")]
-    if failed:
-      # A bad upload is not kept as an input: a resumed run would fail on it.
+    labels = self.faces_of(workdir_lib.output_name(name))
+    if failed and (not labels or any(f["name"] == name for f in failed)):
+      # A bad upload is not kept as an input: a resumed run would fail on
+      # it. A photo with some faces finished stays, for those faces.
       os.remove(os.path.join(self.inputs, name + ".png"))
       raise AppError(f"{name}: {failed[0]['reason']}")
-    labels = self.faces_of(workdir_lib.output_name(name))
+    for f in failed:
+      logging.warning("%s: %s", f["name"], f["reason"])
     if not labels:
       raise AppError(f"{name}: the run left no finished result")
     return self.load(labels[0])
