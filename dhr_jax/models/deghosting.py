@@ -11,11 +11,12 @@ A GLEAN-like restorer with a StyleGAN2 prior, in_size² → out_size² (released
     (2·log2(out_size) − 2 latents, no mapping network, no latent average);
   * the generator (mmediting's StyleGANv2Generator: this project's
     generator, `dhr_jax.models.stylegan2`, converted with config
-    pixel_norm 'mmediting') runs on those codes with its fixed noise;
-    through its layer hook the encoder feature of each resolution r ≤
-    in_size is fused into the feature entering the resolution's upsampling
-    conv, conv(concat(x, e)), and into the RGB skip, conv(concat(skip, e)),
-    and the features leaving the resolutions above in_size are read;
+    pixel_norm 'mmediting') runs on those codes with its fixed noise
+    buffers; through its layer hook the encoder feature e of each
+    resolution r ≤ in_size is fused into the feature x leaving that
+    resolution (before the upsampling conv to 2r), conv(concat(x, e)), and
+    into the RGB skip there, conv(concat(skip, e)), and the features
+    leaving the resolutions above in_size are read;
   * decoder: from the RRDBNet output, pixel-shuffle ×2 stages, each
     resolution above in_size concatenated with the generator's feature
     there, then conv, leaky ReLU, conv to RGB at out_size².

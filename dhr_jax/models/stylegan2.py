@@ -213,13 +213,14 @@ class Synthesis(nn.Module):
   `hook(k, x, skip) → (x, skip)` is called at every layer k = 0 …
   num_layers (see the module docstring); x is the feature entering the conv
   of latent k, skip the image the ToRGB layers have summed so far (None at
-  k = 0, where what the hook returns for it is not used).
+  k = 0, where what the hook returns for it is not used); at k =
+  num_layers the skip it returns is the image (the x it returns is unused).
   """
   channels: Sequence[int]  # per resolution 4, 8, ..., size
   conv_clamp: Optional[float] = None
 
   @nn.compact
-  def __call__(self, wplus, noise, hook=None):
+  def __call__(self, wplus, noise, hook: Optional[LayerHook] = None):
     hook = hook or _no_hook
     x = ConstantInput(self.channels[0], name="input")(wplus.shape[0])
     x, _ = hook(0, x, None)
@@ -388,7 +389,7 @@ class Generator:
 
   def synthesis(self, params, wplus, noise=None, *, feature_idx=None,
                 return_feature=False, offset=None, mask=None,
-                feature_fn=None, layer_fn=None):
+                feature_fn=None, layer_fn: Optional[LayerHook] = None):
     """W+ (B, n_latent, style_dim) → image (B, H, W, 3) [, feature].
 
     noise: list of NHWC maps (default: this generator's fixed noise).
