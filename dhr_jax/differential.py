@@ -146,17 +146,7 @@ def differential_edit(E, G, C, D, x, direction, targets, alpha=ALPHA):
                      f"{direction.shape}")
   if not np.any(direction):
     raise ValueError("direction is all zeros: it has no unit direction")
-  b = x.shape[0]
-  targets = np.asarray(targets)
-  if targets.ndim == 0:
-    targets = np.full((b,), targets)
-  if targets.shape != (b,) or not np.issubdtype(targets.dtype, np.integer):
-    raise ValueError(f"targets: one class index or {b} integer indices, "
-                     f"got {targets!r}")
-  n = C.num_classes
-  if targets.min() < 0 or targets.max() >= n:
-    raise ValueError(f"targets {targets.tolist()}: DiffCam has {n} classes "
-                     f"(0–{n - 1})")
+  targets = diffcam.check_targets(C, targets, x.shape[0])
   if direction.ndim == 3:
     direction = direction[0]
   return _core(E, G, C, D, x, jnp.asarray(direction),

@@ -272,7 +272,13 @@ def diff_cam(model, x6, targets):
   one jitted program.
   """
   x6 = _check_x6(x6)
-  b = x6.shape[0]
+  targets = check_targets(model, targets, x6.shape[0])
+  return _heat_maps(model, x6, jnp.asarray(targets, jnp.int32))
+
+
+def check_targets(model, targets, b):
+  """One class index or b of them → (b,) indices of `model`'s classes;
+  anything else is a ValueError naming what was given."""
   targets = np.asarray(targets)
   if targets.ndim == 0:
     targets = np.full((b,), targets)
@@ -281,9 +287,9 @@ def diff_cam(model, x6, targets):
                      f"got {targets!r}")
   n = model.num_classes
   if targets.min() < 0 or targets.max() >= n:
-    raise ValueError(f"targets {targets.tolist()}: the classifier has {n} "
-                     f"classes (0–{n - 1})")
-  return _heat_maps(model, x6, jnp.asarray(targets, jnp.int32))
+    raise ValueError(f"targets {targets.tolist()}: DiffCam has {n} classes "
+                     f"(0–{n - 1})")
+  return targets
 
 
 def empty_maps(heat):
