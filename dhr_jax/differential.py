@@ -110,7 +110,7 @@ def differential_edit_core(E, G, C, D, x, direction, targets, alpha):
   return DifferentialEdit(
       codes=codes, edited_codes=edited, inverted=inverted,
       manipulated=manipulated, heat_map=heat, fused=fused,
-      deghosted=deghosted, empty=jnp.max(heat, axis=(1, 2)) <= 0)
+      deghosted=deghosted, empty=diffcam.empty_maps(heat))
 
 
 _core = jax.jit(differential_edit_core)

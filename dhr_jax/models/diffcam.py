@@ -294,8 +294,8 @@ def check_targets(model, targets, b):
 
 def empty_maps(heat):
   """(B,) bool: which heat maps of `diff_cam` are all zeros, i.e. had no
-  edit region (NaN in the published code); the caller warns."""
-  return np.asarray(jnp.max(heat, axis=(1, 2)) <= 0)
+  edit region (NaN in the published code); the caller warns. Traceable."""
+  return jnp.max(heat, axis=(1, 2)) <= 0
 
 
 def param_shapes(num_classes):
