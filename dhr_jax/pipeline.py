@@ -318,8 +318,7 @@ def refine_batch(models, refine_config, emb, *, progress=None):
   report = progress or (lambda stage: None)
   mask = models.shard(emb.dss.mask)
   kwargs = refine_kwargs(refine_config)
-  steps = kwargs["feature_steps"]
-  report(f"refinement step 0/{steps}")
+  tell = step_reporter(report, "refinement", kwargs["feature_steps"])
   last = [0]
 
   def step_done(k):
@@ -328,7 +327,7 @@ def refine_batch(models, refine_config, emb, *, progress=None):
     # (`refine.map_images`), so k runs from 1 to steps once per image.
     if k != last[0]:
       last[0] = k
-      report(f"refinement step {k}/{steps}")
+      tell(k)
   with refine_lib.on_step(step_done):
     result = _refine(models, emb.codes, emb.x, mask, kwargs)
     # Dispatch is asynchronous: wait inside the block so that every step
