@@ -84,21 +84,46 @@ def unit_direction(direction):
   return direction / jnp.sqrt(jnp.sum(direction * direction))
 
 
-def differential_edit_core(E, G, C, D, x, direction, targets, alpha):
-  """The method on a batch, traceable (no checks: see `differential_edit`).
+@struct.dataclass
+class Inversion:
+  """pSp's inversion of a batch, the part of the method every direction
+  shares (`invert`): each edit (`edit_inversion`) starts from it.
 
-  E: pSp encoder (`load_encoder`), G: its generator, C: DiffCam, D: a
-  deghosting network or None; x (B, S, S, 3) at G's size; direction
-  broadcastable to (n_latent, 512); targets (B,) int32 class indices;
-  alpha: scalar.
+  Attributes:
+    x: (B, S, S, 3) the photos at the generator's size S.
+    codes: (B, n_latent, 512) pSp's W+ codes (latent average included).
+    inverted: (B, S, S, 3) G(codes).
+    input_size: the encoder's input size s, where DiffCam runs (static).
   """
+  x: Any
+  codes: Any
+  inverted: Any
+  input_size: int = struct.field(pytree_node=False)
+
+
+def invert_core(E, G, x):
+  """Step 1: pSp's codes of x and their render, traceable (no checks:
+  see `invert`)."""
   s = E.config["input_size"]
-  size = G.config["size"]
   codes = E.encode(E.params, adaptive_avg_pool(x, s), add_latent_avg=True)
+  return Inversion(x=x, codes=codes, inverted=G.synthesis(G.params, codes),
+                   input_size=s)
+
+
+def edit_inversion_core(G, C, D, inv, direction, targets, alpha):
+  """Steps 2–5 on an `Inversion`, traceable (no checks: see
+  `edit_inversion`).
+
+  G: the generator of the inversion; C: DiffCam; D: a deghosting network
+  or None; direction broadcastable to (n_latent, 512); targets (B,) int32
+  class indices; alpha: scalar.
+  """
+  s = inv.input_size
+  size = G.config["size"]
+  codes, x = inv.codes, inv.x
   edited = codes + alpha * unit_direction(direction)
-  inverted = G.synthesis(G.params, codes)
   manipulated = G.synthesis(G.params, edited)
-  x6 = jnp.concatenate([adaptive_avg_pool(inverted, s),
+  x6 = jnp.concatenate([adaptive_avg_pool(inv.inverted, s),
                         adaptive_avg_pool(manipulated, s)], axis=-1)
   heat = diffcam.heat_maps(C, x6, targets)
   h = resize_nearest(heat, (size, size))[..., None]
@@ -108,12 +133,64 @@ def differential_edit_core(E, G, C, D, x, direction, targets, alpha):
     deghosted = D.deghost(
         D.params, adaptive_avg_pool(fused, D.config["in_size"]))
   return DifferentialEdit(
-      codes=codes, edited_codes=edited, inverted=inverted,
+      codes=codes, edited_codes=edited, inverted=inv.inverted,
       manipulated=manipulated, heat_map=heat, fused=fused,
       deghosted=deghosted, empty=diffcam.empty_maps(heat))
 
 
-_core = jax.jit(differential_edit_core)
+def differential_edit_core(E, G, C, D, x, direction, targets, alpha):
+  """The method on a batch, traceable (no checks: see `differential_edit`).
+
+  E: pSp encoder (`load_encoder`), G: its generator, C: DiffCam, D: a
+  deghosting network or None; x (B, S, S, 3) at G's size; direction
+  broadcastable to (n_latent, 512); targets (B,) int32 class indices;
+  alpha: scalar.
+  """
+  return edit_inversion_core(G, C, D, invert_core(E, G, x), direction,
+                             targets, alpha)
+
+
+# Two programs, so that the directions of a batch share one inversion.
+_invert = jax.jit(invert_core)
+_edit = jax.jit(edit_inversion_core)
+
+
+def _photos(E, G, x):
+  check_compatible(E, G, "psp")
+  x = jnp.asarray(x, jnp.float32)
+  size = G.config["size"]
+  if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+    raise ValueError(f"x must be (B, {size}, {size}, 3) photos at the "
+                     f"generator's size, got {x.shape}")
+  return x
+
+
+def _unit_input(G, direction):
+  direction = np.asarray(direction, np.float32)
+  want = (G.n_latent, G.config["style_dim"])
+  if direction.shape not in (want, want[1:], (1,) + want):
+    raise ValueError(f"direction must be {want} (or ({want[1]},)), got "
+                     f"{direction.shape}")
+  if not np.any(direction):
+    raise ValueError("direction is all zeros: it has no unit direction")
+  return jnp.asarray(direction[0] if direction.ndim == 3 else direction)
+
+
+def invert(E, G, x):
+  """pSp's inversion of photos x, once for all the directions to edit
+  (`edit_inversion`). E, G, x: as `differential_edit`'s. Returns an
+  `Inversion`."""
+  return _invert(E, G, _photos(E, G, x))
+
+
+def edit_inversion(G, C, D, inv, direction, targets, alpha=ALPHA):
+  """One direction's edit of an `Inversion` (`invert`): steps 2–5 of the
+  module docstring. G, C, D, direction, targets, alpha: as
+  `differential_edit`'s. Returns a `DifferentialEdit`."""
+  direction = _unit_input(G, direction)
+  targets = diffcam.check_targets(C, targets, inv.x.shape[0])
+  return _edit(G, C, D, inv, direction, jnp.asarray(targets, jnp.int32),
+               jnp.float32(alpha))
 
 
 def differential_edit(E, G, C, D, x, direction, targets, alpha=ALPHA):
@@ -129,25 +206,14 @@ def differential_edit(E, G, C, D, x, direction, targets, alpha=ALPHA):
   targets: DiffCam's class of the direction (`diffcam.direction_class`
   of a published direction's name), one for all images or (B,). alpha:
   the edit's strength along the unit direction (published default 20).
+  Several directions of one batch: `invert` once, then `edit_inversion`
+  per direction (the same results).
 
   Returns a `DifferentialEdit` (see its fields and the module docstring
   for the steps and the differences from the published code).
   """
-  check_compatible(E, G, "psp")
-  x = jnp.asarray(x, jnp.float32)
-  size = G.config["size"]
-  if x.ndim != 4 or x.shape[1:] != (size, size, 3):
-    raise ValueError(f"x must be (B, {size}, {size}, 3) photos at the "
-                     f"generator's size, got {x.shape}")
-  direction = np.asarray(direction, np.float32)
-  want = (G.n_latent, G.config["style_dim"])
-  if direction.shape not in (want, want[1:], (1,) + want):
-    raise ValueError(f"direction must be {want} (or ({want[1]},)), got "
-                     f"{direction.shape}")
-  if not np.any(direction):
-    raise ValueError("direction is all zeros: it has no unit direction")
+  x = _photos(E, G, x)
+  direction = _unit_input(G, direction)
   targets = diffcam.check_targets(C, targets, x.shape[0])
-  if direction.ndim == 3:
-    direction = direction[0]
-  return _core(E, G, C, D, x, jnp.asarray(direction),
+  return _edit(G, C, D, _invert(E, G, x), direction,
                jnp.asarray(targets, jnp.int32), jnp.float32(alpha))

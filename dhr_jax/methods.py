@@ -227,14 +227,16 @@ def diffcam(models, config, emb, edits, *, ground_truth=None,
   rendered = [{} for _ in range(n)]
   pictures = [{} for _ in range(n)]
   empty = [[] for _ in range(n)]
-  inverted = None
+  # pSp and the inversion's render once; each direction does the rest.
+  report("embedding")
+  inversion = differential.invert(E, G, emb.x)
+  inverted = np.asarray(inversion.inverted[:n])
   for spec in edits:
     label = spec.labels[0]
     report(f"differential edit {label}")
-    de = differential.differential_edit(
-        E, G, C, D, emb.x, spec.direction, np.full((b,), spec.target),
+    de = differential.edit_inversion(
+        G, C, D, inversion, spec.direction, np.full((b,), spec.target),
         spec.strengths[0])
-    inverted = np.asarray(de.inverted[:n])
     parts = dict(manipulated=de.manipulated, fused=de.fused)
     parts = {k: io.to_uint8(np.asarray(v[:n])) for k, v in parts.items()}
     heat, flat = np.asarray(de.heat_map[:n]), np.asarray(de.empty[:n])
