@@ -18,6 +18,15 @@ random direction) with a layer range for the InterFaceGAN ones
 edited codes from the saved refinement only (`editing.render`, the CLI's
 own render; no refinement).
 
+With --config.edit.method=diffcam (editing via differential activations,
+`dhr_jax.differential`: pSp, DiffCam, deghosting; config.edit.directions
+the published `.npy` directions) the upload runs that method instead, the
+image is embedded with pSp once, and each direction's slider moves its
+strength α (starting at config.edit.alpha, the published 20): the page
+shows the deghosted edit of the direction moved and, in place of the
+domain mask, DiffCam's heat map of that edit (white = where the edit is
+blended in); only that direction's edit is redone (`Editor.slide`).
+
 Everything goes to the workdir in run.py's layout: uploads are the run's
 inputs in OUT/inputs/, results in OUT/<name>/ (OUT/<photo>/face<k>/ when
 aligned), and the current edit of an image in OUT/<name>/app/ (edit.png,
@@ -56,6 +65,8 @@ from dhr_jax.editor import finished
 from dhr_jax.editor import side_by_side
 
 MASK_LABEL = "Domain mask (white = in-domain)"
+# edit.method='diffcam' shows DiffCam's map in the mask's place.
+HEAT_MAP_LABEL = "DiffCam heat map of the direction moved (white = edited)"
 # The stages a run reports (`dhr_jax.loop`), in order.
 STAGES = ("coarse inversion", "segmentation", "embedding", "refinement",
           "metrics", "edits", "writing")
@@ -74,13 +85,13 @@ PAGE_CSS = "\n".join(
 # The page
 
 
-def _images(loaded):
+def _images(loaded, names=("input.png", "inversion.png", "mask.png")):
   """(input, inversion, mask) of a Loaded, or of several side by side."""
   many = loaded if isinstance(loaded, list) else [loaded]
   return tuple(side_by_side([dhr_files.read_png(os.path.join(one.directory,
                                                               f))
                              for one in many])
-               for f in ("input.png", "inversion.png", "mask.png"))
+               for f in names)
 
 
 def _message(e):
@@ -99,6 +110,7 @@ def build_ui(editor):
   import gradio as gr
 
   n_sliders = len(editor.sliders)
+  diffcam = editor.method == "diffcam"
 
   def with_progress(work, progress):
     """work(report) in a worker thread while this (the event's) thread
@@ -144,12 +156,18 @@ def build_ui(editor):
   def shown(loaded, status):
     """Every output of the page for a newly loaded image (a Loaded) or
     every face of a photo (a list of them)."""
-    inp, inv, mask = _images(loaded)
-    zeros = [gr.update(value=0) for _ in range(n_sliders)]
+    zeros = [gr.update(value=s.value) for s in editor.sliders]
     many = isinstance(loaded, list)
     first = loaded[0] if many else loaded
-    image, pasted, files = editor.edit_faces(
-        loaded if many else [loaded], [0.0] * n_sliders, *editor.layers)
+    if diffcam:
+      # The first direction at its configured α, with its heat map.
+      inp, inv = _images(loaded, ("input.png", "inversion.png"))
+      image, mask, pasted, files, _ = editor.slide_faces(
+          loaded if many else [loaded], 0, editor.sliders[0].value)
+    else:
+      inp, inv, mask = _images(loaded)
+      image, pasted, files = editor.edit_faces(
+          loaded if many else [loaded], [0.0] * n_sliders, *editor.layers)
     picker = face_choices(first.label)
     if picker.get("visible"):
       picker["value"] = ALL_FACES if many else first.label
@@ -179,7 +197,8 @@ def build_ui(editor):
       n = len(editor.faces_of(loaded.label))
       pick_one = (f" {n} faces found: pick one (or all) under Face;"
                   if n > 1 else "")
-      return shown(loaded, f"Refined **{loaded.label}** in "
+      done = "Embedded" if diffcam else "Refined"
+      return shown(loaded, f"{done} **{loaded.label}** in "
                    f"{time.perf_counter() - t0:.0f} s;{pick_one} move a "
                    "slider to edit.")
     except Exception as e:  # the page reports it; the server goes on
@@ -227,8 +246,34 @@ def build_ui(editor):
     except Exception as e:  # the page reports it; the server goes on
       return [gr.update(), gr.update(), _message(e)] + [gr.update()] * 3
 
+  def slide_of(index):
+    return lambda loaded, alpha: on_slide(index, loaded, alpha)
+
+  def on_slide(index, loaded, alpha):
+    """edit.method='diffcam': slider `index` moved to α."""
+    if loaded is None:
+      return [gr.update(), gr.update(), gr.update(),
+              "**error:** upload a photo or pick an image first"] + [
+                  gr.update()] * 3
+    try:
+      many = loaded if isinstance(loaded, list) else [loaded]
+      image, heat, pasted, files, empty = editor.slide_faces(many, index,
+                                                             alpha)
+      what = ", ".join(one.label for one in many)
+      note = (f"; DiffCam's heat map is empty for {', '.join(empty)}: no "
+              "edit region, the edit is the photo" if empty else "")
+      return [image, heat, gr.update(value=pasted,
+                                     visible=pasted is not None),
+              f"Edited **{what}**: {editor.sliders[index].name} "
+              f"α = {float(alpha):g}{note}", *_downloads(files)]
+    except Exception as e:  # the page reports it; the server goes on
+      return [gr.update(), gr.update(), gr.update(), _message(e)] + [
+          gr.update()] * 3
+
   with gr.Blocks(title="DHR editor", analytics_enabled=False) as page:
-    gr.Markdown("## DHR: invert a photo once, then edit it with sliders")
+    gr.Markdown("## Editing via differential activations: embed a photo "
+                "with pSp once, then move a direction's strength α" if diffcam
+                else "## DHR: invert a photo once, then edit it with sliders")
     with gr.Row():
       upload = gr.File(label="Photo (png, jpg, webp)", type="filepath",
                        elem_id="photo")
@@ -249,13 +294,18 @@ def build_ui(editor):
                    elem_id=elem_id, height=PREVIEW_HEIGHT, min_width=240)
           for label, elem_id in (("Input", "input"),
                                  ("Inversion", "inversion"),
-                                 (MASK_LABEL, "mask"), ("Edit", "edit"))]
+                                 (HEAT_MAP_LABEL if diffcam else
+                                  MASK_LABEL, "mask"), ("Edit", "edit"))]
     pasted = gr.Image(label="Edit pasted into the photo", format="png",
                       interactive=False, visible=False, elem_id="pasted")
-    sliders = [gr.Slider(-s.limit, s.limit, value=0, step=s.limit / 20,
-                         label=s.name, elem_id=f"slider_{i}")
+    # A diffcam slider steps by 1 so that the published α = 20 is on it.
+    sliders = [gr.Slider(-s.limit, s.limit, value=s.value,
+                         step=1 if s.kind == "diffcam" else s.limit / 20,
+                         label=(f"{s.name} (α)" if s.kind == "diffcam"
+                                else s.name), elem_id=f"slider_{i}")
                for i, s in enumerate(editor.sliders)]
-    with gr.Row():
+    # The differential edit moves every layer: no layer range.
+    with gr.Row(visible=not diffcam):
       first = gr.Slider(0, editor.n_latent - 1, value=editor.layers[0],
                         step=1, label="First edited layer (InterFaceGAN)",
                         elem_id="layer_first")
@@ -276,9 +326,16 @@ def build_ui(editor):
     pick.input(on_pick, pick, loaded_outputs)
     face.input(on_face, [face, state], loaded_outputs)
     edit_outputs = [edited, pasted, status, dl_edit, dl_pasted, dl_refined]
-    for control in sliders + [first, last]:
-      control.release(on_edit, [state, first, last, *sliders], edit_outputs,
-                      trigger_mode="always_last")
+    if diffcam:
+      # Each slider redoes its own direction's edit only.
+      for i, control in enumerate(sliders):
+        control.release(slide_of(i), [state, control],
+                        [edited, mask, *edit_outputs[1:]],
+                        trigger_mode="always_last")
+    else:
+      for control in sliders + [first, last]:
+        control.release(on_edit, [state, first, last, *sliders],
+                        edit_outputs, trigger_mode="always_last")
   return page
 
 

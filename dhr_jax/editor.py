@@ -10,6 +10,14 @@ the faces extra every face of a photo is refined (run.py's
 data.faces='all'); `Editor.faces_of` lists them and `Editor.edit_faces`
 edits several together (OUT/<photo>/app/: the edits side by side, the
 photo with all of them pasted, every face's refined/).
+
+With edit.method='diffcam' (editing via differential activations,
+`dhr_jax.differential`) the run makes no refinement: `Editor.load` embeds
+the image with pSp once (`differential.invert`), and each slider is one
+direction's α: `Editor.slide` redoes only that direction's edit of the
+kept inversion (the edited codes, their render, DiffCam's heat map, the
+blend, the deghosting) and writes OUT/<name>/app/ (edit.png, heat_map.png,
+pasted.png, edit.json).
 """
 import dataclasses
 import os
@@ -22,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from dhr_jax import checkpoint
+from dhr_jax import differential
 from dhr_jax import editing
 from dhr_jax import edits
 from dhr_jax import faces
@@ -60,12 +69,14 @@ def side_by_side(images):
 
 @dataclasses.dataclass
 class Loaded:
-  """A finished image as the page edits it."""
+  """A finished image as the page edits it: DHR's refinement, or with
+  edit.method='diffcam' pSp's `differential.Inversion` of its input."""
   label: str
   directory: str
   refined: object
   photo: object = None
   quad: object = None
+  inversion: object = None
 
 
 class Editor:
@@ -73,11 +84,7 @@ class Editor:
 
   def __init__(self, config, workdir, max_upload_mb=25, max_pixels=50e6):
     settings.validate_config(config)
-    if settings.edit_method(config) != "dhr":
-      # Its sliders move refined generators, which diffcam does not make.
-      raise settings.UserError(
-          "the browser editor edits DHR's refinements; edit.method="
-          f"{settings.edit_method(config)!r} runs with run.py only")
+    self.method = settings.edit_method(config)
     self.workdir = os.path.abspath(workdir)
     self.inputs = os.path.join(self.workdir, INPUTS)
     self.config = ml_collections.ConfigDict(config.to_dict())
@@ -94,7 +101,10 @@ class Editor:
     self.models = loading.load_models(self.config, loading.make_mesh())
     self.G = self.models.G
     # The CLI's edits (bad ones are refused now), as sliders.
-    self.sliders = edits.sliders(edits.from_config(config.edit, self.G))
+    C = self.models.diffcam
+    self.sliders = edits.sliders(edits.from_config(
+        config.edit, self.G,
+        num_classes=None if C is None else C.num_classes))
     self.n_latent = self.G.n_latent
     first_last = edits.parse_layers(config.edit.layers)
     self.layers = (first_last if isinstance(first_last, tuple)
@@ -185,13 +195,23 @@ class Editor:
     directory = finished(self.workdir).get(label)
     if directory is None:
       raise AppError(f"{label} is not a finished image of {self.workdir}")
+    photo, quad = workdir_lib.photo_and_quad(directory)
+    if self.method == "diffcam":
+      # The photo the run edited (its input.png, at the generator's size),
+      # embedded once for every slider move.
+      try:
+        x = io.load_image(os.path.join(directory, "input.png"),
+                          self.G.config["size"])
+      except io.ImageError as e:
+        raise AppError(f"{label}: {e}") from None
+      inversion = differential.invert(self.models.encoder, self.G, x[None])
+      return Loaded(label, directory, None, photo, quad, inversion)
     try:
       refined = refine.load_refined(os.path.join(directory, "refined"),
                                     self.G)
     except (checkpoint.CheckpointError, OSError) as e:
       # e.g. a workdir refined with another generator than --config's.
       raise AppError(f"{label}: {e}") from None
-    photo, quad = workdir_lib.photo_and_quad(directory)
     return Loaded(label, directory, refined, photo, quad)
 
   # -- editing -------------------------------------------------------------
@@ -229,25 +249,60 @@ class Editor:
     downloads in OUT/<photo>/app/."""
     if len(loaded) == 1:
       return self.edit(loaded[0], values, first, last)
-    images, pastes = [], []
-    for one in loaded:
-      image, _, _ = self.edit(one, values, first, last)
-      images.append(image)
-      if one.photo is not None:
-        pastes.append((image, np.asarray(one.quad)))
-    top = os.path.dirname(loaded[0].directory)
-    out = os.path.join(top, APP_DIR)
-    files = {"edit": os.path.join(out, "edit.png")}
-    strip = side_by_side(images)
-    dhr_files.write_bytes(files["edit"], dhr_files.png_bytes(strip))
+    images = [self.edit(one, values, first, last)[0] for one in loaded]
+    strip, pasted, files = _together(loaded, images)
+    files["refined"] = self.refined_zip(
+        os.path.dirname(loaded[0].directory),
+        [os.path.basename(one.directory) for one in loaded])
+    return strip, pasted, files
+
+  def slide(self, loaded, index, alpha):
+    """edit.method='diffcam': slider `index`'s direction at strength α,
+    edited from the loaded image's kept inversion (nothing else of the
+    method is redone), written to OUT/<name>/app/ → (deghosted edit uint8,
+    DiffCam's heat map uint8 (s, s), pasted uint8 or None, {download:
+    path}, whether the heat map is empty: no edit region, the edit is
+    the photo)."""
+    if not 0 <= index < len(self.sliders):
+      raise AppError(f"no slider {index}")
+    s = self.sliders[index]
+    de = differential.edit_inversion(
+        self.G, self.models.diffcam, self.models.deghosting,
+        loaded.inversion, s.direction, s.target, float(alpha))
+    image = io.to_uint8(np.asarray(de.deghosted[0]))
+    heat = io.mask_to_uint8(np.asarray(de.heat_map[0]))
+    empty = bool(de.empty[0])
+    out = os.path.join(loaded.directory, APP_DIR)
+    files = {"edit": os.path.join(out, "edit.png"),
+             "heat_map": os.path.join(out, "heat_map.png")}
+    dhr_files.write_bytes(files["edit"], dhr_files.png_bytes(image))
+    dhr_files.write_bytes(files["heat_map"], dhr_files.png_bytes(heat))
     pasted = None
-    if pastes:
-      pasted = faces.paste_all(loaded[0].photo, pastes)[0]
+    if loaded.photo is not None:
+      pasted = faces.paste(loaded.photo, image, np.asarray(loaded.quad))[0]
       files["pasted"] = os.path.join(out, "pasted.png")
       dhr_files.write_bytes(files["pasted"], dhr_files.png_bytes(pasted))
-    files["refined"] = self.refined_zip(
-        top, [os.path.basename(one.directory) for one in loaded])
-    return strip, pasted, files
+    dhr_files.write_json(os.path.join(out, "edit.json"), dict(
+        image=loaded.label, direction=s.name, diffcam_class=s.target,
+        alpha=float(alpha), empty_heat_map=empty))
+    return image, heat, pasted, files, empty
+
+  def slide_faces(self, loaded, index, alpha):
+    """`slide` of several faces of one photo at once → (the edits side by
+    side, their heat maps side by side, the photo with every edit pasted
+    in or None, {download: path} in OUT/<photo>/app/, the labels of the
+    faces whose heat map is empty)."""
+    if len(loaded) == 1:
+      image, heat, pasted, files, empty = self.slide(loaded[0], index, alpha)
+      return image, heat, pasted, files, [loaded[0].label] * empty
+    slid = [self.slide(one, index, alpha) for one in loaded]
+    strip, pasted, files = _together(loaded, [r[0] for r in slid])
+    heats = side_by_side([r[1] for r in slid])
+    files["heat_map"] = os.path.join(os.path.dirname(files["edit"]),
+                                     "heat_map.png")
+    dhr_files.write_bytes(files["heat_map"], dhr_files.png_bytes(heats))
+    return strip, heats, pasted, files, [
+        one.label for one, r in zip(loaded, slid) if r[4]]
 
   def refined_zip(self, directory, subs=None):
     """OUT/<name>/app/refined.zip: refined/ under its own name, so that
@@ -270,3 +325,22 @@ class Editor:
             z.write(full, os.path.relpath(full, directory))
     os.replace(tmp, path)
     return path
+
+
+def _together(loaded, images):
+  """The edits of several faces of one photo (`images`, in `loaded`'s
+  order) → (side by side, the photo with all of them pasted in or None,
+  {download: path}) written to OUT/<photo>/app/."""
+  top = os.path.dirname(loaded[0].directory)
+  out = os.path.join(top, APP_DIR)
+  files = {"edit": os.path.join(out, "edit.png")}
+  strip = side_by_side(images)
+  dhr_files.write_bytes(files["edit"], dhr_files.png_bytes(strip))
+  pastes = [(image, np.asarray(one.quad))
+            for one, image in zip(loaded, images) if one.photo is not None]
+  pasted = None
+  if pastes:
+    pasted = faces.paste_all(loaded[0].photo, pastes)[0]
+    files["pasted"] = os.path.join(out, "pasted.png")
+    dhr_files.write_bytes(files["pasted"], dhr_files.png_bytes(pasted))
+  return strip, pasted, files

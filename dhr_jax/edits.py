@@ -324,8 +324,11 @@ class Slider:
 
   kind 'interfacegan': `direction` (D,) or (L, D), moved by α along the
   chosen layer range; kind 'ganspace': `pcs` with the edit group's
-  (component, first, last) tuples, α replacing their configured strength.
-  `limit`: the slider runs over [-limit, limit].
+  (component, first, last) tuples, α replacing their configured strength;
+  kind 'diffcam': `direction` and its DiffCam class `target`, α the
+  strength of the differential edit (`differential`) of all layers.
+  `limit`: the slider runs over [-limit, limit]; `value`: where it starts
+  (0, no edit; a diffcam slider at its configured α).
   """
   name: str
   kind: str
@@ -334,12 +337,25 @@ class Slider:
   pcs: object = None
   group: tuple = ()
   mode: str = "add"
+  target: object = None
+  value: float = 0.0
+
+
+# A diffcam slider's range, unless the configured α is larger: 1.5 times
+# the published default α = 20 either way. The published code only edits at
+# +20; the negative half is the reverse edit (e.g. less smile), which DHR's
+# sliders offer too, and DiffCam then maps where the difference still reads
+# as the class (possibly nowhere: the page says when the map is empty).
+# Farther out the codes leave the neighbourhood of W the edit directions
+# were fitted in (a judgement, not a measurement).
+DIFFCAM_LIMIT = 30.0
 
 
 def sliders(specs):
   """[Slider] of `from_config`'s specs: one per InterFaceGAN direction (its
   range the largest configured strength), then one per GANSpace edit (its
-  component file's stem and layers; range its largest strength)."""
+  component file's stem and layers; range its largest strength), then one
+  per differential-activation edit (edit.method='diffcam')."""
   out = [Slider(s.name, "interfacegan",
                 max(abs(a) for a in s.strengths) or 1.0,
                 direction=s.direction)
@@ -354,6 +370,10 @@ def sliders(specs):
                         max(abs(x) for *_, x in group) or 1.0, pcs=s.pcs,
                         group=tuple((c, a, b) for c, a, b, _ in group),
                         mode=s.mode))
+  out += [Slider(s.name, "diffcam", max(DIFFCAM_LIMIT, abs(s.strengths[0])),
+                 direction=s.direction, target=s.target,
+                 value=s.strengths[0])
+          for s in specs if s.kind == "diffcam"]
   return out
 
 

@@ -61,6 +61,16 @@ def golden(rule):
   return load
 
 
+@pytest.fixture(scope="session")
+def diffcam_stand_ins(tmp_path_factory):
+  """edit.method='diffcam''s stand-in models, converted, with inputs and
+  directions (`test_diffcam_run.make_stand_ins`): ~2 min to make on a busy
+  CPU, so once for every test file that runs the method."""
+  import test_diffcam_run
+  return test_diffcam_run.make_stand_ins(
+      tmp_path_factory.mktemp("diffcam_run"))
+
+
 def rel_l2(a, b):
   import numpy as np
   a = np.asarray(a, np.float64)

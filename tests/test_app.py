@@ -314,6 +314,83 @@ def test_page_lists_the_faces_and_draws_previews_large(two_faces):
   assert "all 2 faces" in out[5]
 
 
+# edit.method='diffcam': the Editor and the page's handlers on the stand-ins
+# of test_diffcam_run (conftest.py's diffcam_stand_ins, made once a
+# session), over a finished image as a diffcam run leaves it.
+
+
+# The stand-ins (~2 min, shared with test_diffcam_run) and the compiles of
+# pSp, the generator, DiffCam with its gradient and the deghosting network.
+@pytest.mark.slow
+def test_editor_slides_a_diffcam_direction(diffcam_stand_ins, tmp_path,
+                                           monkeypatch):
+  import test_diffcam_run
+  from dhr_jax import differential
+  from dhr_jax.models import diffcam
+  si = diffcam_stand_ins
+  workdir = tmp_path / "out"
+  editor = app.Editor(test_diffcam_run._config(si), str(workdir))
+  smiling = diffcam.direction_class("Smiling")
+  # One slider per direction, α from config.edit.alpha (the published 20).
+  assert [(s.name, s.kind, s.value, s.limit, s.target)
+          for s in editor.sliders] == [
+              ("Smiling", "diffcam", 20.0, 30.0, smiling),
+              ("mine", "diffcam", 20.0, 30.0, 3)]
+  # A finished image as a diffcam run leaves it (no refined/, no mask).
+  d = str(workdir / "p0")
+  x = io.load_image(str(si / "inputs" / "p0.png"), 32)
+  for f in ("input.png", "inversion.png"):
+    files.write_bytes(os.path.join(d, f), files.png_bytes(io.to_uint8(x)))
+  files.write_json(os.path.join(d, workdir_lib.MARKER), dict(
+      name="p0", fingerprint="test", files=["input.png", "inversion.png"]))
+  inverted = []
+  invert = differential.invert
+  monkeypatch.setattr(differential, "invert",
+                      lambda *a: inverted.append(1) or invert(*a))
+
+  page = app.build_ui(editor)
+  by_id = {b.elem_id: b for b in page.blocks.values()
+           if getattr(b, "elem_id", None)}
+  assert by_id["mask"].label == app.HEAT_MAP_LABEL
+  handler = lambda block, n: next(
+      f.fn for f in page.fns.values()
+      if [b._id for b in f.inputs][-1:] == [block._id] and
+      len(f.inputs) == n)
+
+  def want(direction, target, alpha):
+    """The method's one-call API on the image the page edits."""
+    de = dhr_jax.differential_edit(
+        editor.models.encoder, editor.G, editor.models.diffcam,
+        editor.models.deghosting, x[None], direction, target, alpha)
+    return (io.to_uint8(np.asarray(de.deghosted[0])),
+            io.mask_to_uint8(np.asarray(de.heat_map[0])))
+
+  # Picking the image embeds it and shows the first direction at α = 20.
+  out = handler(by_id["pick"], 1)("p0")
+  assert "Loaded **p0**" in out[5], out[5]
+  loaded, values = out[6], [u["value"] for u in out[12:]]
+  assert values == [20.0, 20.0]
+  edit, heat = want(np.load(si / "smile.npy"), smiling, 20.0)
+  np.testing.assert_array_equal(out[3], edit)
+  np.testing.assert_array_equal(out[2], heat)
+  # Moving the second slider redoes that direction's edit only, from the
+  # kept inversion (pSp is not run again).
+  out = handler(by_id["slider_1"], 2)(loaded, -10.0)
+  edit, heat = want(np.load(si / "mine.npy"), 3, -10.0)
+  np.testing.assert_array_equal(out[0], edit)
+  np.testing.assert_array_equal(out[1], heat)
+  assert "mine α = -10" in out[3], out[3]
+  assert inverted == [1]
+  written = json.loads((workdir / "p0" / editor_lib.APP_DIR /
+                        "edit.json").read_text())
+  assert written == dict(image="p0", direction="mine", diffcam_class=3,
+                         alpha=-10.0, empty_heat_map=bool(heat.max() == 0))
+  np.testing.assert_array_equal(
+      _png(out[4]["value"]), edit)  # the Edit download
+  np.testing.assert_array_equal(files.read_png(os.path.join(
+      d, editor_lib.APP_DIR, "heat_map.png"))[..., 0], heat)
+
+
 def test_error_paths_are_messages_on_the_page(server, browser, tmp_path):
   url, workdir = server
   text = tmp_path / "notes.txt"

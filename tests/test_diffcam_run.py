@@ -57,10 +57,17 @@ def _stand_in(shapes, seed):
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
+def stand_ins(diffcam_stand_ins):
+  """`make_stand_ins`' folder, made once a session (conftest.py: the
+  browser editor's test uses them too)."""
+  return diffcam_stand_ins
+
+
+def make_stand_ins(tmp):
   """A 32² generator (512-d codes) with its pSp bundle, DiffCam (ResNet-101,
   17 classes) and the 8² → 32² deghosting network of test_deghosting, saved
-  as the released files and converted; two input photos; two directions."""
+  as the released files and converted into folder `tmp`; two input photos;
+  two directions."""
   torch = pytest.importorskip("torch")
   from converters import deghosting as deghosting_converter
   from converters import diffcam as diffcam_converter
@@ -68,7 +75,6 @@ def stand_ins(tmp_path_factory):
   from converters import stylegan2 as stylegan2_converter
   import test_deghosting
   t = lambda v: torch.from_numpy(np.array(v, np.float32))
-  tmp = tmp_path_factory.mktemp("diffcam_run")
   G = stylegan2.init_generator(jax.random.PRNGKey(0), size=SIZE,
                                style_dim=STYLE_DIM, n_mlp=2, channels=8)
   decoder = stylegan2_converter.to_torch_state_dict(G.params, G.noise)
@@ -231,10 +237,10 @@ def test_directions_need_a_class(tmp_path):
           random_direction_seed=-1)
 
 
-def test_browser_editor_refuses_diffcam_before_loading(tmp_path):
+def test_browser_editor_refuses_missing_psp(tmp_path):
   from dhr_jax import editor
-  config = _config(tmp_path)  # its checkpoints do not exist: never loaded
-  with pytest.raises(UserError, match="run.py only"):
+  config = _config(tmp_path)  # its checkpoints do not exist
+  with pytest.raises(UserError, match="converters.encoder"):
     editor.Editor(config, str(tmp_path / "o"))
 
 
