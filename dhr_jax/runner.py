@@ -79,7 +79,8 @@ def _run(s, listener):
                                 batch.notes.get(r.name))
     if jax.process_index() == 0:
       # One writer, showing every process's finished images.
-      workdir_lib.index(workdir, entries, batches.failed, stamp)
+      workdir_lib.index(workdir, entries, batches.failed, stamp,
+                        method=method)
   if align:
     failed_photos = {f["name"] for f in photo_failed}
     for name, path in photo_entries:
@@ -145,7 +146,8 @@ def finish(config, workdir, entries, failed, skipped, t_start, mode,
   if jax.process_count() > 1:
     summary["processes"] = jax.process_count()
   files.write_json(os.path.join(workdir, "summary.json"), summary)
-  workdir_lib.index(workdir, entries, failed, stamp, rows)
+  workdir_lib.index(workdir, entries, failed, stamp, rows,
+                    method=settings.edit_method(config))
   if len(rows) <= 20:
     loop.print_table(rows + ([dict(name="mean", **means)] if len(rows) > 1
                              else []), columns)

@@ -260,11 +260,27 @@ def read_rows(workdir, entries, stamp):
   return rows
 
 
-def write_index(workdir, rows, columns, failed=()):
+# What the grids of index.html show, by config.edit.method.
+INDEX_INTROS = dict(
+    dhr="Columns of each grid: input, inversion, mask (white = in-domain, "
+    "refined in the generator weights; black = out-of-domain, refined as a "
+    "feature offset), then the edits.",
+    diffcam="Editing via differential activations. Columns of each grid: "
+    "input, inversion (pSp's codes rendered by the generator), then per "
+    "direction DiffCam's heat map of the edit (white = where the edit is "
+    "blended into the photo) and the edit (the blend, deghosted). Each "
+    "image's diffcam/&lt;edit&gt;/ folder also holds manipulated.png (the "
+    "edited codes rendered by the generator), heat_map.png and fused.png "
+    "(manipulated where the heat map is white, the photo elsewhere: the "
+    "deghosting network's input).")
+
+
+def write_index(workdir, rows, columns, failed=(), method="dhr"):
   """OUT/index.html: every finished image's grid with its metrics row.
 
   rows: [{'name', 'dir', metric: value, ...}] ('dir' the image's folder in
-  the workdir); failed: [{'name', 'file', 'reason'}]. A static page with
+  the workdir); failed: [{'name', 'file', 'reason'}]; method: the run's
+  config.edit.method (what the grids show). A static page with
   relative links (open it from disk or copy the folder anywhere); written
   atomically so a browser never shows half a page.
   """
@@ -281,10 +297,8 @@ def write_index(workdir, rows, columns, failed=()):
       "</head><body>",
       f"<h1>DHR results: {len(rows)} image(s) done"
       + (f", {len(failed)} failed" if failed else "") + "</h1>",
-      "<p>Columns of each grid: input, inversion, mask (white = in-domain, "
-      "refined in the generator weights; black = out-of-domain, refined as a "
-      "feature offset), then the edits. Metrics compare the inversion with "
-      "the input; see metrics.csv and summary.json.</p>"]
+      f"<p>{INDEX_INTROS[method]} Metrics compare the inversion with the "
+      "input; see metrics.csv and summary.json.</p>"]
   for r in rows:
     link = urllib.parse.quote(r["dir"])
     parts += [
@@ -304,11 +318,12 @@ def write_index(workdir, rows, columns, failed=()):
                     + "\n")
 
 
-def index(workdir, entries, failed, stamp, rows=None):
-  """OUT/index.html of the finished images of `entries`."""
+def index(workdir, entries, failed, stamp, rows=None, method="dhr"):
+  """OUT/index.html of the finished images of `entries` (method: as
+  `write_index`'s)."""
   rows = read_rows(workdir, entries, stamp) if rows is None else rows
   write_index(workdir, [dict(r, dir=output_name(r["name"])) for r in rows],
-              columns(rows), failed)
+              columns(rows), failed, method)
 
 
 def versions():

@@ -164,6 +164,9 @@ def test_run_writes_the_method_outputs(stand_ins, tmp_path, capsys):
       "empty_heat_map") for n in ("p0", "p1")}
   assert summary.get("empty_heat_map", {}) == {
       n: v for n, v in empty.items() if v}
+  # The page says what the grids show (not DSS's mask).
+  page = (out / "index.html").read_text()
+  assert "DiffCam's heat map" in page and "mask" not in page
 
 
 @pytest.mark.slow
@@ -242,6 +245,23 @@ def test_browser_editor_refuses_missing_psp(tmp_path):
   config = _config(tmp_path)  # its checkpoints do not exist
   with pytest.raises(UserError, match="converters.encoder"):
     editor.Editor(config, str(tmp_path / "o"))
+
+
+def test_index_says_what_the_pictures_are(tmp_path):
+  from dhr_jax import workdir
+  pages = {}
+  for method in ("dhr", "diffcam"):
+    workdir.write_index(str(tmp_path), [dict(name="p0", dir="p0", psnr=1.0)],
+                        ["name", "psnr"], method=method)
+    pages[method] = (tmp_path / "index.html").read_text()
+  assert "mask (white = in-domain" in pages["dhr"]
+  assert "heat map" not in pages["dhr"]
+  page = pages["diffcam"]
+  for what in ("inversion (pSp's codes", "DiffCam's heat map",
+               "manipulated.png", "fused.png", "deghosted",
+               "<td>p0</td><td>1</td>"):
+    assert what in page, what
+  assert "mask" not in page
 
 
 def test_dhr_fingerprint_ignores_the_diffcam_settings():
