@@ -20,8 +20,9 @@ own render; no refinement).
 
 With --config.edit.method=diffcam (editing via differential activations,
 `dhr_jax.differential`: pSp, DiffCam, deghosting; config.edit.directions
-the published `.npy` directions) the upload runs that method instead, the
-image is embedded with pSp once, and each direction's slider moves its
+the published `.npy` directions) the upload runs that method instead (its
+edits at config.edit.alpha), the page embeds the image with pSp once for
+its sliders (`Editor.load`), and each direction's slider moves its
 strength α (starting at config.edit.alpha, the published 20): the page
 shows the deghosted edit of the direction moved and, in place of the
 domain mask, DiffCam's heat map of that edit (white = where the edit is
