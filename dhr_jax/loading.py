@@ -18,7 +18,6 @@ from dhr_jax import settings
 from dhr_jax.models import curricularface
 from dhr_jax.models import deghosting as deghosting_lib
 from dhr_jax.models import diffcam as diffcam_lib
-from dhr_jax.models import e4e
 from dhr_jax.models import encoders
 from dhr_jax.models import farl
 from dhr_jax.models import hfgi as hfgi_lib
@@ -36,8 +35,9 @@ from dhr_jax.settings import UserError
 class Models:
   """Everything a batch needs besides the images.
 
-  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
-  (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
+  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: the
+  embedding's (`embedding.method` 'e4e', 'psp' or 'restyle');  parser:
+  optional face parser for DSS;
   w_stats: (mean, spread) of W for the optimisation-based inversions;
   id_network: optional IR-101 of the paper's ID metric (scored on host, not
   replicated);  hfgi: optional HFGI model (the comparison's HFGI method);
@@ -210,6 +210,35 @@ def _load_converted(key, path, load, command):
                     f"{command.format(path=path)})") from None
 
 
+_RESTYLE_CMD = ("python -m converters.encoder --src "
+                "restyle_e4e_ffhq_encode.pt --dst {path}")
+ENCODER_CMDS = dict(e4e=_E4E_CMD, psp=_PSP_CMD, restyle=_RESTYLE_CMD)
+
+
+def load_encoder(config, G, arch, path, key="model.checkpoint"):
+  """The converted encoder of config.<key> = `path`: `arch` ('e4e', 'psp',
+  'restyle'; None: any), its codes checked against generator G. A missing
+  or wrong one (another architecture, another resolution) is one UserError
+  naming what was found and what was expected."""
+  command = ENCODER_CMDS.get(arch, "python -m converters.encoder --src "
+                             "BUNDLE.pt --dst {path}")
+  if path == "stand-in" or not path or not os.path.exists(path):
+    raise _missing(path, f"{arch or 'encoder'} checkpoint ({key})",
+                   command.format(path=path or "DIR"))
+  try:
+    encoder = encoders.load(path, arch=arch)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{key}: {e} (convert with: "
+                    f"{command.format(path=path)})") from None
+  try:
+    encoders.check_compatible(encoder, G)
+  except checkpoint.CheckpointError as e:
+    m = config.model
+    raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
+                    f"not fit {key} {path!r}: {e}") from None
+  return encoder
+
+
 def load_diffcam_models(config):
   """edit.method='diffcam''s models: (G, pSp encoder, DiffCam, deghosting
   network), their sizes checked against each other."""
@@ -252,21 +281,8 @@ def load_models(config, mesh=None, hfgi=False):
     G, encoder, C, D = load_diffcam_models(config)
   else:
     G = load_generator(config)
-  if method == "e4e" and not diffcam:
-    if m.checkpoint == "stand-in" or not os.path.exists(m.checkpoint):
-      raise _missing(m.checkpoint, "e4e checkpoint",
-                     _E4E_CMD.format(path=m.checkpoint or "DIR"))
-    try:
-      encoder = e4e.load(m.checkpoint)
-    except checkpoint.CheckpointError as e:
-      raise UserError(f"{e} (convert with: "
-                      f"{_E4E_CMD.format(path=m.checkpoint)})") from None
-    try:
-      pipeline.check_compatible(G, encoder)
-    except pipeline.PipelineError as e:
-      raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
-                      f"not fit model.checkpoint {m.checkpoint!r}: {e}"
-                      ) from None
+  if method in pipeline.ENCODERS and not diffcam:
+    encoder = load_encoder(config, G, method, m.checkpoint)
   path = None if diffcam else settings.parser_path(config)
   if path is not None:
     if not os.path.exists(path):

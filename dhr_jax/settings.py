@@ -114,6 +114,8 @@ def validate_config(config):
          pipeline.EMBEDDING_INITS)
   at_least("embedding.steps", int(e.steps), 0)
   at_least("embedding.n_mean_latent", int(e.n_mean_latent), 1)
+  at_least("embedding.restyle_iterations", int(e.get(
+      "restyle_iterations", pipeline.RESTYLE_ITERATIONS)), 1)
   at_least("dss.coarse_steps", int(config.dss.coarse_steps), 1)
   at_least("dss.n_segments", int(config.dss.n_segments), 1)
   for key, allowed in segmentation.CHOICES.items():
@@ -183,6 +185,9 @@ def fingerprint(config):
     # The differential-activation models change no DHR output.
     d["model"].pop("diffcam", None)
     d["model"].pop("deghosting", None)
+  if config.embedding.method != "restyle":
+    # Only ReStyle iterates: other runs keep their fingerprint.
+    d.get("embedding", {}).pop("restyle_iterations", None)
   d.pop("batch_size", None)
   # The ID network adds a metric column; it changes no image.
   d["model"].pop("id_network", None)
