@@ -21,6 +21,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import e4e, irse, ops
@@ -237,22 +238,36 @@ def restyle_invert(E, G, images, iterations=5):
   return jnp.stack(all_codes), jnp.stack(all_images)
 
 
-def init_encoder(key, arch, size, latent_avg, input_size=e4e.INPUT_SIZE,
+def init_encoder(seed, arch, size, latent_avg, input_size=e4e.INPUT_SIZE,
                  head_scale=1.0):
-  """A stand-in encoder `arch` of random weights for a generator of `size`
-  whose W+ codes start from `latent_avg` (n_latent, style_dim); with
-  input_size below 256 the trunk reads smaller images (a small generator's
-  demo). head_scale multiplies the style heads' last layer (their outputs
-  are the code offsets), so that a random trunk gives codes near
-  latent_avg."""
+  """A stand-in encoder `arch` of seeded random weights for a generator of
+  `size` whose W+ codes start from `latent_avg` (n_latent, style_dim).
+
+  input_size below 256: the trunk reads smaller images (a small generator's
+  demo). Weights are drawn with numpy (`RandomState(seed)`, the same on
+  every machine): convolution and dense kernels normal with variance
+  1/fan_in (the style heads' last layer times head_scale, as their outputs
+  are the code offsets), biases 0, BatchNorm the identity, PReLU 0.25.
+  """
   latent_avg = jnp.asarray(latent_avg, jnp.float32)
   config = make_config(arch, size)
   config.update(style_dim=int(latent_avg.shape[-1]), input_size=int(
       input_size))
-  module = build_model(config)
-  x = jnp.zeros((1, input_size, input_size, config.get("input_nc", 3)))
-  params = module.init(key, x)["params"]
-  params = {k: (dict(v, linear=jax.tree_util.tree_map(
-      lambda a: a * head_scale, v["linear"])) if k.startswith("styles_")
-      else v) for k, v in params.items()}
+  x = jax.ShapeDtypeStruct((1, input_size, input_size,
+                            config.get("input_nc", 3)), jnp.float32)
+  shapes = jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0),
+                          x)["params"]
+  rng = np.random.RandomState(seed)
+  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
+
+  def leaf(path, a):
+    name = path[-1].key
+    if name != "kernel":
+      return np.full(a.shape, fill[name], np.float32)
+    w = rng.standard_normal(a.shape).astype(np.float32)
+    w /= np.sqrt(np.prod(a.shape[:-1]))
+    if path[-2].key == "linear":
+      w *= head_scale
+    return w
+  params = jax.tree_util.tree_map_with_path(leaf, shapes)
   return e4e.Encoder(params=params, config=config, latent_avg=latent_avg)
