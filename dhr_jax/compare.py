@@ -7,7 +7,11 @@ Every image is segmented (DSS) and embedded once; from that one embedding
 each method of config.compare.methods (`dhr_jax.methods`: embedding only,
 PTI, HFGI, DHR) gives its inversion and edits, through the run's own batch
 loop (`dhr_jax.loop`). HFGI needs config.model.hfgi (left out with a warning
-otherwise); PTI's seconds include its pivot's.
+otherwise); PTI's seconds include its pivot's. With config.compare.encoders
+(name → converted bundle) the rows are the paper's Table 1
+(`table1_methods`): each encoder alone ('embedding@<name>', its seconds
+include its encoding, once per batch) and under DHR ('dhr@<name>'),
+ReStyle iterated, HFGI on the e4e entry's codes.
 
 Writes OUT/<name>/grid.png (a row per method, titled with its name:
 inversion and every edit; the first row the input and DSS's mask),
