@@ -149,15 +149,16 @@ def load_generator(config):
         style_dim=int(s.style_dim), n_mlp=int(s.n_mlp),
         channels=int(s.channels), noise_strength=float(s.noise_strength))
   path = m.generator or m.checkpoint
+  # Without model.generator it is the embedding's bundle's.
+  cmd = _G_CMD if m.generator else ENCODER_CMDS.get(
+      config.embedding.method, _E4E_CMD)
   if not path or not os.path.exists(path):
-    cmd = (_G_CMD if m.generator else _E4E_CMD).format(path=path or "DIR")
-    raise _missing(path, "generator checkpoint", cmd)
+    raise _missing(path, "generator checkpoint",
+                   cmd.format(path=path or "DIR"))
   try:
     return stylegan2.load(path)
   except checkpoint.CheckpointError as e:
-    raise UserError(f"{e} (convert with: "
-                    f"{(_G_CMD if m.generator else _E4E_CMD).format(path=path)})"
-                    ) from None
+    raise UserError(f"{e} (convert with: {cmd.format(path=path)})") from None
 
 
 def load_id_network(config, face_models):
