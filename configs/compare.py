@@ -20,6 +20,14 @@ configs/pti.py's embedding: GANInverter's pti_pivot.yaml; titled "PTI (W
 pivot)") or 'embedding' (the run's shared embedding, e.g. the e4e codes:
 "PTI (e4e pivot)"). In the demo the W pivot gets the coarse inversion's 40
 steps instead of 450, to stay quick.
+
+config.compare.encoders: "name=DIR,..." (e.g. e4e=ckpt/e4e_ffhq,
+psp=ckpt/psp_ffhq,lsap=ckpt/lsap_ffhq,restyle=ckpt/restyle_e4e_ffhq): the
+paper's Table 1 layout, "<name> only" and "DHR (<name>)" per encoder,
+"ReStyle" for a ReStyle encoder (iterated), "HFGI (e4e)" on the e4e
+entry's codes; DSS runs once per image and each encoder once. A folder
+that does not exist leaves its rows out with a warning. The demo's
+encoders are seeded random stand-ins (e4e, pSp, ReStyle) of its generator.
 """
 import os
 
@@ -52,6 +60,11 @@ def get_config(arg="dhr"):
   config.model.hfgi = ""
   config.compare = ml_collections.ConfigDict(dict(
       methods="embedding,pti,hfgi,dhr",
+      # The paper's Table 1 layout: "name=DIR,..." of converted encoder
+      # bundles (converters.e4e / converters.encoder); the demo's are
+      # stand-ins built in memory. "" = the run's own embedding only.
+      encoders=("e4e=stand-in,psp=stand-in,restyle=stand-in"
+                if arg == "demo" else ""),
       pti=ml_collections.ConfigDict(pti),
       pti_pivot="w",
       pti_embedding=pivot))

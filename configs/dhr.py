@@ -53,7 +53,8 @@ def get_config():
   ))
 
   config.model = ml_collections.ConfigDict(dict(
-      # The e4e converter's bundle DIR (DIR/e4e + DIR/generator).
+      # The encoder bundle DIR of embedding.method (DIR/e4e + DIR/generator
+      # from converters.e4e; DIR/psp or DIR/restyle from converters.encoder).
       checkpoint="ckpt/e4e_ffhq",
       # Another generator checkpoint (converters.stylegan2); "" = the bundle's.
       generator="",
@@ -76,7 +77,13 @@ def get_config():
   ))
 
   config.embedding = ml_collections.ConfigDict(dict(
-      method="e4e",   # 'e4e' (the encoder) or 'optim' (projector in W / W+)
+      # 'e4e', 'psp' or 'restyle' (the converted encoder bundle of
+      # model.checkpoint, converters.encoder) or 'optim' (projector in W /
+      # W+).
+      method="e4e",
+      # 'restyle' only: its iterations (the official inference's 5); the
+      # codes are the last iteration's.
+      restyle_iterations=5,
       # 'optim' only:
       # Start: 'latent_avg' (the official optimisation embedding: a fresh
       # run from the generator's latent_avg) or 'coarse' (continue DSS's

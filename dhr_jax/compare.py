@@ -7,7 +7,11 @@ Every image is segmented (DSS) and embedded once; from that one embedding
 each method of config.compare.methods (`dhr_jax.methods`: embedding only,
 PTI, HFGI, DHR) gives its inversion and edits, through the run's own batch
 loop (`dhr_jax.loop`). HFGI needs config.model.hfgi (left out with a warning
-otherwise); PTI's seconds include its pivot's.
+otherwise); PTI's seconds include its pivot's. With config.compare.encoders
+(name → converted bundle) the rows are the paper's Table 1
+(`table1_methods`): each encoder alone ('embedding@<name>', its seconds
+include its encoding, once per batch) and under DHR ('dhr@<name>'),
+ReStyle iterated, HFGI on the e4e entry's codes.
 
 Writes OUT/<name>/grid.png (a row per method, titled with its name:
 inversion and every edit; the first row the input and DSS's mask),
@@ -37,6 +41,7 @@ from dhr_jax import pictures
 from dhr_jax import settings
 from dhr_jax import synthetic
 from dhr_jax import workdir as workdir_lib
+from dhr_jax.models import encoders
 from dhr_jax.settings import UserError
 
 METHODS = ("embedding", "pti", "hfgi", "dhr")
@@ -47,15 +52,68 @@ TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg") + metrics.PAPER_METRICS + (
     "seconds")
 
 
-def method_title(method, config):
-  """The name shown on the grid and in the table."""
+# The encoders' names as the paper's tables write them.
+ENCODER_TITLES = dict(e4e="e4e", psp="pSp", lsap="LSAP", restyle="ReStyle")
+
+
+def encoder_title(name):
+  return ENCODER_TITLES.get(name.lower(), name)
+
+
+def method_title(method, config, archs=None):
+  """The name shown on the grid and in the table. archs: {name: arch} of
+  config.compare.encoders (the Table 1 layout, `table1_methods`: every
+  DHR and HFGI row names its encoder)."""
+  base, name = methods_lib.split(method)
+  if name is not None:
+    n = encoder_title(name)
+    if base != "embedding":
+      return f"{dict(dhr='DHR', hfgi='HFGI')[base]} ({n})"
+    if archs[name] == "restyle":  # iterated: the paper's ReStyle row
+      return "ReStyle" if n == "ReStyle" else f"ReStyle ({n})"
+    return f"{n} only"
+  own = encoder_title(config.embedding.method)
   if method == "embedding":
-    return f"{config.embedding.method} only"
+    return f"{own} only"
   if method == "pti":
-    pivot = ("W" if methods_lib.pti_pivot(config) == "w" else
-             config.embedding.method)
+    pivot = "W" if methods_lib.pti_pivot(config) == "w" else own
     return f"PTI ({pivot} pivot)"
-  return dict(hfgi="HFGI", dhr="DHR")[method]
+  title = dict(hfgi="HFGI", dhr="DHR")[method]
+  return f"{title} ({own})" if archs else title
+
+
+def table1_methods(config, methods, models):
+  """config.compare.methods in the paper's Table 1 layout → (method keys,
+  {encoder: arch}). Without config.compare.encoders: the methods as given,
+  from the run's own embedding. With them (the loaded ones, in order):
+  '<name> only' per encoder, ReStyle (its encoder's, iterated) after them,
+  PTI, HFGI on e4e's codes (the encoder named e4e, else the run's own e4e
+  embedding), DHR per encoder (not ReStyle's); the run's own embedding
+  keeps its 'only' and DHR rows unless an encoder of the map is it."""
+  if not settings.compare_encoders(config):
+    return list(methods), {}
+  archs = {n: encoders.arch_of(E) for n, E in models.encoders.items()}
+  own = all(E is not models.encoder for E in models.encoders.values())
+  coded = [n for n in archs if archs[n] != "restyle"]
+  keys = []
+  if "embedding" in methods:
+    keys += (["embedding"] if own else []) + [
+        f"embedding@{n}" for n in coded + [
+            n for n in archs if archs[n] == "restyle"]]
+  if "pti" in methods:
+    keys.append("pti")
+  if "hfgi" in methods and models.hfgi is not None:
+    if archs.get("e4e") == "e4e":
+      keys.append("hfgi@e4e")
+    elif config.embedding.method == "e4e" and own:
+      keys.append("hfgi")
+    else:
+      logging.warning("HFGI left out: it consults e4e's codes; name the "
+                      "converted e4e bundle in config.compare.encoders "
+                      "(e4e=DIR)")
+  if "dhr" in methods:
+    keys += (["dhr"] if own else []) + [f"dhr@{n}" for n in coded]
+  return keys, archs
 
 
 def methods_of(config):
@@ -107,12 +165,25 @@ def validate(config):
       except UserError as err:
         raise UserError(f"config.compare.pti_embedding: {err}"
                                ) from None
-  if "hfgi" in methods and config.model.get("hfgi", "") and (
+  given = settings.compare_encoders(config)
+  for name, path in given.items():
+    if path == "stand-in" and (name not in encoders.ARCHS or
+                               config.model.checkpoint != "stand-in"):
+      raise UserError(
+          f"config.compare.encoders['{name}']='stand-in': stand-in encoders "
+          f"are {', '.join(encoders.ARCHS)} of the stand-in generator "
+          "(model.checkpoint='stand-in', the demo)")
+  if "hfgi" in methods and config.model.get("hfgi", "") and not given and (
       config.embedding.method != "e4e"):
     raise UserError("config.model.hfgi: HFGI consults e4e codes; set "
                            "--config.embedding.method=e4e")
   return methods
 
+
+
+def png_name(method):
+  """OUT/<name>/<png_name>: 'dhr.png', 'dhr_psp.png' (method 'dhr@psp')."""
+  return method.replace("@", "_") + ".png"
 
 
 def grid(target, mask, results, titles, edit_names=()):
@@ -170,10 +241,12 @@ def run(config, workdir):
     raise UserError("config.data.align is not supported by the "
                     "comparison yet; align the photos with a normal "
                     "run first and compare its face crops")
-  with loop.prepare(config, workdir, hfgi="hfgi" in methods) as s:
+  with loop.prepare(config, workdir, hfgi="hfgi" in methods,
+                    compare_encoders=True) as s:
     if s.models.hfgi is None:  # not configured: left out with a warning
       methods = tuple(m for m in methods if m != "hfgi")
-    titles = {m: method_title(m, config) for m in methods}
+    methods, archs = table1_methods(config, methods, s.models)
+    titles = {m: method_title(m, config, archs) for m in methods}
     edit_names = [e.name for e in s.edits]
     gt = s.ground_truth or {}
     batches = loop.BatchLoop(s, s.entries, methods, desc="compare",
@@ -194,7 +267,7 @@ def run(config, workdir):
           results[method] = r
         directory = os.path.join(s.workdir, workdir_lib.output_name(name))
         for method, r in results.items():
-          files.save_png(os.path.join(directory, f"{method}.png"),
+          files.save_png(os.path.join(directory, png_name(method)),
                          io.to_uint8(r.image))
         first = next(iter(batch.results[name].values()))
         files.save_png(os.path.join(directory, "grid.png"), grid(

@@ -15,10 +15,10 @@ from dhr_jax import embedding as embedding_lib
 from dhr_jax import photos
 from dhr_jax import pipeline
 from dhr_jax import settings
+from dhr_jax import synthetic
 from dhr_jax.models import curricularface
 from dhr_jax.models import deghosting as deghosting_lib
 from dhr_jax.models import diffcam as diffcam_lib
-from dhr_jax.models import e4e
 from dhr_jax.models import encoders
 from dhr_jax.models import farl
 from dhr_jax.models import hfgi as hfgi_lib
@@ -36,13 +36,16 @@ from dhr_jax.settings import UserError
 class Models:
   """Everything a batch needs besides the images.
 
-  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: e4e
-  (`embedding.method = 'e4e'`);  parser: optional face parser for DSS;
+  G: generator;  lpips_vgg / lpips_alex: LPIPS metrics;  encoder: the
+  embedding's (`embedding.method` 'e4e', 'psp' or 'restyle');  parser:
+  optional face parser for DSS;
   w_stats: (mean, spread) of W for the optimisation-based inversions;
   id_network: optional IR-101 of the paper's ID metric (scored on host, not
   replicated);  hfgi: optional HFGI model (the comparison's HFGI method);
   diffcam / deghosting: DiffCam and the deghosting network of
-  edit.method='diffcam' (`encoder` is then pSp);  mesh: a 1-D `jax.sharding.Mesh` (axis 'batch'); None: the first local
+  edit.method='diffcam' (`encoder` is then pSp);  encoders: the
+  comparison's {name: encoder} (`load_compare_encoders`);  mesh: a 1-D
+  `jax.sharding.Mesh` (axis 'batch'); None: the first local
   device alone.
   """
   G: Generator
@@ -56,6 +59,7 @@ class Models:
   hfgi: Any = None
   diffcam: Any = None
   deghosting: Any = None
+  encoders: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.mesh is None:
@@ -145,15 +149,16 @@ def load_generator(config):
         style_dim=int(s.style_dim), n_mlp=int(s.n_mlp),
         channels=int(s.channels), noise_strength=float(s.noise_strength))
   path = m.generator or m.checkpoint
+  # Without model.generator it is the embedding's bundle's.
+  cmd = _G_CMD if m.generator else ENCODER_CMDS.get(
+      config.embedding.method, _E4E_CMD)
   if not path or not os.path.exists(path):
-    cmd = (_G_CMD if m.generator else _E4E_CMD).format(path=path or "DIR")
-    raise _missing(path, "generator checkpoint", cmd)
+    raise _missing(path, "generator checkpoint",
+                   cmd.format(path=path or "DIR"))
   try:
     return stylegan2.load(path)
   except checkpoint.CheckpointError as e:
-    raise UserError(f"{e} (convert with: "
-                    f"{(_G_CMD if m.generator else _E4E_CMD).format(path=path)})"
-                    ) from None
+    raise UserError(f"{e} (convert with: {cmd.format(path=path)})") from None
 
 
 def load_id_network(config, face_models):
@@ -210,6 +215,40 @@ def _load_converted(key, path, load, command):
                     f"{command.format(path=path)})") from None
 
 
+_RESTYLE_CMD = ("python -m converters.encoder --src "
+                "restyle_e4e_ffhq_encode.pt --dst {path}")
+ENCODER_CMDS = dict(e4e=_E4E_CMD, psp=_PSP_CMD, restyle=_RESTYLE_CMD)
+
+
+def encoder_command(name):
+  """The conversion command of encoder `name` (an architecture or not)."""
+  return ENCODER_CMDS.get(name, "python -m converters.encoder --src "
+                          "BUNDLE.pt --dst {path}")
+
+
+def load_encoder(config, G, arch, path, key="model.checkpoint"):
+  """The converted encoder of config.<key> = `path`: `arch` ('e4e', 'psp',
+  'restyle'; None: any), its codes checked against generator G. A missing
+  or wrong one (another architecture, another resolution) is one UserError
+  naming what was found and what was expected."""
+  command = encoder_command(arch)
+  if path == "stand-in" or not path or not os.path.exists(path):
+    raise _missing(path, f"{arch or 'encoder'} checkpoint ({key})",
+                   command.format(path=path or "DIR"))
+  try:
+    encoder = encoders.load(path, arch=arch)
+  except checkpoint.CheckpointError as e:
+    raise UserError(f"{key}: {e} (convert with: "
+                    f"{command.format(path=path)})") from None
+  try:
+    encoders.check_compatible(encoder, G)
+  except checkpoint.CheckpointError as e:
+    m = config.model
+    raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
+                    f"not fit {key} {path!r}: {e}") from None
+  return encoder
+
+
 def load_diffcam_models(config):
   """edit.method='diffcam''s models: (G, pSp encoder, DiffCam, deghosting
   network), their sizes checked against each other."""
@@ -236,10 +275,44 @@ def load_diffcam_models(config):
   return G, encoder, C, D
 
 
-def load_models(config, mesh=None, hfgi=False):
+def load_compare_encoders(config, models):
+  """{name: encoder} of config.compare.encoders (`settings.
+  compare_encoders`), replicated, each checked against the generator; a
+  name that is an architecture must hold one. 'stand-in': the demo's
+  (`synthetic.stand_in_encoder`). A folder that does not exist leaves its
+  encoder (and the rows that need it) out with one warning. An entry naming
+  the run's own encoder (model.checkpoint, embedding.method) is that
+  encoder: its codes are the shared embedding's."""
+  G, out = models.G, {}
+  for name, path in settings.compare_encoders(config).items():
+    key = f"compare.encoders['{name}']"
+    arch = name if name in encoders.ARCHS else None
+    if path == "stand-in":
+      out[name] = synthetic.stand_in_encoder(
+          G, arch, int(config.model.stand_in.seed))
+    elif not os.path.exists(path):
+      logging.warning(
+          "encoder %r left out with its rows: config.%s %r not found "
+          "(convert it: %s)", name, key, path,
+          encoder_command(name).format(path=path))
+      continue
+    elif (models.encoder is not None
+          and arch in (None, encoders.arch_of(models.encoder))
+          and os.path.realpath(path) == os.path.realpath(
+              config.model.checkpoint)):
+      out[name] = models.encoder
+      continue
+    else:
+      out[name] = load_encoder(config, G, arch, path, key)
+    out[name] = jax.device_put(out[name], _replicated(models.mesh))
+  return out
+
+
+def load_models(config, mesh=None, hfgi=False, compare_encoders=False):
   """Loads every model the config needs (with hfgi: also config.model.hfgi,
-  `load_hfgi`); refuses an encoder whose codes do not fit the generator
-  before anything else is loaded."""
+  `load_hfgi`; with compare_encoders: `load_compare_encoders`); refuses an
+  encoder whose codes do not fit the generator before anything else is
+  loaded."""
   m = config.model
   method = config.embedding.method
   settings.one_of("embedding.method", method, pipeline.EMBEDDINGS)
@@ -252,21 +325,8 @@ def load_models(config, mesh=None, hfgi=False):
     G, encoder, C, D = load_diffcam_models(config)
   else:
     G = load_generator(config)
-  if method == "e4e" and not diffcam:
-    if m.checkpoint == "stand-in" or not os.path.exists(m.checkpoint):
-      raise _missing(m.checkpoint, "e4e checkpoint",
-                     _E4E_CMD.format(path=m.checkpoint or "DIR"))
-    try:
-      encoder = e4e.load(m.checkpoint)
-    except checkpoint.CheckpointError as e:
-      raise UserError(f"{e} (convert with: "
-                      f"{_E4E_CMD.format(path=m.checkpoint)})") from None
-    try:
-      pipeline.check_compatible(G, encoder)
-    except pipeline.PipelineError as e:
-      raise UserError(f"model.generator {m.generator or m.checkpoint!r} does "
-                      f"not fit model.checkpoint {m.checkpoint!r}: {e}"
-                      ) from None
+  if method in pipeline.ENCODERS and not diffcam:
+    encoder = load_encoder(config, G, method, m.checkpoint)
   path = None if diffcam else settings.parser_path(config)
   if path is not None:
     if not os.path.exists(path):
@@ -294,5 +354,7 @@ def load_models(config, mesh=None, hfgi=False):
       (C, D), _replicated(models.mesh))
   if hfgi:
     models.hfgi = load_hfgi(config)
+  if compare_encoders:
+    models.encoders = load_compare_encoders(config, models)
   return models
 

@@ -51,14 +51,15 @@ class Session:
 
 
 @contextlib.contextmanager
-def prepare(config, workdir, *, models=None, hfgi=False):
+def prepare(config, workdir, *, models=None, hfgi=False,
+            compare_encoders=False):
   """The set-up of a run, a comparison or the app's runs → a `Session`,
   the workdir locked while it is held.
 
   Every setting (checked by the caller), the inputs, the models and the
   workdir's parent are checked before anything is created. models: already
   loaded (the app loads them once for every upload); hfgi: also load
-  config.model.hfgi.
+  config.model.hfgi; compare_encoders: also config.compare.encoders.
   """
   t_start = time.time()
   workdir = os.path.abspath(workdir)
@@ -79,7 +80,8 @@ def prepare(config, workdir, *, models=None, hfgi=False):
     if os.path.isdir(workdir):
       held.enter_context(lock.hold(workdir))
     if models is None:
-      models = loading.load_models(config, loading.make_mesh(), hfgi)
+      models = loading.load_models(config, loading.make_mesh(), hfgi,
+                                   compare_encoders)
     if settings.edit_method(config) == "dhr":
       settings.check_feature_idx(config, models.G)
     edits = edits_lib.from_config(
@@ -244,21 +246,31 @@ class BatchLoop:
           s.face_models, np.stack(images),
           aligned_crops=bool(config.data.get("align", False)))
       notes = {n: dict(landmarks=w or "detected") for n, w in zip(names, why)}
-    if methods_lib.NEEDS_DSS.isdisjoint(self.methods):
+    if methods_lib.NEEDS_DSS.isdisjoint(
+        methods_lib.split(m)[0] for m in self.methods):
       emb = pipeline.batch_only(models, config, np.stack(images), names)
     else:
       emb = pipeline.segment_and_embed(models, config, np.stack(images),
                                        names, progress=self.progress,
                                        landmarks=landmarks)
     results, times = {n: {} for n in names}, dict(emb.times)
+    encoded = {}  # {encoder: the batch with its embedding}
     for method in self.methods:
       t = time.perf_counter()
       progress = self.progress
       if self.titles is not None:
         progress = functools.partial(_titled, self.progress,
                                      self.titles[method])
-      for r in methods_lib.METHODS[method](
-          models, config, emb, s.edits, ground_truth=s.ground_truth,
+      base, encoder = methods_lib.split(method)
+      start = emb
+      if encoder is not None:
+        # The first method from an encoder counts its encoding seconds.
+        if encoder not in encoded:
+          encoded[encoder] = methods_lib.with_encoder(models, config, emb,
+                                                      encoder, progress)
+        start = encoded[encoder]
+      for r in methods_lib.METHODS[base](
+          models, config, start, s.edits, ground_truth=s.ground_truth,
           progress=progress):
         results[r.name][method] = r
       times[method] = time.perf_counter() - t

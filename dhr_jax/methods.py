@@ -17,8 +17,11 @@ several on the same embedding:
   diffcam    editing via differential activations (edit.method='diffcam':
              pSp, DiffCam, deghosting; no DSS and no shared embedding).
 
-A new method (an encoder, another refinement) is one more function of the
-same signature in `METHODS`.
+A new method (another refinement) is one more function of the same
+signature in `METHODS`. A method run from another encoder's codes is named
+'<method>@<encoder>' (`split`; the comparison's 'embedding@psp',
+'dhr@psp'): the batch loop gives it the shared batch with that encoder's
+embedding (`with_encoder`, once per batch and encoder).
 """
 import dataclasses
 import time
@@ -270,6 +273,29 @@ def diffcam(models, config, emb, edits, *, ground_truth=None,
         target=emb.target[i], image=inverted[i], edits=rendered[i],
         metrics=m, method="diffcam", pictures=pictures[i], notes=notes))
   return out
+
+
+def split(method):
+  """'dhr@psp' → ('dhr', 'psp'): the method of `METHODS` and the encoder of
+  `Models.encoders` it starts from; 'dhr' → ('dhr', None), the shared
+  embedding."""
+  base, _, encoder = method.partition("@")
+  return base, encoder or None
+
+
+def with_encoder(models, config, emb, name, progress=None):
+  """The batch `emb` (DSS shared) with the codes and image of encoder
+  `name` of `models.encoders` (ReStyle iterated config.embedding.
+  restyle_iterations times); the shared embedding itself when that is
+  the run's own encoder."""
+  E = models.encoders[name]
+  if E is models.encoder:
+    return emb
+  (progress or (lambda stage: None))("embedding")
+  codes, embedded = pipeline.encode(
+      models.G, E, emb.x, restyle_iterations=config.embedding.get(
+          "restyle_iterations", pipeline.RESTYLE_ITERATIONS))
+  return dataclasses.replace(emb, codes=codes, embedded=np.asarray(embedded))
 
 
 METHODS = dict(embedding=embedding, pti=pti, hfgi=hfgi, dhr=dhr,

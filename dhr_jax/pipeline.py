@@ -5,7 +5,7 @@ does that). A batch goes through
 
   1. domain-specific segmentation: a 40-step coarse W inversion, LPIPS-VGG
      error maps, SLIC superpixels, thresholds (and a parser if there is one);
-  2. embedding: W+ codes from the e4e encoder, or by optimisation in W or
+  2. embedding: W+ codes from an encoder (e4e, pSp, ReStyle), or by optimisation in W or
      W+ (from the generator's latent_avg, or continuing the coarse
      inversion) — `segment_and_embed` does 1 and 2 once per batch;
   3. a refinement of the generator weights (in-domain) and a feature
@@ -37,8 +37,15 @@ from dhr_jax import embedding as embedding_lib
 from dhr_jax import io
 from dhr_jax import refine as refine_lib
 from dhr_jax import segmentation
+from dhr_jax.checkpoint import CheckpointError
+from dhr_jax.models import encoders
 
-EMBEDDINGS = ("e4e", "optim")
+# Embeddings by a converted encoder of that architecture, or by
+# optimisation.
+ENCODERS = encoders.ARCHS
+EMBEDDINGS = ENCODERS + ("optim",)
+# ReStyle's iterations, as its official inference (n_iters_per_batch).
+RESTYLE_ITERATIONS = 5
 # Where the optimisation embedding starts (`embed`).
 EMBEDDING_INITS = ("latent_avg", "coarse")
 
@@ -92,16 +99,22 @@ def finite(*arrays):
 # Stages
 
 
-def check_compatible(G, encoder):
-  """Raises PipelineError unless the encoder's W+ codes fit the generator."""
-  got = (encoder.config["n_latent"], encoder.config["style_dim"])
-  want = (G.n_latent, G.config["style_dim"])
-  if got != want:
-    raise PipelineError(
-        f"the encoder predicts {got[0]}×{got[1]} W+ codes "
-        f"({encoder.config.get('size', '?')}² bundle) but the "
-        f"{G.config['size']}² generator takes {want[0]}×{want[1]}; use the "
-        "generator of the same e4e bundle (leave model.generator empty)")
+def encode(G, encoder, target, arch=None,
+           restyle_iterations=RESTYLE_ITERATIONS):
+  """W+ codes and their image G(codes) from a converted encoder: e4e and
+  pSp in one pass, ReStyle iterated (the last iteration's codes). Raises
+  PipelineError unless the encoder is `arch` (when given) and its codes fit
+  G."""
+  try:
+    encoders.check_compatible(encoder, G, arch)
+  except CheckpointError as e:
+    raise PipelineError(str(e)) from None
+  if encoders.arch_of(encoder) == "restyle":
+    codes = encoders.restyle_invert(encoder, G, target,
+                                    int(restyle_iterations))[0][-1]
+  else:
+    codes = encoder.encode(encoder.params, target)
+  return codes, editing.render(G, None, codes)
 
 
 def step_reporter(progress, head, steps):
@@ -119,7 +132,8 @@ def embed(models, config, target, names, seed, coarse_codes=None,
           loss_target=None, progress=None):
   """W+ codes (B, n_latent, d) and the embedding image (B, H, W, 3).
 
-  'e4e' encodes the images. 'optim' optimises codes in config.space for
+  'e4e', 'psp' and 'restyle' encode the images (`encode`; ReStyle with
+  config.restyle_iterations). 'optim' optimises codes in config.space for
   config.steps steps from config.init: 'latent_avg' (the official
   optimisation embedding, PTI's W pivot: a fresh run from the generator's
   latent_avg, `embedding.latent_avg_or_mean`) or 'coarse' (continues DSS's
@@ -131,14 +145,13 @@ def embed(models, config, target, names, seed, coarse_codes=None,
   """
   method = config.method
   G = models.G
-  if method == "e4e":
+  if method in ENCODERS:
     if models.encoder is None:
-      raise PipelineError("embedding.method='e4e' needs the e4e encoder "
-                          "(model.checkpoint: the converted e4e bundle)")
-    enc = models.encoder
-    check_compatible(G, enc)
-    codes = enc.encode(enc.params, target)
-    return codes, editing.render(G, None, codes)
+      raise PipelineError(f"embedding.method={method!r} needs its encoder "
+                          f"(model.checkpoint: the converted {method} "
+                          "bundle)")
+    return encode(G, models.encoder, target, method, config.get(
+        "restyle_iterations", RESTYLE_ITERATIONS))
   if method == "optim":
     if config.space not in ("w", "w+"):
       raise PipelineError(f"embedding.space must be 'w' or 'w+', got "

@@ -6,6 +6,7 @@ Bad settings raise `UserError` (one line for the user, exit status 2).
 import hashlib
 import json
 import math
+import re
 
 from dhr_jax import pipeline
 from dhr_jax import refine
@@ -114,6 +115,8 @@ def validate_config(config):
          pipeline.EMBEDDING_INITS)
   at_least("embedding.steps", int(e.steps), 0)
   at_least("embedding.n_mean_latent", int(e.n_mean_latent), 1)
+  at_least("embedding.restyle_iterations", int(e.get(
+      "restyle_iterations", pipeline.RESTYLE_ITERATIONS)), 1)
   at_least("dss.coarse_steps", int(config.dss.coarse_steps), 1)
   at_least("dss.n_segments", int(config.dss.n_segments), 1)
   for key, allowed in segmentation.CHOICES.items():
@@ -142,6 +145,37 @@ def validate_config(config):
                       "--config.data.input=PHOTO_OR_DIR")
     one_of("data.faces", config.data.faces, ("largest", "all"))
     at_least("data.min_face_size", int(config.data.min_face_size), 0)
+
+
+# An encoder's name in config.compare.encoders: it names files too.
+_ENCODER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def compare_encoders(config):
+  """config.compare.encoders → {name: converted bundle folder}, in the
+  given order ({} when unset): "name=DIR,name2=DIR" or a mapping; DIR
+  'stand-in' is the demo's in-memory stand-in."""
+  value = config.get("compare", {}).get("encoders", "") or ""
+  if isinstance(value, str):
+    pairs = []
+    for item in value.split(","):
+      name, sep, path = (p.strip() for p in item.partition("="))
+      if not item.strip():
+        continue
+      if not sep or not name or not path:
+        raise UserError(f"config.compare.encoders: {item.strip()!r} is not "
+                        "name=DIR (e.g. e4e=ckpt/e4e_ffhq,psp=ckpt/psp_ffhq)")
+      pairs.append((name, path))
+  else:
+    pairs = [(str(k), str(v)) for k, v in dict(value).items()]
+  out = {}
+  for name, path in pairs:
+    if not _ENCODER_NAME.fullmatch(name) or name in out:
+      raise UserError(f"config.compare.encoders: {name!r} is "
+                      f"{'named twice' if name in out else 'not a name'}; "
+                      "use letters, digits, _ and -, once each")
+    out[name] = path
+  return out
 
 
 # config.edit.method: how a run edits (README "Editing via differential
@@ -183,6 +217,9 @@ def fingerprint(config):
     # The differential-activation models change no DHR output.
     d["model"].pop("diffcam", None)
     d["model"].pop("deghosting", None)
+  if config.embedding.method != "restyle":
+    # Only ReStyle iterates: other runs keep their fingerprint.
+    d.get("embedding", {}).pop("restyle_iterations", None)
   d.pop("batch_size", None)
   # The ID network adds a metric column; it changes no image.
   d["model"].pop("id_network", None)

@@ -17,6 +17,7 @@ from dhr_jax import edits as edits_lib
 from dhr_jax import files
 from dhr_jax import segmentation
 from dhr_jax.metrics import psnr
+from dhr_jax.models import encoders
 
 # The scores of `ground_truth_metrics` (metrics.csv's columns on synthetic
 # inputs).
@@ -123,3 +124,25 @@ def edit_fidelity(G, truth, edits, rendered):
   return dict(edit_psnr_in=float(np.mean([
       _region_psnr(rendered[l], true[l], keep) for l in true])))
 
+
+
+# The stand-in encoders' head scales (`encoders.init_encoder`): on the
+# compare demo's 64² stand-in generator they put the codes 0.099 (e4e),
+# 0.070 (pSp) and, after ReStyle's 5 iterations (each adds about as much),
+# 0.24 (std) from latent_avg, whose own std is 0.33 (measured): codes near
+# the generator's average, apart from each other. At scale 1 ReStyle's
+# iterations ran off to 35.
+STAND_IN_HEAD_SCALES = dict(e4e=0.25, psp=0.25, restyle=0.02)
+
+
+def stand_in_encoder(G, arch, seed):
+  """A seeded random encoder `arch` ('e4e', 'psp', 'restyle') for the
+  stand-in generator G, built in memory (the compare demo's, no weights):
+  the real architecture, its input at G's size (up to 256²), its codes
+  offsets from G's latent_avg."""
+  avg = np.tile(np.asarray(G.latent_avg, np.float32)[None], (G.n_latent, 1))
+  index = encoders.ARCHS.index(arch)
+  return encoders.init_encoder(
+      [int(seed), index], arch, G.config["size"], avg,
+      input_size=min(G.config["size"], 256),
+      head_scale=STAND_IN_HEAD_SCALES[arch])

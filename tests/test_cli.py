@@ -102,7 +102,9 @@ def test_explain_flag_error_names_key_and_allowed_values():
     (dict(refine=dict(mode="bogus")), "refine.mode must be one of"),
     (dict(refine=dict(weight_steps=5)), "weight_steps .5. must be ≤"),
     (dict(batch_size=0), "batch_size must be ≥ 1"),
-    (dict(embedding=dict(method="psp")), "embedding.method must be one of"),
+    (dict(embedding=dict(method="sam")), "embedding.method must be one of"),
+    (dict(embedding=dict(restyle_iterations=0)),
+     "embedding.restyle_iterations must be ≥ 1"),
     (dict(dss=dict(slic_channels="lab")), "dss.slic_channels must be one of"),
     (dict(data=dict(input="MISSING")), "no such file or folder"),
     (dict(data=dict(input="EMPTY")), "no images"),
@@ -332,6 +334,27 @@ def test_encoder_generator_mismatch_refused_when_loaded(tmp_path,
   msg = str(e.value)
   assert "g64" in msg and "predicts 8×512" in msg, msg
   assert "64² generator takes 10×512" in msg, msg
+
+
+def test_encoder_of_the_wrong_kind_is_one_line_exit_2(tmp_path):
+  """An e4e bundle given as ReStyle's encoder: one error line naming what
+  the folder holds and what was expected, exit 2, nothing created (pSp's
+  is the same path, `loading.load_encoder`)."""
+  from test_run import _make_bundle
+  bundle = _make_bundle(str(tmp_path))
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+  p = _cli(["--config=" + os.path.join(REPO, "configs", "dhr.py"),
+            "--config.data.input=" + str(tmp_path / "a.png"),
+            "--config.model.checkpoint=" + bundle,
+            "--config.model.parser=none",
+            "--config.embedding.method=restyle",
+            "--workdir=" + str(tmp_path / "out")], tmp_path)
+  line = _one_error_line(p)
+  assert "model.checkpoint: " in line and bundle in line, line
+  assert ("holds an e4e (Encoder4Editing) encoder, expected ReStyle "
+          "(ProgressiveBackboneEncoder)") in line, line
+  assert "converters.encoder" in line, line
+  assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------

@@ -42,10 +42,11 @@ def style_count(size):
   return 2 * log_size - 2
 
 
-def style_block_convs(i):
-  """Number of stride-2 convolutions of GradualStyleBlock i (down to 1²)."""
+def style_block_convs(i, input_size=INPUT_SIZE):
+  """Number of stride-2 convolutions of GradualStyleBlock i (down to 1²);
+  the trunk's maps are input_size/16, /8 and /4 (16², 32², 64² at 256²)."""
   spatial = 16 if i < COARSE_END else 32 if i < MIDDLE_END else 64
-  return int(math.log2(spatial))
+  return int(math.log2(spatial * input_size // INPUT_SIZE))
 
 
 class GradualStyleBlock(nn.Module):
@@ -78,6 +79,10 @@ class Encoder4Editing(nn.Module):
   adds `latent_avg` (see `Encoder.encode`).
   """
   n_styles: int
+  # The released encoders' (converted checkpoints); other values only for
+  # stand-ins of small generators (`dhr_jax.synthetic`).
+  style_dim: int = STYLE_DIM
+  input_size: int = INPUT_SIZE
 
   @nn.compact
   def __call__(self, x):
@@ -88,13 +93,15 @@ class Encoder4Editing(nn.Module):
         STYLE_DIM, (1, 1), name="latlayer1")(c2)
     p1 = upsample_bilinear_aligned(p2, c1.shape[1:3]) + nn.Conv(
         STYLE_DIM, (1, 1), name="latlayer2")(c1)
+    block = lambda i: GradualStyleBlock(
+        style_block_convs(i, self.input_size), self.style_dim,
+        name=f"styles_{i}")
 
-    w0 = GradualStyleBlock(style_block_convs(0), name="styles_0")(c3)
+    w0 = block(0)(c3)
     codes = [w0]
     for i in range(1, self.n_styles):
       features = c3 if i < COARSE_END else p2 if i < MIDDLE_END else p1
-      delta = GradualStyleBlock(style_block_convs(i), name=f"styles_{i}")(
-          features)
+      delta = block(i)(features)
       codes.append(w0 + delta)
     return jnp.stack(codes, axis=1)
 
@@ -121,7 +128,9 @@ def build_model(config):
   'arch') pSp / ReStyle from `dhr_jax.models.encoders`."""
   arch = config.get("arch", "e4e")  # e4e checkpoints predate 'arch'
   if arch == "e4e":
-    return Encoder4Editing(n_styles=config["n_latent"])
+    return Encoder4Editing(n_styles=config["n_latent"],
+                           style_dim=config["style_dim"],
+                           input_size=config["input_size"])
   from dhr_jax.models import encoders  # builds on this module
   return encoders.build_model(config)
 
@@ -129,7 +138,8 @@ def build_model(config):
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode(config, params, images, latent_avg):
   model = build_model(config)
-  codes = model.apply({"params": params}, resize_for_encoder(images))
+  codes = model.apply({"params": params},
+                      resize_for_encoder(images, config["input_size"]))
   if latent_avg is not None:
     codes = codes + latent_avg
   return codes

@@ -21,6 +21,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import e4e, irse, ops
@@ -35,6 +36,8 @@ class GradualStyleEncoder(nn.Module):
   """pSp: (B, 256, 256, C) → raw W+ codes (B, n, 512), offsets from
   latent_avg."""
   n_styles: int
+  style_dim: int = e4e.STYLE_DIM  # as e4e.Encoder4Editing's
+  input_size: int = e4e.INPUT_SIZE
 
   @nn.compact
   def __call__(self, x):
@@ -49,35 +52,42 @@ class GradualStyleEncoder(nn.Module):
     for i in range(self.n_styles):
       features = (c3 if i < e4e.COARSE_END else
                   p2 if i < e4e.MIDDLE_END else p1)
-      codes.append(e4e.GradualStyleBlock(e4e.style_block_convs(i),
-                                         name=f"styles_{i}")(features))
+      codes.append(e4e.GradualStyleBlock(
+          e4e.style_block_convs(i, self.input_size), self.style_dim,
+          name=f"styles_{i}")(features))
     return jnp.stack(codes, axis=1)
 
 
 class ProgressiveBackboneEncoder(nn.Module):
   """ReStyle's backbone: (B, 256, 256, 6) → code deltas (B, n, 512)."""
   n_styles: int
+  style_dim: int = e4e.STYLE_DIM
+  input_size: int = e4e.INPUT_SIZE
 
   @nn.compact
   def __call__(self, x):
     x = irse.body(irse.stem(x), e4e.NUM_LAYERS, se=True)[-1]  # 16²
-    convs = e4e.style_block_convs(0)  # down from 16²
-    w0 = e4e.GradualStyleBlock(convs, name="styles_0")(x)
+    convs = e4e.style_block_convs(0, self.input_size)  # down from 16²
+    block = lambda i: e4e.GradualStyleBlock(convs, self.style_dim,
+                                            name=f"styles_{i}")
+    w0 = block(0)(x)
     codes = [w0]
     for i in range(1, self.n_styles):
-      codes.append(w0 + e4e.GradualStyleBlock(convs, name=f"styles_{i}")(x))
+      codes.append(w0 + block(i)(x))
     return jnp.stack(codes, axis=1)
 
 
 def build_model(config):
   """The Flax module of a pSp or ReStyle config (e4e: `e4e.build_model`)."""
   arch = config.get("arch", "e4e")
+  sizes = dict(n_styles=config["n_latent"], style_dim=config["style_dim"],
+               input_size=config["input_size"])
   if arch == "psp":
-    return GradualStyleEncoder(n_styles=config["n_latent"])
+    return GradualStyleEncoder(**sizes)
   if arch == "restyle":
-    return ProgressiveBackboneEncoder(n_styles=config["n_latent"])
+    return ProgressiveBackboneEncoder(**sizes)
   if arch == "e4e":
-    return e4e.Encoder4Editing(n_styles=config["n_latent"])
+    return e4e.Encoder4Editing(**sizes)
   raise ValueError(f"unknown encoder arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -93,8 +103,9 @@ def arch_of(E):
   return E.config.get("arch", "e4e")
 
 
-def _locate(path):
-  """(directory, kind) of the converted encoder `path` is or contains."""
+def _locate(path, arch=None):
+  """(directory, kind) of the converted encoder `path` is or contains (of
+  several, the one of `arch`)."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise checkpoint.CheckpointError(
@@ -115,6 +126,8 @@ def _locate(path):
       continue
   if len(found) == 1:
     return found[0]
+  if arch is not None and arch in [k for _, k in found]:
+    return dict((k, d) for d, k in found)[arch], arch
   if not found:
     raise checkpoint.CheckpointError(
         f"{path} holds no converted encoder (none of {', '.join(ARCHS)}/); "
@@ -132,7 +145,7 @@ def load(path, arch=None):
   arch: the architecture you expect ('e4e' | 'psp' | 'restyle'); a
   checkpoint of another one is refused naming both.
   """
-  directory, kind = _locate(path)
+  directory, kind = _locate(path, arch)
   if kind not in ARCHS:
     raise checkpoint.CheckpointError(
         f"{directory} holds a {kind!r} checkpoint, not an encoder (expected "
@@ -223,3 +236,38 @@ def restyle_invert(E, G, images, iterations=5):
     all_codes.append(codes)
     all_images.append(previous)
   return jnp.stack(all_codes), jnp.stack(all_images)
+
+
+def init_encoder(seed, arch, size, latent_avg, input_size=e4e.INPUT_SIZE,
+                 head_scale=1.0):
+  """A stand-in encoder `arch` of seeded random weights for a generator of
+  `size` whose W+ codes start from `latent_avg` (n_latent, style_dim).
+
+  input_size below 256: the trunk reads smaller images (a small generator's
+  demo). Weights are drawn with numpy (`RandomState(seed)`, the same on
+  every machine): convolution and dense kernels normal with variance
+  1/fan_in (the style heads' last layer times head_scale, as their outputs
+  are the code offsets), biases 0, BatchNorm the identity, PReLU 0.25.
+  """
+  latent_avg = jnp.asarray(latent_avg, jnp.float32)
+  config = make_config(arch, size)
+  config.update(style_dim=int(latent_avg.shape[-1]), input_size=int(
+      input_size))
+  x = jax.ShapeDtypeStruct((1, input_size, input_size,
+                            config.get("input_nc", 3)), jnp.float32)
+  shapes = jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0),
+                          x)["params"]
+  rng = np.random.RandomState(seed)
+  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
+
+  def leaf(path, a):
+    name = path[-1].key
+    if name != "kernel":
+      return np.full(a.shape, fill[name], np.float32)
+    w = rng.standard_normal(a.shape).astype(np.float32)
+    w /= np.sqrt(np.prod(a.shape[:-1]))
+    if path[-2].key == "linear":
+      w *= head_scale
+    return w
+  params = jax.tree_util.tree_map_with_path(leaf, shapes)
+  return e4e.Encoder(params=params, config=config, latent_avg=latent_avg)
