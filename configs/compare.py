@@ -12,8 +12,11 @@ and outside the known patch. See dhr_jax/compare.py for the outputs.
 
 config.compare.methods: any of embedding (the codes alone: e4e-only),
 pti, hfgi (only when config.model.hfgi names a converted HFGI checkpoint),
-dhr. config.compare.pti: the refine settings PTI replaces (configs/pti.py's;
-in the demo its step count is the demo's refinement's, so that both methods
+dhr, diffcam (only with config.edit.method='diffcam', which adds it: the
+row "Diff-CAM (pSp)" on the same directions, from the pSp of
+config.compare.encoders or the run's own pSp embedding).
+config.compare.pti: the refine settings PTI replaces (configs/pti.py's; in
+the demo its step count is the demo's refinement's, so that both methods
 get the same budget). config.compare.pti_pivot: 'w' (PTI's own W pivot, a
 fresh optimisation from latent_avg with config.compare.pti_embedding,
 configs/pti.py's embedding: GANInverter's pti_pivot.yaml; titled "PTI (W

@@ -11,11 +11,17 @@ otherwise); PTI's seconds include its pivot's. With config.compare.encoders
 (name → converted bundle) the rows are the paper's Table 1
 (`table1_methods`): each encoder alone ('embedding@<name>', its seconds
 include its encoding, once per batch) and under DHR ('dhr@<name>'),
-ReStyle iterated, HFGI on the e4e entry's codes.
+ReStyle iterated, HFGI on the e4e entry's codes. With
+config.edit.method='diffcam' (and config.model.diffcam, config.model.
+deghosting) the row "Diff-CAM (pSp)" edits by differential activations
+from pSp's codes (the pSp of config.compare.encoders, else the run's own
+pSp embedding), and every other method renders the same directions
+(w + α·d/‖d‖) with its own generator.
 
 Writes OUT/<name>/grid.png (a row per method, titled with its name:
 inversion and every edit; the first row the input and DSS's mask),
-OUT/<name>/<method>.png (each inversion), and the mean over images per
+OUT/<name>/<method>.png (each inversion; Diff-CAM's heat maps, manipulated
+and fused images under OUT/<name>/diffcam/), and the mean over images per
 method as OUT/compare.csv and OUT/compare.md: MSE, PSNR, LPIPS-Alex,
 LPIPS-VGG, MSE, PSNR and LPIPS-Alex as the paper scores them (paper_mse,
 paper_psnr, paper_lpips_alex: `metrics.paper_metrics`), id_dlib (when dlib
@@ -44,7 +50,7 @@ from dhr_jax import workdir as workdir_lib
 from dhr_jax.models import encoders
 from dhr_jax.settings import UserError
 
-METHODS = ("embedding", "pti", "hfgi", "dhr")
+METHODS = ("embedding", "pti", "hfgi", "dhr", "diffcam")
 # PTI's pivot: its own W optimisation, or the run's shared embedding.
 PTI_PIVOTS = ("w", "embedding")
 TABLE = ("mse", "psnr", "lpips_alex", "lpips_vgg") + metrics.PAPER_METRICS + (
@@ -60,11 +66,32 @@ def encoder_title(name):
   return ENCODER_TITLES.get(name.lower(), name)
 
 
+DIFFCAM_TITLE = "Diff-CAM (pSp)"
+# Where the Diff-CAM row's pSp comes from, when the run has none.
+_NO_PSP = ("config.edit.method='diffcam': the Diff-CAM row edits pSp's "
+           "codes; name a converted pSp bundle in config.compare.encoders "
+           "(psp=DIR) or embed with it (--config.embedding.method=psp "
+           "--config.model.checkpoint=DIR)")
+
+
+def diffcam_method(models):
+  """The Diff-CAM row's key: 'diffcam@<name>' of the first pSp of
+  `models.encoders`, else 'diffcam' (the run's own pSp embedding)."""
+  for name, E in models.encoders.items():
+    if encoders.arch_of(E) == "psp":
+      return f"diffcam@{name}"
+  if models.encoder is not None and encoders.arch_of(models.encoder) == "psp":
+    return "diffcam"
+  raise UserError(_NO_PSP)
+
+
 def method_title(method, config, archs=None):
   """The name shown on the grid and in the table. archs: {name: arch} of
   config.compare.encoders (the Table 1 layout, `table1_methods`: every
   DHR and HFGI row names its encoder)."""
   base, name = methods_lib.split(method)
+  if base == "diffcam":
+    return DIFFCAM_TITLE
   if name is not None:
     n = encoder_title(name)
     if base != "embedding":
@@ -89,9 +116,11 @@ def table1_methods(config, methods, models):
   '<name> only' per encoder, ReStyle (its encoder's, iterated) after them,
   PTI, HFGI on e4e's codes (the encoder named e4e, else the run's own e4e
   embedding), DHR per encoder (not ReStyle's); the run's own embedding
-  keeps its 'only' and DHR rows unless an encoder of the map is it."""
+  keeps its 'only' and DHR rows unless an encoder of the map is it.
+  Diff-CAM's row last (`diffcam_method`)."""
+  last = [diffcam_method(models)] if "diffcam" in methods else []
   if not settings.compare_encoders(config):
-    return list(methods), {}
+    return [m for m in methods if m != "diffcam"] + last, {}
   archs = {n: encoders.arch_of(E) for n, E in models.encoders.items()}
   own = all(E is not models.encoder for E in models.encoders.values())
   coded = [n for n in archs if archs[n] != "restyle"]
@@ -113,11 +142,12 @@ def table1_methods(config, methods, models):
                       "(e4e=DIR)")
   if "dhr" in methods:
     keys += (["dhr"] if own else []) + [f"dhr@{n}" for n in coded]
-  return keys, archs
+  return keys + last, archs
 
 
 def methods_of(config):
-  """config.compare.methods as a tuple, checked."""
+  """config.compare.methods as a tuple, checked; with config.edit.method=
+  'diffcam' 'diffcam' is one of them (added when not given)."""
   methods = tuple(m.strip() for m in str(config.compare.methods).split(",")
                   if m.strip())
   for m in methods:
@@ -126,8 +156,15 @@ def methods_of(config):
                       f"choose from {', '.join(METHODS)}")
   if not methods:
     raise UserError("config.compare.methods is empty; e.g. "
-                    f"{','.join(METHODS)}")
-  return methods
+                    f"{','.join(METHODS[:-1])}")
+  diffcam = settings.edit_method(config) == "diffcam"
+  if "diffcam" in methods and not diffcam:
+    raise UserError("config.compare.methods: diffcam edits by differential "
+                    "activations; set --config.edit.method=diffcam (with "
+                    "config.model.diffcam, config.model.deghosting and "
+                    "config.edit.directions)")
+  return methods + (("diffcam",) if diffcam and "diffcam" not in methods
+                    else ())
 
 
 def validate(config):
@@ -135,12 +172,12 @@ def validate(config):
   if "compare" not in config:
     raise UserError("--mode=compare needs config.compare (use "
                            "configs/compare.py)")
-  methods = methods_of(config)
   settings.validate_config(config)
-  if settings.edit_method(config) != "dhr":
-    raise UserError("config.edit.method: the comparison edits with every "
-                    "method's own generator; diffcam has no row here yet "
-                    "(run it with --mode=run)")
+  methods = methods_of(config)
+  given = settings.compare_encoders(config)
+  if "diffcam" in methods and config.embedding.method != "psp" and not any(
+      name not in encoders.ARCHS or name == "psp" for name in given):
+    raise UserError(_NO_PSP)
   if "pti" in methods:
     try:
       settings.validate_config(methods_lib.pti_config(config))
@@ -165,7 +202,6 @@ def validate(config):
       except UserError as err:
         raise UserError(f"config.compare.pti_embedding: {err}"
                                ) from None
-  given = settings.compare_encoders(config)
   for name, path in given.items():
     if path == "stand-in" and (name not in encoders.ARCHS or
                                config.model.checkpoint != "stand-in"):
@@ -187,11 +223,13 @@ def png_name(method):
 
 
 def grid(target, mask, results, titles, edit_names=()):
-  """The image's comparison grid: input and mask, then a row per method
-  ({method: ImageResult}: inversion and edits), each tile titled with the
-  method's name."""
-  rows = [pictures.titled_grid([io.to_uint8(target), io.mask_to_uint8(mask)],
-                               ["input", "mask (white = in-domain)"])]
+  """The image's comparison grid: input and mask (None: the input alone,
+  no method ran DSS), then a row per method ({method: ImageResult}:
+  inversion and edits), each tile titled with the method's name."""
+  heads = [io.to_uint8(target)] + (
+      [] if mask is None else [io.mask_to_uint8(mask)])
+  rows = [pictures.titled_grid(heads, ["input", "mask (white = in-domain)"
+                                       ][:len(heads)])]
   for method, r in results.items():
     edit_titles = pictures.grid_titles(list(r.edits), edit_names)[3:]
     rows.append(pictures.titled_grid(
@@ -269,7 +307,12 @@ def run(config, workdir):
         for method, r in results.items():
           files.save_png(os.path.join(directory, png_name(method)),
                          io.to_uint8(r.image))
-        first = next(iter(batch.results[name].values()))
+          # Diff-CAM's heat maps, manipulated and fused images.
+          for rel, picture in r.pictures.items():
+            files.save_png(os.path.join(directory, rel), picture)
+        every = list(batch.results[name].values())
+        # DSS's mask: the methods that ran it share it (diffcam has none).
+        first = next((r for r in every if r.mask is not None), every[0])
         files.save_png(os.path.join(directory, "grid.png"), grid(
             first.target, first.mask, results, titles, edit_names))
         per_image[name] = results

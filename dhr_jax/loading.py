@@ -264,6 +264,14 @@ def load_diffcam_models(config):
   except checkpoint.CheckpointError as e:
     raise UserError(f"model.generator {m.generator or m.checkpoint!r}: {e}"
                     ) from None
+  return (G, encoder) + load_differential_networks(config, G)
+
+
+def load_differential_networks(config, G):
+  """(DiffCam, deghosting network) of config.model.diffcam and
+  config.model.deghosting, the deghosting's input size checked against
+  generator G's images."""
+  m = config.model
   C = _load_converted("model.diffcam", m.get("diffcam", ""),
                       diffcam_lib.load, _DIFFCAM_CMD)
   D = _load_converted("model.deghosting", m.get("deghosting", ""),
@@ -272,7 +280,7 @@ def load_diffcam_models(config):
     raise UserError(f"config.model.deghosting {m.deghosting!r} takes "
                     f"{D.config['in_size']}² inputs, larger than the "
                     f"{G.config['size']}² generator's images")
-  return G, encoder, C, D
+  return C, D
 
 
 def load_compare_encoders(config, models):
@@ -310,23 +318,29 @@ def load_compare_encoders(config, models):
 
 def load_models(config, mesh=None, hfgi=False, compare_encoders=False):
   """Loads every model the config needs (with hfgi: also config.model.hfgi,
-  `load_hfgi`; with compare_encoders: `load_compare_encoders`); refuses an
-  encoder whose codes do not fit the generator before anything else is
-  loaded."""
+  `load_hfgi`; with compare_encoders, the comparison's models:
+  `load_compare_encoders`, and with edit.method='diffcam' the DHR run's
+  models plus DiffCam and the deghosting network); refuses an encoder
+  whose codes do not fit the generator before anything else is loaded."""
   m = config.model
   method = config.embedding.method
   settings.one_of("embedding.method", method, pipeline.EMBEDDINGS)
   # First: a wrong ID network path is found before the big models load.
   id_network = load_id_network(config, face_models(config))
   encoder = parser = C = D = None
-  diffcam = settings.edit_method(config) == "diffcam"
+  # A diffcam run alone: pSp embeds, no DSS, no parser, no shared
+  # embedding. The comparison's Diff-CAM row runs beside DHR's: the run's
+  # models, and its pSp is an encoder of them.
+  diffcam = (settings.edit_method(config) == "diffcam"
+             and not compare_encoders)
   if diffcam:
-    # pSp embeds, no DSS: no parser, no shared embedding.
     G, encoder, C, D = load_diffcam_models(config)
   else:
     G = load_generator(config)
   if method in pipeline.ENCODERS and not diffcam:
     encoder = load_encoder(config, G, method, m.checkpoint)
+  if settings.edit_method(config) == "diffcam" and not diffcam:
+    C, D = load_differential_networks(config, G)
   path = None if diffcam else settings.parser_path(config)
   if path is not None:
     if not os.path.exists(path):

@@ -82,7 +82,8 @@ def prepare(config, workdir, *, models=None, hfgi=False,
     if models is None:
       models = loading.load_models(config, loading.make_mesh(), hfgi,
                                    compare_encoders)
-    if settings.edit_method(config) == "dhr":
+    # DHR refines: in a run of edit.method='dhr', and in every comparison.
+    if settings.edit_method(config) == "dhr" or compare_encoders:
       settings.check_feature_idx(config, models.G)
     edits = edits_lib.from_config(
         config.edit, models.G, num_classes=None if models.diffcam is None
@@ -262,15 +263,18 @@ class BatchLoop:
         progress = functools.partial(_titled, self.progress,
                                      self.titles[method])
       base, encoder = methods_lib.split(method)
-      start = emb
-      if encoder is not None:
+      start, given = emb, models
+      if encoder is not None and base not in methods_lib.NEEDS_DSS:
+        # It encodes the batch itself (diffcam): that encoder is its own.
+        given = methods_lib.models_with_encoder(models, encoder)
+      elif encoder is not None:
         # The first method from an encoder counts its encoding seconds.
         if encoder not in encoded:
           encoded[encoder] = methods_lib.with_encoder(models, config, emb,
                                                       encoder, progress)
         start = encoded[encoder]
       for r in methods_lib.METHODS[base](
-          models, config, start, s.edits, ground_truth=s.ground_truth,
+          given, config, start, s.edits, ground_truth=s.ground_truth,
           progress=progress):
         results[r.name][method] = r
       times[method] = time.perf_counter() - t

@@ -21,7 +21,9 @@ A new method (another refinement) is one more function of the same
 signature in `METHODS`. A method run from another encoder's codes is named
 '<method>@<encoder>' (`split`; the comparison's 'embedding@psp',
 'dhr@psp'): the batch loop gives it the shared batch with that encoder's
-embedding (`with_encoder`, once per batch and encoder).
+embedding (`with_encoder`, once per batch and encoder), or to diffcam,
+which encodes the batch itself, that encoder as `Models.encoder`
+(`models_with_encoder`; the comparison's 'diffcam@psp').
 """
 import dataclasses
 import time
@@ -296,6 +298,12 @@ def with_encoder(models, config, emb, name, progress=None):
       models.G, E, emb.x, restyle_iterations=config.embedding.get(
           "restyle_iterations", pipeline.RESTYLE_ITERATIONS))
   return dataclasses.replace(emb, codes=codes, embedded=np.asarray(embedded))
+
+
+def models_with_encoder(models, name):
+  """`models` with encoder `name` of `models.encoders` as the run's
+  encoder: for a method that encodes the batch itself (diffcam)."""
+  return dataclasses.replace(models, encoder=models.encoders[name])
 
 
 METHODS = dict(embedding=embedding, pti=pti, hfgi=hfgi, dhr=dhr,

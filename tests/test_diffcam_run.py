@@ -282,8 +282,89 @@ def test_dhr_fingerprint_ignores_the_diffcam_settings():
   assert settings.fingerprint(config) == moved
 
 
-def test_compare_refuses_diffcam_for_now(tmp_path, capsys):
+def _compare_config(tmp):
+  """configs/compare.py on the stand-ins: pSp embeds the run and is the
+  encoder of config.compare.encoders (the Diff-CAM row's pSp: its codes
+  are the shared embedding's), DHR with test_cli's tiny DSS and
+  refinement."""
   config = load_config("configs/compare.py")
-  config.edit.method = "diffcam"
+  c = _config(tmp)
+  config.update(dict(batch_size=2, data=c.data.to_dict(),
+                     model=c.model.to_dict(), edit=c.edit.to_dict()))
+  config.update_from_flattened_dict({
+      "embedding.method": "psp", "embedding.n_mean_latent": 100,
+      "dss.coarse_steps": 2, "dss.n_segments": 8, "refine.feature_idx": 3,
+      "refine.feature_steps": 3, "refine.weight_steps": 2,
+      "compare.methods": "dhr",
+      "compare.encoders": f"psp={config.model.checkpoint}"})
+  return config
+
+
+def test_compare_refuses_diffcam_without_psp(tmp_path, capsys):
+  from types import SimpleNamespace as NS
+  from dhr_jax import compare
+  config = _compare_config(tmp_path)
+  config.embedding.method, config.compare.encoders = "e4e", ""
   assert runner.main(config, str(tmp_path / "o"), "compare") == 2
-  assert "diffcam has no row" in _error_line(capsys)
+  assert "config.compare.encoders (psp=DIR)" in _error_line(capsys)
+  assert not (tmp_path / "o").exists()
+  # The row's pSp: config.compare.encoders' first, else the run's own.
+  psp, e4e = NS(config={"arch": "psp"}), NS(config={"arch": "e4e"})
+  assert compare.diffcam_method(NS(encoders={}, encoder=psp)) == "diffcam"
+  assert compare.diffcam_method(NS(encoders=dict(a=e4e, mine=psp),
+                                   encoder=psp)) == "diffcam@mine"
+  with pytest.raises(UserError, match="psp=DIR"):
+    compare.diffcam_method(NS(encoders=dict(a=e4e), encoder=e4e))
+  config.edit.method = "dhr"
+  config.compare.methods = "dhr,diffcam"
+  with pytest.raises(UserError, match="--config.edit.method=diffcam"):
+    compare.validate(config)
+
+
+# DSS, the pSp embedding and DHR's refinement compile here; pSp, DiffCam
+# and the deghosting network come from test_run_writes_the_method_outputs'
+# cache: 41–60 s after it, 80 s alone (x86_64 Xeon, 2 shared cores).
+@pytest.mark.slow
+def test_compare_has_the_diffcam_row(stand_ins, tmp_path, monkeypatch):
+  """Diff-CAM (pSp) beside DHR on the same directions: DHR renders
+  w + α·d/‖d‖ with its refined generator, the Diff-CAM row's edits are the
+  differential edits of the same input."""
+  import csv
+  from dhr_jax import compare
+  from dhr_jax import differential
+  from dhr_jax import loading
+  loaded, grids = [], []
+  load = loading.load_models
+  monkeypatch.setattr(loading, "load_models",
+                      lambda *a, **k: loaded.append(load(*a, **k)) or
+                      loaded[-1])
+  grid = compare.grid
+  monkeypatch.setattr(compare, "grid", lambda *a: grids.append(a) or grid(*a))
+  out = tmp_path / "out"
+  config = _compare_config(stand_ins)
+  assert runner.main(config, str(out), "compare") == 0
+  with open(out / "compare.csv") as f:
+    rows = {r["method"]: r for r in csv.DictReader(f)}
+  assert list(rows) == ["DHR (pSp)", "Diff-CAM (pSp)"]
+  assert all(r["images"] == "2" for r in rows.values())
+  (models,) = loaded
+  specs = edits_lib.from_config(config.edit, models.G, num_classes=17)
+  labels = ["Smiling_20", "mine_20"]
+  assert [l for s in specs for l in s.labels] == labels
+  assert len(grids) == 2  # one per image
+  for _, mask, results, titles, _ in grids:
+    assert mask is not None  # DSS's, from DHR's result
+    assert titles["diffcam@psp"] == "Diff-CAM (pSp)"
+    assert list(results["dhr@psp"].edits) == list(
+        results["diffcam@psp"].edits) == labels
+  x = np.stack([g[0] for g in grids])
+  for spec in specs:
+    want = differential.differential_edit(
+        models.encoder, models.G, models.diffcam, models.deghosting,
+        x, spec.direction, spec.target, spec.strengths[0]).deghosted
+    # The same programs on the same batch: the same numbers.
+    np.testing.assert_array_equal(
+        np.stack([g[2]["diffcam@psp"].edits[spec.labels[0]]
+                  for g in grids]),
+        np.asarray(want))
+  assert (out / "p0" / "diffcam" / "Smiling_20" / "heat_map.png").exists()
