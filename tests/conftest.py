@@ -76,3 +76,51 @@ def rel_l2(a, b):
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def same_stand_in(a, b):
+  """Whether two manifests give the same `rule.state_dict_from_manifest`."""
+  return (a["entries"] == b["entries"] and a.get("fixed", {}) ==
+          b.get("fixed", {}) and a.get("rule", "plain") ==
+          b.get("rule", "plain"))
+
+
+@pytest.fixture(scope="session")
+def golden_converted(rule, tmp_path_factory):
+  """golden_converted(name, converter) -> (exit status, stderr, folder):
+  the stand-in weights of ../shared/golden/<name>.npz saved as a plain
+  state dict (the released layout of DiffCam's and the deghosting network's
+  files), converted by `converter.main` (its command line), once per
+  session. test_diffcam, test_deghosting and test_differential (whose
+  fixture repeats both manifests) read the same folders: drawing, saving
+  and converting the deghosting network's 140M values alone is ~27 s of
+  CPU."""
+  import contextlib
+  import io
+  import numpy as np
+  torch = pytest.importorskip("torch")
+  done = {}
+
+  def convert(name, converter):
+    if name not in done:
+      manifest, _ = rule.load_golden(os.path.join(GOLDEN, name + ".npz"))
+      tmp = tmp_path_factory.mktemp(name)
+      src = tmp / (name + ".pt")
+      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                  rule.state_dict_from_manifest(manifest).items()}, src)
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        code = converter.main(["--src", str(src), "--dst",
+                               str(tmp / "converted")])
+      os.remove(src)
+      done[name] = (code, err.getvalue(), tmp / "converted")
+    return done[name]
+  return convert
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """test_run's reference: a tiny e4e bundle, its inputs and one in-process
+  run of them (`test_run.reference_run`), shared by test_run and
+  test_multihost, which compare their other runs with it."""
+  import test_run
+  return test_run.reference_run(tmp_path_factory.mktemp("run"))

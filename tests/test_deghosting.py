@@ -1,7 +1,6 @@
 """The deghosting network of differential-activation editing: parity with the
 published code (golden fixture) through a .pt in the released layout and
 the converter; sizes read from the file; refusals."""
-import os
 
 import numpy as np
 import pytest
@@ -76,18 +75,18 @@ def test_expected_shapes_match_released_layout(golden):
   assert dg_converter.expected_shapes(config) == released
 
 
-# ~150M stand-in weights (600 MB) made, saved, converted and loaded: ~30 s
-# of CPU, as IR-101's parity.
+# ~150M stand-in weights (600 MB) made, saved, converted (once per session)
+# and loaded: ~30 s of CPU, as IR-101's parity.
 @pytest.mark.slow
-def test_golden_parity(tmp_path, capsys, rule, golden):
-  """Released layout (a plain state dict) → converter → loader → deghost."""
-  manifest, ref = golden("da_deghosting_16_64")
-  src = _save(tmp_path / "deghosting.pt",
-              rule.state_dict_from_manifest(manifest))
-  code, err = _convert_cli(src, tmp_path / "deghosting", capsys)
+def test_golden_parity(golden_converted, golden):
+  """Released layout (a plain state dict) → converter → loader → deghost
+  (the saving and converting: conftest's golden_converted, shared with
+  test_differential)."""
+  _, ref = golden("da_deghosting_16_64")
+  code, err, converted = golden_converted("da_deghosting_16_64",
+                                          dg_converter)
   assert code == 0, err
-  os.remove(src)
-  D = dhr_jax.load_deghosting(tmp_path / "deghosting")
+  D = dhr_jax.load_deghosting(converted)
   assert (D.config["in_size"], D.config["out_size"]) == (16, 64)
   out = np.asarray(D.deghost(D.params, ref["input"].transpose(0, 2, 3, 1)))
   out = out.transpose(0, 3, 1, 2)

@@ -29,18 +29,14 @@ def _convert_cli(src, dst, capsys):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, rule, golden):
+def converted(golden_converted, golden):
   """The golden's stand-in weights saved as the released diff_cam_weight.pt
-  (a plain state dict), converted by the command line, loaded."""
-  torch = _torch()
+  (a plain state dict), converted by the command line (conftest's
+  golden_converted, shared with test_differential), loaded."""
+  _torch()
   manifest, ref = golden(GOLDEN)
-  tmp = tmp_path_factory.mktemp("diffcam")
-  src = tmp / "diff_cam_weight.pt"
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
-              rule.state_dict_from_manifest(manifest).items()}, src)
-  dst = tmp / "diffcam"
-  code = dc_converter.main(["--src", str(src), "--dst", str(dst)])
-  assert code == 0
+  code, err, dst = golden_converted(GOLDEN, dc_converter)
+  assert code == 0, err
   return dhr_jax.load_diffcam(dst), manifest, ref
 
 

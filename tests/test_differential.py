@@ -10,6 +10,7 @@ import pytest
 
 import dhr_jax
 from conftest import rel_l2
+from conftest import same_stand_in
 from converters import deghosting as deghosting_converter
 from converters import diffcam as diffcam_converter
 from converters import encoder as encoder_converter
@@ -56,12 +57,22 @@ def fixture():
 
 
 @pytest.fixture(scope="module")
-def models(fixture, rule, tmp_path_factory):
+def models(fixture, golden, golden_converted, rule, tmp_path_factory):
   """The fixture's stand-in weights saved as the released files (pSp
   bundle, diff_cam_weight.pt, deghosting.pt), converted by the project's
-  converters, loaded."""
+  converters, loaded. DiffCam and the deghosting network are the golden
+  ones of test_diffcam and test_deghosting (the fixture's parts give the
+  same weights, checked here), converted once per session (conftest's
+  golden_converted)."""
   manifest, ref = fixture
-  parts = manifest["parts"]
+  parts = dict(manifest["parts"])
+  shared = {"diffcam": ("da_diffcam_128", diffcam_converter),
+            "deghosting": ("da_deghosting_16_64", deghosting_converter)}
+  converted = {}
+  for part, (name, converter) in shared.items():
+    assert same_stand_in(parts.pop(part), golden(name)[0]), part
+    code, err, converted[part] = golden_converted(name, converter)
+    assert code == 0, err
   sd = {k: rule.state_dict_from_manifest(m) for k, m in parts.items()}
   tmp = tmp_path_factory.mktemp("differential")
   sizes = manifest["meta"]["sizes"]
@@ -74,20 +85,12 @@ def models(fixture, rule, tmp_path_factory):
                      "output_size": sizes["generator"],
                      "start_from_latent_avg": True, "learn_in_w": False}}
   torch.save(bundle, tmp / "psp.pt")
-  torch.save({k: _t(v) for k, v in sd["diffcam"].items()},
-             tmp / "diff_cam_weight.pt")
   assert encoder_converter.main(["--src", str(tmp / "psp.pt"), "--dst",
                                  str(tmp / "psp")]) == 0
-  assert diffcam_converter.main(["--src", str(tmp / "diff_cam_weight.pt"),
-                                 "--dst", str(tmp / "diffcam")]) == 0
-  torch.save({k: _t(v) for k, v in sd["deghosting"].items()},
-             tmp / "deghosting.pt")
-  assert deghosting_converter.main(["--src", str(tmp / "deghosting.pt"),
-                                    "--dst", str(tmp / "deghosting")]) == 0
   return (dhr_jax.load_encoder(tmp / "psp", arch="psp"),
           dhr_jax.load_generator(tmp / "psp"),
-          dhr_jax.load_diffcam(tmp / "diffcam"),
-          dhr_jax.load_deghosting(tmp / "deghosting"))
+          dhr_jax.load_diffcam(converted["diffcam"]),
+          dhr_jax.load_deghosting(converted["deghosting"]))
 
 
 @pytest.fixture(scope="module")

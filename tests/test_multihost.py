@@ -2,7 +2,8 @@
 
 Two `python run.py` processes (coordinator on 127.0.0.1) share the inputs of
 tests/test_run.py's tiny e4e stand-in (four good images and a corrupt one)
-into one workdir; a single-process run of the same config is the reference.
+into one workdir; test_run's single-process run of the same config (the
+session's `tiny_run`) is the reference.
 """
 import json
 import os
@@ -23,10 +24,7 @@ from dhr_jax import distributed  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
 from test_run import GOOD  # noqa: E402
 from test_run import _cli_overrides  # noqa: E402
-from test_run import _config  # noqa: E402
 from test_run import _files  # noqa: E402
-from test_run import _make_bundle  # noqa: E402
-from test_run import make_inputs  # noqa: E402
 from test_run import _metrics_rows  # noqa: E402
 
 
@@ -36,13 +34,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # three runs of the pipeline, two compiling at once
-def test_two_processes_equal_one(tmp_path):
-  bundle = _make_bundle(str(tmp_path))
-  inputs = make_inputs(str(tmp_path / "inputs"))
-  setup = dict(bundle=bundle, inputs=inputs)
-  one = str(tmp_path / "one")
-  ref = run_lib.run(_config(bundle, inputs), one)
+# The one-process run is test_run's reference (conftest's tiny_run: the
+# same bundle, inputs and config, run once per session).
+@pytest.mark.slow  # two processes running the pipeline, compiling at once
+def test_two_processes_equal_one(tiny_run, tmp_path):
+  setup = tiny_run
+  one = setup["workdir"]
+  ref = setup["outcome"]
   assert ref.done == list(GOOD) and ref.status == 1
 
   two = str(tmp_path / "two")

@@ -62,10 +62,6 @@ def _check_parity(G, manifest, arrays, pooled):
   # and 2.9e-6; 1e-4 is over 30× the sum.
   z = jnp.asarray(arrays["z"])
   wplus = jnp.asarray(arrays["wplus"])
-  assert rel_l2(G.mapping(G.params, z), arrays["w_from_z"]) <= 1e-4
-  take(G(G.params, z), "image_from_z")
-  take(G.synthesis(G.params, wplus), "image_from_wplus")
-
   res, chans = feature_resolution(k), G.config["channels"][str(feature_resolution(k))]
   shape = (wplus.shape[0], chans, res, res)
   if pooled:
@@ -76,25 +72,42 @@ def _check_parity(G, manifest, arrays, pooled):
     R = nhwc(rule.rule_array("R", (shape[0], 3, G.config["size"], G.config["size"])))
   else:
     offset, mask, R = nhwc(arrays["offset"]), nhwc(arrays["mask"]), nhwc(arrays["R"])
-    _, feat = G.synthesis(G.params, wplus, feature_idx=k, return_feature=True)
+
+  # Every quantity from one compiled program: run op by op, a 1024²
+  # generator's forward passes compiled each of their ~300 operations on
+  # its own (most of this test's time). The loss and its image come with
+  # its gradient (value_and_grad), as in the refinement.
+  @jax.jit
+  def evaluate(G, z, wplus, offset, mask, R):
+    def loss_fn(params, wplus, offset):
+      img = G.synthesis(params, wplus, G.noise, feature_idx=k, offset=offset,
+                        mask=mask)
+      return jnp.mean(img * R), img
+
+    out = dict(w=G.mapping(G.params, z), image_from_z=G(G.params, z),
+               image_from_wplus=G.synthesis(G.params, wplus))
+    if not pooled:
+      _, out["feat"] = G.synthesis(G.params, wplus, feature_idx=k,
+                                   return_feature=True)
+    (out["loss"], out["image_with_feature"]), out["grads"] = (
+        jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
+            G.params, wplus, offset))
+    return out
+
+  out = evaluate(G, z, wplus, offset, mask, R)
+  assert rel_l2(out["w"], arrays["w_from_z"]) <= 1e-4
+  take(out["image_from_z"], "image_from_z")
+  take(out["image_from_wplus"], "image_from_wplus")
+  if not pooled:
+    feat = out["feat"]
     assert feat.shape == (shape[0], res, res, chans)
     assert rel_l2(nchw(feat), arrays["featuremap"]) <= 1e-4
-
-  def loss_fn(params, wplus, offset, mask, R):
-    img = G.synthesis(params, wplus, noise, feature_idx=k, offset=offset,
-                      mask=mask)
-    return jnp.mean(img * R), img
-
-  noise = G.noise
-  loss, img = loss_fn(G.params, wplus, offset, mask, R)
-  take(img, "image_with_feature")
+  take(out["image_with_feature"], "image_with_feature")
   for name, got in view.items():
     assert rel_l2(got, arrays[name]) <= 1e-4, name
-  assert rel_l2(loss, arrays["loss"]) <= 1e-4
+  assert rel_l2(out["loss"], arrays["loss"]) <= 1e-4
 
-  g_params, g_wplus, g_offset = jax.jit(jax.grad(
-      lambda *a: loss_fn(*a)[0], argnums=(0, 1, 2)))(
-          G.params, wplus, offset, mask, R)
+  g_params, g_wplus, g_offset = out["grads"]
   # This loss weights every pixel by a random sign, so each gradient is a sum
   # of terms that mostly cancel, and float32 evaluations (the fixture's and
   # ours) carry errors far above float32's 6e-8, which differ between CPUs
