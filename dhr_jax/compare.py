@@ -7,7 +7,8 @@ Every image is segmented (DSS) and embedded once; from that one embedding
 each method of config.compare.methods (`dhr_jax.methods`: embedding only,
 PTI, HFGI, DHR) gives its inversion and edits, through the run's own batch
 loop (`dhr_jax.loop`). HFGI needs config.model.hfgi (left out with a warning
-otherwise); PTI's seconds include its pivot's. With config.compare.encoders
+otherwise); PTI's seconds include its pivot's, the first row from the
+shared embedding that embedding's. With config.compare.encoders
 (name → converted bundle) the rows are the paper's Table 1
 (`table1_methods`): each encoder alone ('embedding@<name>', its seconds
 include its encoding, once per batch) and under DHR ('dhr@<name>'),
@@ -76,13 +77,15 @@ _NO_PSP = ("config.edit.method='diffcam': the Diff-CAM row edits pSp's "
 
 def diffcam_method(models):
   """The Diff-CAM row's key: 'diffcam@<name>' of the first pSp of
-  `models.encoders`, else 'diffcam' (the run's own pSp embedding)."""
+  `models.encoders`, else 'diffcam' (the run's own pSp embedding); None
+  when no pSp was loaded (`validate` has refused a comparison that names
+  none, so its folder was missing: the row is left out)."""
   for name, E in models.encoders.items():
     if encoders.arch_of(E) == "psp":
       return f"diffcam@{name}"
   if models.encoder is not None and encoders.arch_of(models.encoder) == "psp":
     return "diffcam"
-  raise UserError(_NO_PSP)
+  return None
 
 
 def method_title(method, config, archs=None):
@@ -118,7 +121,14 @@ def table1_methods(config, methods, models):
   embedding), DHR per encoder (not ReStyle's); the run's own embedding
   keeps its 'only' and DHR rows unless an encoder of the map is it.
   Diff-CAM's row last (`diffcam_method`)."""
-  last = [diffcam_method(models)] if "diffcam" in methods else []
+  last = []
+  if "diffcam" in methods:
+    last = [diffcam_method(models)]
+    if last == [None]:
+      # Like every row whose checkpoint is missing: out, with one warning.
+      logging.warning("%s left out: no pSp encoder was loaded (%s)",
+                      DIFFCAM_TITLE, _NO_PSP)
+      last = []
   if not settings.compare_encoders(config):
     return [m for m in methods if m != "diffcam"] + last, {}
   archs = {n: encoders.arch_of(E) for n, E in models.encoders.items()}
@@ -289,6 +299,10 @@ def run(config, workdir):
     gt = s.ground_truth or {}
     batches = loop.BatchLoop(s, s.entries, methods, desc="compare",
                              titles=titles)
+    # As an encoder's first row counts its encoding, the first row from the
+    # run's own embedding counts that embedding ('embed' of the batch).
+    own = next((m for m in methods if methods_lib.split(m)[1] is None
+                and m in methods_lib.NEEDS_DSS), None)
     per_image = {}
     for batch in batches:
       for name in batch.todo:
@@ -298,7 +312,9 @@ def run(config, workdir):
             logging.warning("%s: %s gave non-finite values; left out", name,
                             method)
             continue
-          r.metrics["seconds"] = batch.times[method] / len(batch.results)
+          r.metrics["seconds"] = (batch.times[method] + (
+              batch.times.get("embed", 0.0) if method == own else 0.0)
+                                  ) / len(batch.results)
           if name in gt:
             r.metrics.update(synthetic.edit_fidelity(s.models.G, gt[name],
                                                      s.edits, r.edits))

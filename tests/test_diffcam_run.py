@@ -300,7 +300,7 @@ def _compare_config(tmp):
   return config
 
 
-def test_compare_refuses_diffcam_without_psp(tmp_path, capsys):
+def test_compare_refuses_diffcam_without_psp(tmp_path, capsys, monkeypatch):
   from types import SimpleNamespace as NS
   from dhr_jax import compare
   config = _compare_config(tmp_path)
@@ -313,8 +313,17 @@ def test_compare_refuses_diffcam_without_psp(tmp_path, capsys):
   assert compare.diffcam_method(NS(encoders={}, encoder=psp)) == "diffcam"
   assert compare.diffcam_method(NS(encoders=dict(a=e4e, mine=psp),
                                    encoder=psp)) == "diffcam@mine"
-  with pytest.raises(UserError, match="psp=DIR"):
-    compare.diffcam_method(NS(encoders=dict(a=e4e), encoder=e4e))
+  # None loaded (its folder was missing): the row is left out, one warning.
+  models = NS(encoders=dict(a=e4e), encoder=e4e, hfgi=None)
+  assert compare.diffcam_method(models) is None
+  config.compare.encoders = "a=DIR"
+  said = []
+  monkeypatch.setattr(compare.logging, "warning",
+                      lambda msg, *a: said.append(msg % a))
+  keys, _ = compare.table1_methods(config, ("dhr", "diffcam"), models)
+  assert keys == ["dhr@a"]
+  assert len(said) == 1 and "Diff-CAM (pSp) left out" in said[0]
+  monkeypatch.undo()
   config.edit.method = "dhr"
   config.compare.methods = "dhr,diffcam"
   with pytest.raises(UserError, match="--config.edit.method=diffcam"):
