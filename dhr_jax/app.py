@@ -116,8 +116,8 @@ def build_ui(editor):
   def with_progress(work, progress):
     """work(report) in a worker thread while this (the event's) thread
     shows its latest stage: Gradio draws progress only when it is called
-    from the event's own thread, and the refinement steps arrive on XLA's
-    callback thread."""
+    from the event's own thread, and the run (with its compiled loops)
+    must not hold that thread."""
     latest, result = [None], {}
 
     def target():
@@ -161,10 +161,14 @@ def build_ui(editor):
     many = isinstance(loaded, list)
     first = loaded[0] if many else loaded
     if diffcam:
-      # The first direction at its configured α, with its heat map.
+      # The first direction at its configured α, with its heat map; every
+      # slider stands at α, so the status says which one is shown.
       inp, inv = _images(loaded, ("input.png", "inversion.png"))
       image, mask, pasted, files, _ = editor.slide_faces(
           loaded if many else [loaded], 0, editor.sliders[0].value)
+      status = (f"{status} Showing {editor.sliders[0].name} at α = "
+                f"{editor.sliders[0].value:g}; move a slider to see its "
+                "direction.")
     else:
       inp, inv, mask = _images(loaded)
       image, pasted, files = editor.edit_faces(

@@ -155,7 +155,7 @@ class Editor:
     return name
 
   def invert(self, name, report):
-    """Runs DHR on the workdir's inputs (finished ones are skipped) →
+    """Runs config.edit.method on the workdir's inputs (finished ones are skipped) →
     the Loaded result of input `name`."""
     with self._lock:
       try:

@@ -202,7 +202,8 @@ def _start_one(G, noise0, init, lrs, *, space):
   variables = (init[None], list(noise0))
   first = jax.eval_shape(functools.partial(_render, G, space=space),
                          *variables)
-  history = tuple(jnp.zeros(lrs.shape, jnp.float32) for _ in range(4))
+  # In the image's dtype: float64 references keep float64 losses.
+  history = tuple(jnp.zeros(lrs.shape, first.dtype) for _ in range(4))
   return (variables, _optimizer(lrs).init(variables),
           jnp.zeros(first.shape, first.dtype), history)
 

@@ -260,7 +260,8 @@ def read_rows(workdir, entries, stamp):
   return rows
 
 
-# What the grids of index.html show, by config.edit.method.
+# index.html's heading and what its grids show, by config.edit.method.
+TITLES = dict(dhr="DHR", diffcam="Diff-CAM")
 INDEX_INTROS = dict(
     dhr="Columns of each grid: input, inversion, mask (white = in-domain, "
     "refined in the generator weights; black = out-of-domain, refined as a "
@@ -289,13 +290,13 @@ def write_index(workdir, rows, columns, failed=(), method="dhr"):
   head = "".join(f"<th>{esc(c)}</th>" for c in columns)
   parts = [
       "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-      "<title>DHR results</title>",
+      f"<title>{TITLES[method]} results</title>",
       "<style>body{font-family:sans-serif;margin:1em}"
       "table{border-collapse:collapse;margin:.3em 0 1.5em}"
       "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
       "img{max-width:100%;image-rendering:pixelated}</style>",
       "</head><body>",
-      f"<h1>DHR results: {len(rows)} image(s) done"
+      f"<h1>{TITLES[method]} results: {len(rows)} image(s) done"
       + (f", {len(failed)} failed" if failed else "") + "</h1>",
       f"<p>{INDEX_INTROS[method]} Metrics compare the inversion with the "
       "input; see metrics.csv and summary.json.</p>"]

@@ -368,6 +368,7 @@ def test_editor_slides_a_diffcam_direction(diffcam_stand_ins, tmp_path,
   # Picking the image embeds it and shows the first direction at α = 20.
   out = handler(by_id["pick"], 1)("p0")
   assert "Loaded **p0**" in out[5], out[5]
+  assert "Showing Smiling at α = 20" in out[5], out[5]
   loaded, values = out[6], [u["value"] for u in out[12:]]
   assert values == [20.0, 20.0]
   edit, heat = want(np.load(si / "smile.npy"), smiling, 20.0)
