@@ -202,8 +202,7 @@ def _start_one(G, noise0, init, lrs, *, space):
   variables = (init[None], list(noise0))
   first = jax.eval_shape(functools.partial(_render, G, space=space),
                          *variables)
-  # In the image's dtype: float64 references keep float64 losses.
-  history = tuple(jnp.zeros(lrs.shape, first.dtype) for _ in range(4))
+  history = tuple(jnp.zeros(lrs.shape, jnp.float32) for _ in range(4))
   return (variables, _optimizer(lrs).init(variables),
           jnp.zeros(first.shape, first.dtype), history)
 

@@ -318,9 +318,8 @@ def _loop(fn, xs):
   barrier), so that it never drops a loop of one image: XLA compiles
   convolutions inside a loop differently from outside one (different
   float rounding), and a one-image batch would otherwise round unlike a
-  batch of several, and the start, loop and end programs unlike the one
-  program they replaced (whose loop of images was kept by a host
-  callback)."""
+  batch of several, and the start, loop and end programs unlike one program
+  (whose loop of images held a host callback and so was kept)."""
   b = jax.tree_util.tree_leaves(xs)[0].shape[0]
   take = lambda i: jax.tree_util.tree_map(
       lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
@@ -365,10 +364,9 @@ def refinement_start(params, codes, noise, *, spec, feature_steps,
   the carry (RefineState, losses_in (B, weight_steps), losses_out (B,
   feature_steps)) of `refinement_steps`."""
   def one(codes, params, noise):
-    # In the codes' dtype: float64 references keep float64 losses.
     return (init_state(spec, params, codes[None], noise),
-            jnp.zeros((feature_steps,), codes.dtype),
-            jnp.zeros((feature_steps,), codes.dtype))
+            jnp.zeros((feature_steps,), jnp.float32),
+            jnp.zeros((feature_steps,), jnp.float32))
   return _per_image(one, (codes,), (params, noise), mesh)
 
 
