@@ -30,14 +30,14 @@ from dhr_jax import io  # noqa: E402
 from dhr_jax import loading  # noqa: E402
 from dhr_jax import methods  # noqa: E402
 from dhr_jax import pipeline  # noqa: E402
-from dhr_jax import refine as refine_lib  # noqa: E402
 from dhr_jax import runner as run_lib  # noqa: E402
 from dhr_jax.config_files import load_config  # noqa: E402
 
-# The batch refinement, for stand-ins that wrap it (monkeypatched in):
-# `pipeline.refine_batch` calls `refine.hybrid_refine` from Python (it drives
-# the compiled programs), so a patched one is seen by every later call.
-_refine_batch = refine_lib.hybrid_refine
+# The batch refinement, for stand-ins that wrap it (monkeypatched in). It is
+# patched where the runner calls it, in Python: `refine.hybrid_refine` runs
+# inside a jitted function, so patching it does nothing once an earlier test
+# has compiled that function for the same shapes.
+_refine_batch = pipeline._refine
 
 GOOD = ("a_rgb", "b_gray", "c_rgba", "e_wide")
 
@@ -346,7 +346,7 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
   def counting_refine(*args, **kwargs):
     calls.append(args[1].shape[0])
     return _refine_batch(*args, **kwargs)
-  monkeypatch.setattr(refine_lib, "hybrid_refine", counting_refine)
+  monkeypatch.setattr(pipeline, "_refine", counting_refine)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 2 and outcome.status == 1
   assert calls == [2, 2]  # batches (c, pad) and (e, pad); (a, b) skipped
@@ -355,7 +355,7 @@ def test_resume_after_interrupt_matches_uninterrupted(setup, tmp_path,
   # Everything complete: a third run computes nothing.
   def no_refine(*args, **kwargs):
     raise AssertionError("a complete workdir must not be recomputed")
-  monkeypatch.setattr(refine_lib, "hybrid_refine", no_refine)
+  monkeypatch.setattr(pipeline, "_refine", no_refine)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.skipped == 4 and outcome.done == list(GOOD)
   _assert_same_outputs(setup["workdir"], workdir)
@@ -424,7 +424,7 @@ def test_reedit_matches_editing_during_the_run(setup, tmp_path, monkeypatch):
     marker = json.load(open(os.path.join(d, "done.json")))
     assert marker["edits"] == ["random_-1", "random_1", "smile_0", "smile_3"]
   # A finished workdir stays finished for `run` after re-editing.
-  monkeypatch.setattr(refine_lib, "hybrid_refine", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(pipeline, "_refine", lambda *a, **k: 1 / 0)
   outcome = run_lib.run(config, workdir)
   assert outcome.skipped == 4
 
@@ -442,7 +442,7 @@ def test_nan_marks_only_that_image_failed(setup, tmp_path, monkeypatch):
       result = dataclasses.replace(result, losses_out=losses)
     return result
   workdir = str(tmp_path / "nan")
-  monkeypatch.setattr(refine_lib, "hybrid_refine", poisoned)
+  monkeypatch.setattr(pipeline, "_refine", poisoned)
   outcome = run_lib.run(setup["config"], workdir)
   assert outcome.status == 1
   assert outcome.done == ["a_rgb", "c_rgba", "e_wide"]
