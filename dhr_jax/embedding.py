@@ -39,13 +39,14 @@ batch, which couples the images. Here one image is exactly the official run
 with batch 1, and a batch is those runs vmapped, so results do not depend on
 which images share a batch.
 
-The loop is compiled once (`embedding_steps`) and called in as many pieces
-as `progress` asks (`dhr_jax.chunked`): the results are the same bits with
-or without it.
+The whole loop is one jitted `lax.scan`; with `progress` it reports every
+finished step from inside it.
 """
 import dataclasses
 import functools
+import itertools
 import math
+import threading
 from typing import Any
 
 import jax
@@ -53,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dhr_jax import chunked
 from dhr_jax.models import ops
 from dhr_jax.optim import adam
 
@@ -177,118 +177,116 @@ def _draws(key, noise_shapes, latent_shape, steps):
 
 
 # --------------------------------------------------------------------------
-# The loop: three programs the host calls in turn (`dhr_jax.chunked`), the
-# start, steps [lo, hi) as often as progress asks, and the end. None calls
-# back to the host, so JAX's persistent compilation cache keeps them, and
-# the steps are one program however the loop is split.
+# Progress: a host callback per step, only in a program that was asked for
+# one. JAX does not write a program with host callbacks to its persistent
+# compilation cache (`dhr_jax.compile_cache`), so without `progress` the
+# loop is compiled without it and stays cacheable. A listener is found by
+# its channel, a traced scalar: every caller shares one compiled program,
+# and concurrent runs (the browser editor's threads) hear only their own.
+
+_LISTENERS = {}
+_CHANNELS = itertools.count()
+_LISTENERS_LOCK = threading.Lock()
 
 
-def _optimizer(lrs):
-  # The learning rate of step t is lrs[t] (the projector's ramps).
-  return adam(lambda t: lrs[t])
+def _report_step(channel, step):
+  fn = _LISTENERS.get(int(channel))
+  if fn is not None:
+    fn(int(step))
 
 
-def _render(G, latent, noise, space):
+def _listen(progress):
+  """Registers progress → its channel. Each step k is passed on once, in
+  order: several devices (or a retried callback) may report a step twice."""
+  last = [0]
+  lock = threading.Lock()
+
+  def heard(k):
+    with lock:
+      if k <= last[0]:
+        return
+      last[0] = k
+    progress(k)
+  with _LISTENERS_LOCK:
+    channel = next(_CHANNELS) % 2**31
+    _LISTENERS[channel] = heard
+  return channel
+
+
+def _unlisten(channel):
+  with _LISTENERS_LOCK:
+    _LISTENERS.pop(channel, None)
+
+
+def _embed_one(G, L, target, noise0, eps, init, lrs, strengths, noise_weight,
+               mse_weight, channel, *, space, resize):
+  """One image: target (h, w, 3) at loss resolution; init (d,)|(n, d);
+  noise0 [(1, r, r, 1)]; eps (steps, 1, d)|(steps, 1, n, d); channel: None
+  (silent) or the listener's channel (int32 scalar)."""
+  g_params, l_params = G.params, L.params
   n_latent = G.config["n_latent"]
-  wplus = latent[:, None] if space == "w" else latent
-  wplus = jnp.broadcast_to(wplus, (1, n_latent, wplus.shape[-1]))
-  return G.synthesis(G.params, wplus, noise=noise)
-
-
-def _start_one(G, noise0, init, lrs, *, space):
-  """One image's carry: (latent (1, d)|(1, n, d), noise maps), Adam state,
-  the last step's image (zeros until a step ran), and the histories of
-  the loss and its three terms ((steps,) each)."""
-  variables = (init[None], list(noise0))
-  first = jax.eval_shape(functools.partial(_render, G, space=space),
-                         *variables)
-  history = tuple(jnp.zeros(lrs.shape, jnp.float32) for _ in range(4))
-  return (variables, _optimizer(lrs).init(variables),
-          jnp.zeros(first.shape, first.dtype), history)
-
-
-def _steps_one(G, L, carry, target, eps, lo, hi, lrs, strengths,
-               noise_weight, mse_weight, *, space, resize):
-  """Steps lo .. hi − 1 of one image: target (h, w, 3) at loss resolution;
-  eps (steps, 1, d)|(steps, 1, n, d)."""
   target = target[None]
-  opt = _optimizer(lrs)
+  # The learning rate of step t is lrs[t] (the projector's ramps).
+  opt = adam(lambda t: lrs[t])
+  variables = (init[None], list(noise0))
+
+  def render(latent, noise):
+    wplus = latent[:, None] if space == "w" else latent
+    wplus = jnp.broadcast_to(wplus, (1, n_latent, wplus.shape[-1]))
+    return G.synthesis(g_params, wplus, noise=noise)
 
   def loss_fn(variables, e, strength):
     latent, noise = variables
     latent = latent + e * strength
-    generated = _render(G, latent, noise, space)
+    generated = render(latent, noise)
     img = (_box_pool(generated, target.shape[1]) if resize == "pool" else
            ops.resize_generated(generated, target.shape[1:3]))
-    p = L.distance(L.params, img, target)[0]
+    p = L.distance(l_params, img, target)[0]
     reg = noise_regularizer(noise)
     mse = jnp.mean((img - target) ** 2)
     return p + noise_weight * reg + mse_weight * mse, (p, reg, mse, generated)
 
-  def step(t, carry):
-    variables, state, _, history = carry
+  def step(carry, xs):
+    variables, state, _ = carry
+    strength, e = xs[:2]
     (loss, (p, reg, mse, generated)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(variables, eps[t], strengths[t])
+        loss_fn, has_aux=True)(variables, e, strength)
     updates, state = opt.update(grads, state, variables)
     latent, noise = optax.apply_updates(variables, updates)
     variables = (latent, [normalize_noise(n) for n in noise])
-    history = tuple(h.at[t].set(v)
-                    for h, v in zip(history, (loss, p, reg, mse)))
+    if channel is not None:
+      # xs[2]: the step's number, 1-based (unbatched: one call per step).
+      jax.debug.callback(_report_step, channel, xs[2])
     # Only the last step's image is kept (a carry, not a per-step output:
     # 40 full-size images would cost 500 MB at 1024²).
-    return variables, state, generated, history
+    return (variables, state, generated), (loss, p, reg, mse)
 
-  return jax.lax.fori_loop(lo, hi, step, carry)
-
-
-def _finish_one(G, carry, *, space):
-  (latent, noise), _, last_image, history = carry
-  image = _render(G, latent, noise, space)
+  first = jax.eval_shape(render, *variables)
+  xs = (strengths, eps)
+  if channel is not None:
+    xs += (jnp.arange(1, strengths.shape[0] + 1, dtype=jnp.int32),)
+  (variables, _, last_image), history = jax.lax.scan(
+      step, (variables, opt.init(variables),
+             jnp.zeros(first.shape, first.dtype)), xs)
+  latent, noise = variables
+  image = render(latent, noise)
   codes = jnp.broadcast_to(latent[:, None] if space == "w" else latent,
-                           (1, G.config["n_latent"], latent.shape[-1]))
+                           (1, n_latent, latent.shape[-1]))
   return (codes[0], image[0], [n[0] for n in noise], history,
           last_image[0])
 
 
-@functools.partial(jax.jit, static_argnames=("space",))
-def embedding_start(G, noise0, inits, lrs, *, space):
-  """Every image's carry for `embedding_steps` (noise0, inits batched)."""
-  one = functools.partial(_start_one, G, space=space)
-  return jax.vmap(one, in_axes=(0, 0, None))(noise0, inits, lrs)
-
-
-@functools.partial(jax.jit, static_argnames=("space", "resize"),
-                   donate_argnames=("carry",))
-def embedding_steps(carry, lo, hi, G, lpips, targets, eps, lrs, strengths,
-                    noise_weight, mse_weight, *, space, resize):
-  """Steps lo .. hi − 1 (traced int32) of every image, from and to the
-  carry of `embedding_start`."""
-  one = functools.partial(_steps_one, G, lpips, space=space, resize=resize)
-  return jax.vmap(one, in_axes=(0, 0, 0) + (None,) * 6)(
-      carry, targets, eps, lo, hi, lrs, strengths, noise_weight, mse_weight)
-
-
-@functools.partial(jax.jit, static_argnames=("space",))
-def embedding_finish(carry, G, *, space):
-  """(codes, image, noise maps, histories, last step's image), batched."""
-  return jax.vmap(functools.partial(_finish_one, G, space=space))(carry)
-
-
+@functools.partial(jax.jit, static_argnames=("space", "resize"))
 def embed_batch(G, lpips, targets, noise0, eps, inits, lrs, strengths,
-                noise_weight, mse_weight, *, space, resize, progress=None):
-  """`optimize_latent`'s optimisation of a batch from given random draws
-  (`draw_batch`), without its float32 casts: public for bench/, which runs
-  it in float64 from the float32 draws. progress(k) as
-  `dhr_jax.chunked.run_steps` tells it. Returns (codes, image, noise maps,
-  (losses, lpips, noise regulariser, mse) histories, last step's image)."""
-  carry = embedding_start(G, noise0, inits, lrs, space=space)
-
-  def advance(carry, lo, hi):
-    return embedding_steps(carry, lo, hi, G, lpips, targets, eps, lrs,
-                           strengths, noise_weight, mse_weight, space=space,
-                           resize=resize)
-  carry = chunked.run_steps(advance, carry, 0, int(lrs.shape[0]), progress)
-  return embedding_finish(carry, G, space=space)
+                noise_weight, mse_weight, channel=None, *, space, resize):
+  """`optimize_latent`'s compiled optimisation of a batch from given random
+  draws (`draw_batch`), without its float32 casts: public for bench/, which
+  runs it in float64 from the float32 draws. channel: None (silent) or a
+  progress listener's channel."""
+  one = functools.partial(_embed_one, G, lpips, space=space, resize=resize)
+  return jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None, None))(
+      targets, noise0, eps, inits, lrs, strengths, noise_weight, mse_weight,
+      channel)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -358,10 +356,10 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       latent noise, (B, steps, 1, style_dim) for 'w' or (B, steps, 1,
       n_latent, style_dim) for 'w+' (scaled by the schedule × spread).
       Default: drawn from the image's key.
-    progress: optional `progress(k)`, told k (increasing, `steps` last) when
-      every image has finished step k, from this thread between calls of
-      the compiled loop (`dhr_jax.chunked`); the results are the same bits
-      with or without it.
+    progress: optional `progress(k)`, told k = 1, ..., steps as each step
+      finishes (once each, in order), from XLA's callback thread while the
+      compiled loop runs; the call returns after the last. None compiles the
+      loop without the callback (the one JAX's persistent cache can keep).
 
   Returns:
     EmbeddingResult (codes, image, noise, losses, terms, last_step_image).
@@ -420,10 +418,20 @@ def optimize_latent(G, target, lpips_vgg, *, key, steps, space="w", lr=0.1,
       raise ValueError(f"latent_noise must be {eps.shape}, got "
                        f"{latent_noise.shape}")
     eps = latent_noise
-  out = embed_batch(
-      G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
-      jnp.float32(noise_regularize), jnp.float32(mse_lambda), space=space,
-      resize=resize, progress=progress)
+  channel = None if progress is None else _listen(progress)
+  try:
+    out = embed_batch(
+        G, lpips_vgg, targets, noise0, eps, init, lrs, strengths,
+        jnp.float32(noise_regularize), jnp.float32(mse_lambda),
+        None if channel is None else np.int32(channel), space=space,
+        resize=resize)
+    if channel is not None:
+      # Dispatch is asynchronous: every step is reported before the
+      # listener goes.
+      jax.block_until_ready(out)
+  finally:
+    if channel is not None:
+      _unlisten(channel)
   codes, image, noise_maps, history, last_image = out
   losses, p, reg, mse = history
   return EmbeddingResult(codes=codes, image=image, noise=list(noise_maps),

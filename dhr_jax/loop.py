@@ -105,8 +105,8 @@ def prepare(config, workdir, *, models=None, hfgi=False,
 class Progress:
   """The images bar, with the running batch's stage beside it.
 
-  Stages come from `pipeline` and `methods`, the steps of the compiled
-  loops between their calls (`dhr_jax.chunked`); the bar is redrawn at most every `interval` seconds
+  Stages come from `pipeline` and `methods`, the refinement steps from XLA's
+  callback thread; the bar is redrawn at most every `interval` seconds
   (and on every stage change) so that the compiled loops never wait on it.
   """
 

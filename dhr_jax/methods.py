@@ -331,8 +331,8 @@ def run_batch(models, config, target, names, *, edits=(), ground_truth=None,
     progress: optional `progress(stage)`, told the stage as it starts
       ('coarse inversion step k/N' (DSS's), 'segmentation', 'embedding'
       [and 'embedding step k/N' when it optimises], 'refinement step k/N',
-      'metrics', 'edits'); the steps are reported from the calling
-      thread, between calls of the compiled loops (`dhr_jax.chunked`).
+      'metrics', 'edits'); the steps are reported from XLA's callback
+      thread while the compiled loops run.
     landmarks: optional (n, 5, 2) five landmarks per image for the parser
       (`dhr_jax.photos.parser_landmarks`; an all-NaN row: no face found);
       None: the canonical FFHQ ones.

@@ -39,15 +39,13 @@ Only the synthesis weights are refined: with W+ codes the mapping network
 gets no gradient (the official Adam holds it but never moves it).
 
 Each image is refined on its own (`map_images`: in turn on CPU, vmapped
-elsewhere) with its own copy of the weights and both optimiser states. A
-batch is four compiled programs (`compiled_refinement`): the start, a loop
-of the step with the weight update (the first `weight_steps` steps), the
-same loop compiled without it (the rest: its backward pass is not paid
-for), and the final image; the host calls the loops in as many pieces as
-progress asks (`dhr_jax.chunked`), and none calls back to the host, so
-JAX's persistent compilation cache keeps them. They are cached per
-(architecture, shapes, mode, feature_idx, step counts); learning rates and
-loss weights are traced and changing them does not recompile.
+elsewhere) with its own copy of the weights and both optimiser states, and
+the step loop is one `lax.scan`,
+so a batch is one compiled program, cached per (architecture, shapes, mode,
+feature_idx, step counts); learning rates and loss weights are traced and
+changing them does not recompile. The schedule is two scans of the same
+step: `weight_steps` steps that update both, then the rest compiled without
+the weight update (so its backward pass is not paid for).
 
 The result is a `Refinement` of B images (always batched): it carries the
 refined weights, offset, mask, codes, noise, feature_idx and mode, so
@@ -55,6 +53,7 @@ refined weights, offset, mask, codes, noise, feature_idx and mode, so
 nothing to repeat; `refinement[i]` is image i (a batch of one), and
 `save_refined` / `load_refined` store one image compactly.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -69,7 +68,6 @@ import optax
 from flax import struct
 
 from dhr_jax import checkpoint
-from dhr_jax import chunked
 from dhr_jax.models import lpips as lpips_lib
 from dhr_jax.models import ops
 from dhr_jax.models.frozen import FrozenConfig
@@ -285,12 +283,67 @@ def hybrid_step(state, inputs, hyper, *, spec):
 
 # --------------------------------------------------------------------------
 # The loop, mapped over images.
-#
-# Run as programs the host calls in turn (`dhr_jax.chunked`): the start
-# state, then steps [lo, hi) of the schedule as often as progress asks, then
-# the final image. No program calls back to the host, so JAX's persistent
-# compilation cache keeps them all; the steps are the same program however
-# the schedule is split, so progress changes no bit.
+
+# Who hears of every finished step (`on_step`). A registry, not an argument:
+# the compiled loop always reports (one host callback of a scalar per step,
+# nothing beside a step's forward and backward passes), so listening or not
+# runs the same program.
+_STEP_LISTENERS = []
+
+
+def _report_step(step):
+  for fn in tuple(_STEP_LISTENERS):
+    fn(int(step))
+
+
+@contextlib.contextmanager
+def on_step(fn):
+  """Calls `fn(k)` when refinements running inside the block finish step k.
+
+  Called from XLA's callback thread, once per step (per device under
+  shard_map); results are asynchronous, so block on them inside the block.
+  """
+  _STEP_LISTENERS.append(fn)
+  try:
+    yield
+  finally:
+    _STEP_LISTENERS.remove(fn)
+
+
+def _refine_one(spec, feature_steps, weight_steps, params, codes, target,
+                mask, noise, lpips_params, hyper):
+  res = feature_resolution(spec.feature_idx)
+  inputs = RefineInputs(codes[None], target[None], mask[None],
+                        area_pool(mask[None], res), noise, lpips_params)
+  state = init_state(spec, params, inputs.codes, noise)
+
+  def step(state, spec):
+    state, losses = hybrid_step(state, inputs, hyper, spec=spec)
+    jax.debug.callback(_report_step, state.step)
+    return state, losses
+
+  def steps(state, spec, n):
+    return jax.lax.scan(lambda s, _: step(s, spec), state, None, length=n)
+
+  # Two scans of the same step, the second compiled without the weight
+  # update: the weights' backward pass is only paid for the weight_steps
+  # that use it. (Not one scan with lax.cond: on XLA CPU the backward pass
+  # inside a conditional ran 5× slower, 64², 128 channels: 5.8 s vs 1.1 s
+  # per step.)
+  losses_in, losses_out = [], []
+  if weight_steps:
+    state, (l_in, l_out) = steps(state, spec, weight_steps)
+    losses_in.append(l_in)
+    losses_out.append(l_out)
+  if feature_steps > weight_steps:
+    frozen = dataclasses.replace(spec, weights_frozen=True)
+    state, (_, l_out) = steps(state, frozen, feature_steps - weight_steps)
+    losses_out.append(l_out)
+  image = _forward(spec, state.params, state.offset, inputs)
+  losses_in = (jnp.concatenate(losses_in) if losses_in
+               else jnp.zeros((0,), jnp.float32))
+  return (state.params, state.offset[0], inputs.mask_feature[0], image[0],
+          losses_in, jnp.concatenate(losses_out))
 
 
 def map_images(fn, *xs):
@@ -309,132 +362,21 @@ def map_images(fn, *xs):
   bench/float_precision.py --part refine_map).
   """
   if jax.default_backend() == "cpu":
-    return _loop(fn, xs)
+    return jax.lax.map(lambda x: fn(*x), xs)
   return jax.vmap(fn)(*xs)
 
 
-def _loop(fn, xs):
-  """lax.map(fn) with a trip count XLA cannot see (behind an optimization
-  barrier), so that it never drops a loop of one image: XLA compiles
-  convolutions inside a loop differently from outside one (different
-  float rounding), and a one-image batch would otherwise round unlike a
-  batch of several, and the start, loop and end programs unlike one program
-  (whose loop of images held a host callback and so was kept)."""
-  b = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  take = lambda i: jax.tree_util.tree_map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
-  shapes = jax.eval_shape(lambda x: fn(*x), take(0))
-  out = jax.tree_util.tree_map(
-      lambda s: jnp.zeros((b,) + s.shape, s.dtype), shapes)
-
-  def body(i, out):
-    y = fn(*take(i))
-    return jax.tree_util.tree_map(
-        lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 0), out, y)
-  n = jax.lax.optimization_barrier(jnp.int32(b))
-  return jax.lax.fori_loop(0, n, body, out)
-
-
-def _per_image(fn, batched, shared, mesh):
-  """map_images of fn(*image's batched args, *shared) over the batch; with
-  a mesh, each device maps its shard of the batch (`shard_map` over its
-  'batch' axis; the shared arguments replicated). Leaving the batch to the
-  automatic partitioner instead fails: per-image weights make the
-  generator's convolutions grouped ones, which it cannot split."""
-  def local(batched, shared):
-    return map_images(lambda *b: fn(*b, *shared), *batched)
-  if mesh is None:
-    return local(batched, shared)
-  P = jax.sharding.PartitionSpec
-  return jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P()),
-                       out_specs=P("batch"), check_vma=False)(batched, shared)
-
-
-def _image_inputs(spec, codes, target, mask, noise, lpips_params):
-  res = feature_resolution(spec.feature_idx)
-  return RefineInputs(codes[None], target[None], mask[None],
-                      area_pool(mask[None], res), noise, lpips_params)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "feature_steps",
-                                             "weight_steps", "mesh"))
-def refinement_start(params, codes, noise, *, spec, feature_steps,
-                     weight_steps, mesh=None):
-  """Every image's start (`init_state`) and empty loss histories:
-  the carry (RefineState, losses_in (B, weight_steps), losses_out (B,
-  feature_steps)) of `refinement_steps`."""
-  def one(codes, params, noise):
-    return (init_state(spec, params, codes[None], noise),
-            jnp.zeros((feature_steps,), jnp.float32),
-            jnp.zeros((feature_steps,), jnp.float32))
-  return _per_image(one, (codes,), (params, noise), mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "mesh"),
-                   donate_argnames=("carry",))
-def refinement_steps(carry, lo, hi, codes, target, mask, noise, lpips_params,
-                     hyper, *, spec, mesh=None):
-  """Steps lo, ..., hi − 1 (traced int32) of every image's refinement with
-  `spec`'s step (weights on, or frozen), from and to the carry of
-  `refinement_start`; step t's losses go to index t of the histories
-  (L_in only while the weights are on)."""
-  def one(carry, codes, target, mask, lo, hi, noise, lpips_params, hyper):
-    inputs = _image_inputs(spec, codes, target, mask, noise, lpips_params)
-
-    def body(t, carry):
-      state, hist_in, hist_out = carry
-      state, (l_in, l_out) = hybrid_step(state, inputs, hyper, spec=spec)
-      return state, hist_in.at[t].set(l_in), hist_out.at[t].set(l_out)
-    return jax.lax.fori_loop(lo, hi, body, carry)
-  return _per_image(one, (carry, codes, target, mask),
-                    (lo, hi, noise, lpips_params, hyper), mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "weight_steps", "mesh"))
-def refinement_finish(carry, codes, mask, noise, *, spec, weight_steps,
-                      mesh=None):
-  """(synthesis params, offset, mask_feature, image, losses_in,
-  losses_out), batched, of the carry after the last step."""
-  def one(carry, codes, mask, noise):
-    state, hist_in, hist_out = carry
-    mask_feature = area_pool(mask[None], feature_resolution(spec.feature_idx))
-    inputs = RefineInputs(codes[None], None, None, mask_feature, noise)
-    image = _forward(spec, state.params, state.offset, inputs)
-    return (state.params, state.offset[0], mask_feature[0], image[0],
-            hist_in[:weight_steps], hist_out)
-  return _per_image(one, (carry, codes, mask), (noise,), mesh)
-
-
+                                             "weight_steps"))
 def compiled_refinement(spec, feature_steps, weight_steps, params, codes,
-                        target, mask, noise, lpips_params, hyper, *,
-                        progress=None, mesh=None):
-  """`hybrid_refine`'s loop on prepared inputs, without its checks and
-  float32 casts (public for bench/, which runs it in float64). Returns
-  (synthesis params, offset, mask_feature, image, losses_in, losses_out),
-  batched.
-
-  The schedule runs as two programs of the same step: `weight_steps` steps
-  that update both, then the rest compiled without the weight update (so
-  its backward pass is not paid for). (Not one loop with lax.cond: on XLA
-  CPU the backward pass inside a conditional ran 5× slower, 64², 128
-  channels: 5.8 s vs 1.1 s per step.) progress(k), k = 1 .. feature_steps,
-  as `dhr_jax.chunked.run_steps` tells it; mesh: as `hybrid_refine`.
-  """
-  carry = refinement_start(params, codes, noise, spec=spec,
-                           feature_steps=feature_steps,
-                           weight_steps=weight_steps, mesh=mesh)
-  images = (codes, target, mask, noise, lpips_params, hyper)
-  for phase, lo, hi in ((spec, 0, weight_steps),
-                        (dataclasses.replace(spec, weights_frozen=True),
-                         weight_steps, feature_steps)):
-    advance = functools.partial(_advance, images, phase, mesh)
-    carry = chunked.run_steps(advance, carry, lo, hi, progress)
-  return refinement_finish(carry, codes, mask, noise, spec=spec,
-                           weight_steps=weight_steps, mesh=mesh)
-
-
-def _advance(images, spec, mesh, carry, lo, hi):
-  return refinement_steps(carry, lo, hi, *images, spec=spec, mesh=mesh)
+                        target, mask, noise, lpips_params, hyper):
+  """`hybrid_refine`'s compiled loop on prepared inputs, without its checks
+  and float32 casts: public for bench/, which lowers it to time compilation
+  and runs it in float64. Returns (synthesis params, offset, mask_feature,
+  image, losses_in, losses_out), batched."""
+  one = lambda c, t, m: _refine_one(spec, feature_steps, weight_steps, params,
+                                    c, t, m, noise, lpips_params, hyper)
+  return map_images(one, codes, target, mask)
 
 
 @struct.dataclass
@@ -537,7 +479,7 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
                   feature_idx=None, feature_steps=100, weight_steps=50,
                   weight_lr=1.5e-3, feature_lr=9e-2, l2_lambda=1.0,
                   lpips_lambda=1.0, mode="hybrid", lpips_alex=None,
-                  mse_norm="pixel", progress=None, mesh=None):
+                  mse_norm="pixel"):
   """Refines W+ inversions of `target` by DHR's hybrid modulation.
 
   Args:
@@ -563,12 +505,6 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
       when None and needed.
     mse_norm: 'pixel' (DHR's masked mean, see the module doc) or 'element'
       (a per-element mean: PTI's loss, configs/pti.py).
-    progress: optional `progress(k)`, told k (increasing, feature_steps
-      last) when every image has finished step k, from this thread between
-      calls of the compiled loop (`dhr_jax.chunked`); the results are the
-      same bits with or without it.
-    mesh: optional 1-D `jax.sharding.Mesh` with axis 'batch': each device
-      refines its shard of the batch (B a multiple of its size).
 
   Returns:
     A `Refinement` of the B images; `editing.render(G, result, codes)`
@@ -604,8 +540,7 @@ def hybrid_refine(G, codes, target, mask=None, *, noise=None,
   (params, offset, mask_feature, image, losses_in,
    losses_out) = compiled_refinement(
        spec, int(feature_steps), int(weight_steps), G.params["synthesis"],
-       codes, target, mask, noise, lpips_params, hyper, progress=progress,
-       mesh=mesh)
+       codes, target, mask, noise, lpips_params, hyper)
   return Refinement(synthesis=params, mapping=G.params["mapping"],
                     codes=codes, offset=offset, mask_feature=mask_feature,
                     noise=noise, feature_idx=int(feature_idx), mode=mode,

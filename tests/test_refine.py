@@ -166,48 +166,20 @@ def test_batched_equals_looped_single_image_steps(tiny):
                                 G.params["mapping"]["style_1"]["weight"])
 
 
-PROGRAMS = (refine.refinement_start, refine.refinement_steps,
-            refine.refinement_finish)
-
-
 def test_one_program_per_shapes_and_config(tiny):
   _run(tiny)
-  n = [p._cache_size() for p in PROGRAMS]
+  n = refine.compiled_refinement._cache_size()
   # Learning rates and loss weights are traced.
   r = _run(tiny, weight_lr=3e-3, feature_lr=0.05, l2_lambda=2.0)
-  assert [p._cache_size() for p in PROGRAMS] == n
+  assert refine.compiled_refinement._cache_size() == n
   assert r.losses_in.shape == (3, 3) and r.losses_out.shape == (3, 6)
-  # Another generator of the same architecture reuses the programs too.
+  # Another generator of the same architecture reuses the program too.
   G, codes, target, mask = tiny
   other = init_generator(jax.random.PRNGKey(7), size=16, style_dim=16,
                          n_mlp=1, channels=16)
   refine.hybrid_refine(other, codes, target, mask, feature_idx=K,
                        feature_steps=6, weight_steps=3, lpips_lambda=0.0)
-  assert [p._cache_size() for p in PROGRAMS] == n
-
-
-def test_progress_changes_no_bit(tiny, monkeypatch):
-  """Told step by step (one call of the compiled loop per step), in a few
-  calls, or not at all (one call per phase): the same programs, the same
-  bits; `progress` hears every finished step once, in order, for the
-  whole batch."""
-  from dhr_jax import chunked
-  quiet = _run(tiny)
-  n = [p._cache_size() for p in PROGRAMS]
-  monkeypatch.setattr(chunked, "CALL_SECONDS", 0.0)  # one step a call
-  heard = []
-  loud = _run(tiny, progress=heard.append)
-  assert heard == [1, 2, 3, 4, 5, 6]
-  # Steps 1–2 in one call, then 3, then 4–6 (each phase starts with one).
-  monkeypatch.setattr(chunked, "CALL_SECONDS", 1e9)
-  some = []
-  few = _run(tiny, progress=some.append)
-  assert some == [1, 3, 4, 6]
-  assert [p._cache_size() for p in PROGRAMS] == n  # no new program
-  for r in (loud, few):
-    for a, b in zip(jax.tree_util.tree_leaves(quiet),
-                    jax.tree_util.tree_leaves(r)):
-      np.testing.assert_array_equal(a, b)
+  assert refine.compiled_refinement._cache_size() == n
 
 
 def _own_feature(G, codes):
