@@ -116,8 +116,8 @@ def build_ui(editor):
   def with_progress(work, progress):
     """work(report) in a worker thread while this (the event's) thread
     shows its latest stage: Gradio draws progress only when it is called
-    from the event's own thread, and the run (with its compiled loops)
-    must not hold that thread."""
+    from the event's own thread, and the refinement steps arrive on XLA's
+    callback thread."""
     latest, result = [None], {}
 
     def target():
