@@ -768,7 +768,10 @@ def test_optim_embedding_starts_from_latent_avg_or_the_coarse_codes(
   c.init = "coarse"
   with pytest.raises(pipeline.PipelineError, match="coarse"):
     pipeline.embed(models, c, x, ["p", "q"], 0, None)
-  c.method = "psp"
+  c.method = "psp"  # an encoder's method without its encoder
+  with pytest.raises(pipeline.PipelineError, match="needs its encoder"):
+    pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
+  c.method = "sam"  # no such embedding: the choices are named
   with pytest.raises(pipeline.PipelineError, match="e4e"):
     pipeline.embed(models, c, x, ["p", "q"], 0, coarse)
 
