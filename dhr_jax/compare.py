@@ -227,6 +227,17 @@ def validate(config):
 
 
 
+def _uses_shared(method, config, models):
+  """Does `method` start from the run's own embedding (no encoder of its
+  own, or the entry that is the run's encoder; PTI only around it)?"""
+  base, name = methods_lib.split(method)
+  if name is not None and models.encoders.get(name) is not models.encoder:
+    return False
+  if base == "pti":
+    return methods_lib.pti_pivot(config) == "embedding"
+  return base in methods_lib.NEEDS_DSS
+
+
 def png_name(method):
   """OUT/<name>/<png_name>: 'dhr.png', 'dhr_psp.png' (method 'dhr@psp')."""
   return method.replace("@", "_") + ".png"
@@ -301,8 +312,8 @@ def run(config, workdir):
                              titles=titles)
     # As an encoder's first row counts its encoding, the first row from the
     # run's own embedding counts that embedding ('embed' of the batch).
-    own = next((m for m in methods if methods_lib.split(m)[1] is None
-                and m in methods_lib.NEEDS_DSS), None)
+    own = next((m for m in methods if _uses_shared(m, config, s.models)),
+               None)
     per_image = {}
     for batch in batches:
       for name in batch.todo:
