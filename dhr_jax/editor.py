@@ -155,8 +155,8 @@ class Editor:
     return name
 
   def invert(self, name, report):
-    """Runs config.edit.method on the workdir's inputs (finished ones are skipped) →
-    the Loaded result of input `name`."""
+    """Runs config.edit.method on the workdir's inputs (finished ones are
+    skipped) → the Loaded result of input `name`."""
     with self._lock:
       try:
         outcome = runner.run(self.config, self.workdir, models=self.models,
