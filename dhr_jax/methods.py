@@ -206,7 +206,8 @@ def hfgi(models, config, emb, edits, *, ground_truth=None, progress=None):
   G, H = models.G, models.hfgi
   n = len(emb.names)
   codes = emb.codes[:n]
-  x256 = io.resize_target(np.asarray(emb.x[:n]))
+  # At HFGI's input size (256² but for the demo's stand-in).
+  x256 = io.resize_target(np.asarray(emb.x[:n]), H.config.input_size)
   images = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x256))
   rendered = [{} for _ in range(n)]
   if edits:
