@@ -206,6 +206,9 @@ def test_stand_in_hfgi_hooks_the_demo_generator():
   # The same rule gives the released checkpoint's architecture at 1024².
   channels = {str(r): c for r, c in official_channels(1024).items()}
   assert hfgi.config_for(1024, channels) == hfgi.OFFICIAL
+  # Stages of stride 2 cannot take 48² to 4².
+  with pytest.raises(ValueError, match="power-of-two multiple"):
+    hfgi.HFGIConfig(input_size=48, feature_idx=1, condition_channels=16)
   rng = np.random.RandomState(0)
   codes = np.asarray(G.latent_avg)[None, None] + 0.3 * rng.standard_normal(
       (1, G.n_latent, G.config["style_dim"])).astype(np.float32)
