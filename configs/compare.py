@@ -11,7 +11,8 @@ patch), so the comparison runs offline; the table then also has PSNR inside
 and outside the known patch. See dhr_jax/compare.py for the outputs.
 
 config.compare.methods: any of embedding (the codes alone: e4e-only),
-pti, hfgi (only when config.model.hfgi names a converted HFGI checkpoint),
+pti, hfgi (only when config.model.hfgi names a converted HFGI checkpoint;
+the demo's is a stand-in, 'stand-in'),
 dhr, diffcam (only with config.edit.method='diffcam', which adds it: the
 row "Diff-CAM (pSp)" on the same directions, from the pSp of
 config.compare.encoders or the run's own pSp embedding).
@@ -30,7 +31,9 @@ paper's Table 1 layout, "<name> only" and "DHR (<name>)" per encoder,
 "ReStyle" for a ReStyle encoder (iterated), "HFGI (e4e)" on the e4e
 entry's codes; DSS runs once per image and each encoder once. A folder
 that does not exist leaves its rows out with a warning. The demo's
-encoders are seeded random stand-ins (e4e, pSp, ReStyle) of its generator.
+encoders and HFGI are seeded random stand-ins (e4e, pSp, ReStyle:
+`synthetic.stand_in_encoder`; HFGI: `synthetic.stand_in_hfgi`) of its
+generator.
 """
 import os
 
@@ -60,7 +63,9 @@ def get_config(arg="dhr"):
                weight_steps=config.refine.feature_steps)
     # The demo's budget: as many pivot steps as its coarse inversion.
     pivot.steps = config.dss.coarse_steps
-  config.model.hfgi = ""
+  # The demo's HFGI is a stand-in for its generator (no weights), as its
+  # encoders are.
+  config.model.hfgi = "stand-in" if arg == "demo" else ""
   config.compare = ml_collections.ConfigDict(dict(
       methods="embedding,pti,hfgi,dhr",
       # The paper's Table 1 layout: "name=DIR,..." of converted encoder

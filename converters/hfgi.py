@@ -93,7 +93,7 @@ def convert(src, dst, overwrite=False):
   check_destinations(dst, ("e4e", "generator", hfgi.KIND), overwrite)
   parts, latent_avg, opts = read_bundle(src, PARTS)
   models = convert_parts(src, parts, latent_avg, opts)
-  config = hfgi.HFGIConfig()
+  config = hfgi.OFFICIAL
   _check_generator(src, models["generator"][1], config)
   params = {
       "align": convert_network(parts["grid_align"], "grid_align",

@@ -67,6 +67,8 @@ def encoder_title(name):
   return ENCODER_TITLES.get(name.lower(), name)
 
 
+_NO_E4E = ("HFGI left out: it consults e4e's codes; name the converted e4e "
+           "bundle in config.compare.encoders (e4e=DIR)")
 DIFFCAM_TITLE = "Diff-CAM (pSp)"
 # Where the Diff-CAM row's pSp comes from, when the run has none.
 _NO_PSP = ("config.edit.method='diffcam': the Diff-CAM row edits pSp's "
@@ -130,6 +132,10 @@ def table1_methods(config, methods, models):
                       DIFFCAM_TITLE, _NO_PSP)
       last = []
   if not settings.compare_encoders(config):
+    if "hfgi" in methods and config.embedding.method != "e4e":
+      # Only the demo's stand-in HFGI gets here (`validate`).
+      logging.warning(_NO_E4E)
+      methods = tuple(m for m in methods if m != "hfgi")
     return [m for m in methods if m != "diffcam"] + last, {}
   archs = {n: encoders.arch_of(E) for n, E in models.encoders.items()}
   own = all(E is not models.encoder for E in models.encoders.values())
@@ -147,9 +153,7 @@ def table1_methods(config, methods, models):
     elif config.embedding.method == "e4e" and own:
       keys.append("hfgi")
     else:
-      logging.warning("HFGI left out: it consults e4e's codes; name the "
-                      "converted e4e bundle in config.compare.encoders "
-                      "(e4e=DIR)")
+      logging.warning(_NO_E4E)
   if "dhr" in methods:
     keys += (["dhr"] if own else []) + [f"dhr@{n}" for n in coded]
   return keys + last, archs
@@ -219,7 +223,15 @@ def validate(config):
           f"config.compare.encoders['{name}']='stand-in': stand-in encoders "
           f"are {', '.join(encoders.ARCHS)} of the stand-in generator "
           "(model.checkpoint='stand-in', the demo)")
-  if "hfgi" in methods and config.model.get("hfgi", "") and not given and (
+  hfgi = config.model.get("hfgi", "")
+  if hfgi == "stand-in" and config.model.checkpoint != "stand-in":
+    raise UserError("config.model.hfgi='stand-in': the stand-in HFGI is "
+                    "the stand-in generator's (model.checkpoint='stand-in', "
+                    "the demo); name a converted HFGI checkpoint "
+                    "(python -m converters.hfgi)")
+  # The demo's stand-in without a stand-in e4e is left out with a warning
+  # (`table1_methods`), as are the rows of every missing encoder.
+  if "hfgi" in methods and hfgi not in ("", "stand-in") and not given and (
       config.embedding.method != "e4e"):
     raise UserError("config.model.hfgi: HFGI consults e4e codes; set "
                            "--config.embedding.method=e4e")

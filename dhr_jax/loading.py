@@ -179,12 +179,16 @@ def load_id_network(config, face_models):
                     ) from None
 
 
-def load_hfgi(config):
-  """HFGI of config.model.hfgi, or None (with a warning) when it is unset."""
+def load_hfgi(config, G):
+  """HFGI of config.model.hfgi, or None (with a warning) when it is unset;
+  'stand-in': the demo's for its stand-in generator G
+  (`synthetic.stand_in_hfgi`)."""
   path = config.model.get("hfgi", "")
   if not path:
     logging.warning("HFGI left out: config.model.hfgi is not set")
     return None
+  if path == "stand-in":
+    return synthetic.stand_in_hfgi(G, int(config.model.stand_in.seed))
   if not os.path.exists(path):
     raise UserError(f"config.model.hfgi {path!r} not found; convert it with "
                     "python -m converters.hfgi")
@@ -367,7 +371,7 @@ def load_models(config, mesh=None, hfgi=False, compare_encoders=False):
   models.diffcam, models.deghosting = jax.device_put(
       (C, D), _replicated(models.mesh))
   if hfgi:
-    models.hfgi = load_hfgi(config)
+    models.hfgi = load_hfgi(config, G)
   if compare_encoders:
     models.encoders = load_compare_encoders(config, models)
   return models

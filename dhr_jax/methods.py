@@ -206,13 +206,14 @@ def hfgi(models, config, emb, edits, *, ground_truth=None, progress=None):
   G, H = models.G, models.hfgi
   n = len(emb.names)
   codes = emb.codes[:n]
-  x256 = io.resize_target(np.asarray(emb.x[:n]))
-  images = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x256))
+  # At HFGI's input size (256² but for the demo's stand-in).
+  x_in = io.resize_target(np.asarray(emb.x[:n]), H.config.input_size)
+  images = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x_in))
   rendered = [{} for _ in range(n)]
   if edits:
     edited, labels = edits_lib.codes_of(edits, codes)
     for j, label in enumerate(labels):
-      out = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x256,
+      out = np.asarray(hfgi_lib.hfgi_invert(G, H, codes, x_in,
                                             edited_codes=edited[:, j]))
       for i in range(n):
         rendered[i][label] = out[i]

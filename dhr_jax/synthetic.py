@@ -18,6 +18,7 @@ from dhr_jax import files
 from dhr_jax import segmentation
 from dhr_jax.metrics import psnr
 from dhr_jax.models import encoders
+from dhr_jax.models import hfgi
 
 # The scores of `ground_truth_metrics` (metrics.csv's columns on synthetic
 # inputs).
@@ -146,3 +147,25 @@ def stand_in_encoder(G, arch, seed):
       [int(seed), index], arch, G.config["size"], avg,
       input_size=min(G.config["size"], 256),
       head_scale=STAND_IN_HEAD_SCALES[arch])
+
+
+# The stand-in HFGI's head scale (`hfgi.init_hfgi`): on the compare demo's
+# 64² stand-in generator and synthetic image, from the stand-in e4e's codes,
+# scale and shift have std 0.25 and 0.35 against the hooked 4² feature's
+# 0.76, and the HFGI image is 22.6 dB PSNR from the e4e inversion (measured;
+# at 0.03: 0.75, 1.05 and 16.0 dB; at 1, 25 and 35: a new image): random
+# weights can only perturb the inversion they consult, and do so a little,
+# as the stand-in encoders' codes stay near latent_avg.
+STAND_IN_HFGI_HEAD_SCALE = 0.01
+
+
+def stand_in_hfgi(G, seed, head_scale=STAND_IN_HFGI_HEAD_SCALE):
+  """A seeded random HFGI for the stand-in generator G, built in memory (the
+  compare demo's "HFGI (e4e)" row, no weights): the released architecture
+  sized for G (`hfgi.config_for`: the official hook's analogue, its input at
+  G's size up to 256²), its scale and shift small so that its image stays
+  near the e4e inversion it consults."""
+  config = hfgi.config_for(G.config["size"], G.config["channels"])
+  # A stream apart from the stand-in encoders' ([seed, index of arch]).
+  return hfgi.init_hfgi([int(seed), len(encoders.ARCHS)], config,
+                        head_scale)

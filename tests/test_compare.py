@@ -1,6 +1,6 @@
 """The comparison command on the synthetic ground-truth case: DSS once, the
-shared embedding and the demo's stand-in e4e, pSp and ReStyle encoders, then
-the paper's Table 1 rows side by side (no downloaded weights)."""
+shared embedding and the demo's stand-in e4e, pSp and ReStyle encoders and
+HFGI, then the paper's Table 1 rows side by side (no downloaded weights)."""
 import csv
 import importlib.util
 import os
@@ -26,17 +26,19 @@ compare_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare_config)
 
 # test_cli's 32² demo with one image; PTI gets DHR's step count, its W
-# pivot the coarse inversion's. Of the demo's stand-in encoders pSp and
-# ReStyle (e4e's rows are pSp's code path: ~12 s of compilation saved).
+# pivot the coarse inversion's. Of the demo's stand-in encoders e4e (HFGI
+# consults its codes) and ReStyle (pSp's rows are e4e's code path: ~12 s of
+# compilation saved); the demo's stand-in HFGI.
 _STEPS = (("data.synthetic.count", 1), ("batch_size", 1),
           ("compare.pti.feature_steps", 3), ("compare.pti.weight_steps", 3),
           ("compare.pti_embedding.steps", 2),
-          ("compare.encoders", "psp=stand-in,restyle=stand-in"))
+          ("compare.encoders", "e4e=stand-in,restyle=stand-in"))
 PTI = "PTI (W pivot)"
-# The demo's Table 1 layout (HFGI is left out: no HFGI checkpoint).
-ROWS = ["optim only", "pSp only", "ReStyle", PTI, "DHR (optim)", "DHR (pSp)"]
-KEYS = ["embedding", "embedding@psp", "embedding@restyle", "pti", "dhr",
-        "dhr@psp"]
+# The demo's Table 1 layout.
+ROWS = ["optim only", "e4e only", "ReStyle", PTI, "HFGI (e4e)",
+        "DHR (optim)", "DHR (e4e)"]
+KEYS = ["embedding", "embedding@e4e", "embedding@restyle", "pti", "hfgi@e4e",
+        "dhr", "dhr@e4e"]
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +88,22 @@ def test_compare_reports_every_stage_and_step(compared):
   assert "compare" in err and "batch 1/1 (synthetic_0)" in err
   stages = ["coarse inversion step 0/2", "coarse inversion step 2/2",
             "segmentation", "embedding", "optim only: metrics",
-            "pSp only: embedding",
+            "e4e only: embedding",
             "ReStyle: embedding", "ReStyle: metrics",
             f"{PTI}: embedding step 0/2", f"{PTI}: embedding step 2/2",
             f"{PTI}: refinement step 1/3", f"{PTI}: refinement step 3/3",
-            f"{PTI}: edits", "DHR (optim): refinement step 1/3",
+            f"{PTI}: edits", "HFGI (e4e): metrics",
+            "DHR (optim): refinement step 1/3",
             "DHR (optim): refinement step 3/3", "DHR (optim): metrics",
-            "DHR (optim): edits", "DHR (pSp): refinement step 3/3",
+            "DHR (optim): edits", "DHR (e4e): refinement step 3/3",
             "writing"]
   at = [err.find(s) for s in stages]
   assert all(i >= 0 for i in at), [s for s, i in zip(stages, at) if i < 0]
   assert at == sorted(at), stages
-  # Each encoder embeds once per batch: DHR (pSp) starts from pSp only's.
-  assert "DHR (pSp): embedding" not in err
+  # Each encoder embeds once per batch: HFGI (e4e) and DHR (e4e) start
+  # from e4e only's.
+  assert "HFGI (e4e): embedding" not in err
+  assert "DHR (e4e): embedding" not in err
 
 
 def test_paper_metrics_columns(compared):
@@ -166,6 +171,70 @@ def test_grid_has_a_titled_row_per_method(compared):
     assert np.array_equal(got, pictures.title_strip(names, [tile] * len(names)))
 
 
+def test_hfgi_row_refines_the_e4e_inversion(compared):
+  """The stand-in HFGI changes the e4e inversion it consults, a little."""
+  _, workdir, _, _ = compared
+  read = lambda m: np.asarray(Image.open(os.path.join(
+      workdir, "synthetic_0", compare.png_name(m))), np.float64) / 127.5 - 1
+  hfgi, e4e = read("hfgi@e4e"), read("embedding@e4e")
+  close = 10 * np.log10(4 / np.mean((hfgi - e4e) ** 2))
+  # Measured (this fixture: 32² stand-in, head scale 0.01, x86_64 Xeon,
+  # 2026-12-06): 33.2 dB PSNR between the two pngs, the largest pixel
+  # difference 26 levels; the float images with 3× the head scale 24.2 dB,
+  # with a third of it 43.5 dB, with zero heads equal (below). Float32
+  # round-off between CPUs moves this by ~1e-5 dB.
+  assert 28 < close < 40, close
+
+
+def test_stand_in_hfgi_hooks_the_demo_generator():
+  """synthetic.stand_in_hfgi is the released architecture sized for the
+  stand-in generator: scale and shift are its hooked feature's shape, and
+  with zero heads HFGI's image is the plain render."""
+  import jax
+  from dhr_jax import loading
+  from dhr_jax.models import hfgi
+  from dhr_jax.models.stylegan2 import feature_modulation, official_channels
+  config = compare_config.get_config("demo")
+  config.update_from_flattened_dict(dict(_TINY))
+  G = loading.load_generator(config)
+  H = synthetic.stand_in_hfgi(G, config.model.stand_in.seed, head_scale=0.0)
+  # 32²: the size/16 analogue is below the generator's smallest feature,
+  # so 4², right after the 4² convolution (k = 1), 16 channels.
+  assert H.config == hfgi.HFGIConfig(input_size=32, feature_idx=1,
+                                     condition_channels=16)
+  assert H.config.residue_down[-1] == (64, 64)  # 32² → 4²: three stages
+  # The same rule gives the released checkpoint's architecture at 1024².
+  channels = {str(r): c for r, c in official_channels(1024).items()}
+  assert hfgi.config_for(1024, channels) == hfgi.OFFICIAL
+  # Stages of stride 2 cannot take 48² to 4².
+  with pytest.raises(ValueError, match="power-of-two multiple"):
+    hfgi.HFGIConfig(input_size=48, feature_idx=1, condition_channels=16)
+  rng = np.random.RandomState(0)
+  codes = np.asarray(G.latent_avg)[None, None] + 0.3 * rng.standard_normal(
+      (1, G.n_latent, G.config["style_dim"])).astype(np.float32)
+  x = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  out = hfgi.hfgi_forward(G, H, codes, x)
+  assert out["image"].shape == (1, 32, 32, 3)
+  k = H.config.feature_idx
+  plain, feature = G.synthesis(G.params, codes, feature_idx=k,
+                               return_feature=True)
+  assert out["scale"].shape == out["shift"].shape == feature.shape
+  # The hook itself is exact: zero conditions give the plain render bit
+  # for bit, op by op.
+  hooked = G.synthesis(G.params, codes, feature_idx=k,
+                       feature_fn=feature_modulation(out["scale"],
+                                                     out["shift"]))
+  np.testing.assert_array_equal(np.asarray(hooked), np.asarray(plain))
+  # HFGI's compiled program rounds differently from the eager render:
+  # measured 1.4e-6 max abs here (images up to 4.2: a few float32 ulps;
+  # 2.6e-6 at the demo's 64², where the plain render compiled alone is
+  # 2.9e-6 from the eager one). 2e-5 is 14× that; the demo's head scale
+  # (0.01) moves the image by 0.21.
+  image = hfgi.hfgi_invert(G, H, codes, x)
+  np.testing.assert_allclose(np.asarray(image), np.asarray(plain), rtol=0,
+                             atol=2e-5)
+
+
 def test_pti_pivot_is_named_and_checked():
   """PTI's default pivot is its own W optimisation (configs/pti.py's
   embedding, GANInverter's pti_pivot.yaml); the shared embedding is the
@@ -229,6 +298,15 @@ def test_table1_layout_and_titles(monkeypatch):
       "pSp only", "pSp only", "LSAP only", "ReStyle", PTI, "DHR (pSp)",
       "DHR (pSp)", "DHR (LSAP)"]
   assert len(warnings) == 1 and "HFGI left out" in warnings[0]
+  # The demo's stand-in HFGI without encoders has no e4e codes to consult:
+  # left out the same way.
+  demo = compare_config.get_config("demo")
+  assert demo.model.hfgi == "stand-in" and compare.validate(demo)
+  demo.compare.encoders = ""
+  compare.validate(demo)
+  keys, _ = compare.table1_methods(demo, methods, models)
+  assert keys == ["embedding", "pti", "dhr"]
+  assert len(warnings) == 2 and "HFGI left out" in warnings[1]
 
 
 def test_compare_encoders_refusals_and_missing_folder(monkeypatch, tmp_path):
@@ -244,6 +322,10 @@ def test_compare_encoders_refusals_and_missing_folder(monkeypatch, tmp_path):
     config.compare.encoders = value
     with pytest.raises(run_lib.UserError, match=match):
       compare.validate(config)
+  config.compare.encoders, config.model.hfgi = "", "stand-in"
+  with pytest.raises(run_lib.UserError, match="stand-in HFGI is the stand-in"):
+    compare.validate(config)
+  config.model.hfgi = ""
   warnings = []
   monkeypatch.setattr(loading.logging, "warning",
                       lambda msg, *a: warnings.append(msg % a))

@@ -145,7 +145,7 @@ def test_bundle_serves_all_three_loaders(converted, weights):
   assert E.config["n_latent"] == 10 and G.config["size"] == 64
   np.testing.assert_array_equal(np.asarray(E.latent_avg),
                                 weights["latent_avg"])
-  assert H.config == hfgi.HFGIConfig() and H.config.feature_idx == 8
+  assert H.config == hfgi.OFFICIAL and H.config.feature_idx == 8
 
 
 def test_hfgi_is_a_jit_argument(models):

@@ -14,6 +14,10 @@ The generator applies them through its feature hook: the 64² feature entering
 the conv of latent 8 becomes f·(1 + scale) + shift (`feature_modulation`;
 the official code does it right after the first conv of latent 7).
 
+The sizes are the model's config (`HFGIConfig`): the released checkpoint's
+are `OFFICIAL`; `config_for` gives the same architecture for a smaller
+generator (the compare demo's stand-in, `synthetic.stand_in_hfgi`).
+
 Both networks are inference-only, so BatchNorm is a frozen affine map whose
 statistics live in `params` (as in `dhr_jax.models.e4e`), and the
 equalised-lr scale of the heads is folded into their kernels by the
@@ -26,6 +30,7 @@ import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import irse
@@ -33,6 +38,9 @@ from dhr_jax.models import ops
 from dhr_jax.models.stylegan2 import feature_modulation, feature_resolution
 
 KIND = "hfgi"
+# The released checkpoint's architecture (`OFFICIAL`, for a 1024²
+# generator); `HFGIConfig` carries the sizes, so a stand-in for a smaller
+# generator (`config_for`) is the same code.
 INPUT_SIZE = 256          # both networks run on 256² residuals
 FEATURE_IDX = 8           # the hooked feature: 64², entering latent 8's conv
 CONDITION_CHANNELS = 512  # scale/shift channels (the generator's at 64²)
@@ -48,10 +56,12 @@ RESIDUE_STEM, RESIDUE_DOWN = 32, ((32, 48), (48, 64))
 HEADS = ("condition_scale3", "condition_shift3")
 
 
-def unit_specs(net):
+def unit_specs(net, residue_down=RESIDUE_DOWN):
   """[(official prefix, in_channels, depth, stride)] of every bottleneck of
-  'grid_align' or 'residue', in the order the network runs them."""
-  down = {"grid_align": ALIGN_DOWN, "residue": RESIDUE_DOWN}[net]
+  'grid_align' or 'residue', in the order the network runs them.
+  residue_down: the consultation encoder's stages (`HFGIConfig.
+  residue_down`; the official's by default, which the converter reads)."""
+  down = {"grid_align": ALIGN_DOWN, "residue": residue_down}[net]
   specs = []
   for i, (c_in, depth) in enumerate(down):
     specs.append((f"conv_layer{i + 2}.0", c_in, depth, 2))
@@ -68,9 +78,9 @@ def module_name(prefix):
   return prefix.replace(".", "_")
 
 
-def _stage(x, net, stage):
+def _stage(x, net, stage, residue_down=RESIDUE_DOWN):
   """The bottlenecks of one official Sequential (e.g. 'dconv_layer2')."""
-  for prefix, c_in, depth, stride in unit_specs(net):
+  for prefix, c_in, depth, stride in unit_specs(net, residue_down):
     if prefix.split(".")[0] == stage:
       x = irse.BottleneckIRSE(c_in, depth, stride, se=False,
                          name=module_name(prefix))(x)
@@ -84,7 +94,7 @@ def _upsample_to(x, like):
 
 class ResidualAligner(nn.Module):
   """ADA: concat(residual, image) (B, 256, 256, 6) → aligned residual
-  (B, 256, 256, 3)."""
+  (B, 256, 256, 3) (any size divisible by 8: `HFGIConfig.input_size`)."""
 
   @nn.compact
   def __call__(self, x):
@@ -103,7 +113,7 @@ class ResidualAligner(nn.Module):
 class ConditionHead(nn.Module):
   """EqualConv2d → ScaledLeakyReLU(0.2) → EqualConv2d (3×3, bias); the
   equalised-lr scale is already folded into the kernels."""
-  features: int = CONDITION_CHANNELS
+  features: int
 
   @nn.compact
   def __call__(self, x):
@@ -116,33 +126,87 @@ class ConditionHead(nn.Module):
 
 
 class ResidualEncoder(nn.Module):
-  """Consultation encoder: aligned residual (B, 256, 256, 3) →
-  (scale, shift), each (B, size, size, 512) with size = `condition_size`."""
-  condition_size: int = 64
+  """Consultation encoder: aligned residual (B, 256, 256, 3) → (scale,
+  shift), each (B, size, size, channels) with size, channels = the
+  config's `condition_size`, `condition_channels` (64², 512 officially)."""
+  config: "HFGIConfig"
 
   @nn.compact
   def __call__(self, x):
+    c = self.config
     f = irse.stem(x, RESIDUE_STEM)
-    f = _stage(f, "residue", "conv_layer2")
-    f = _stage(f, "residue", "conv_layer3")
-    size = (self.condition_size,) * 2
-    scale = ConditionHead(name=HEADS[0])(f)
-    shift = ConditionHead(name=HEADS[1])(f)
-    # The official resize to 64² is the identity for 256² inputs.
+    for i in range(len(c.residue_down)):
+      f = _stage(f, "residue", f"conv_layer{i + 2}", c.residue_down)
+    size = (c.condition_size,) * 2
+    scale = ConditionHead(c.condition_channels, name=HEADS[0])(f)
+    shift = ConditionHead(c.condition_channels, name=HEADS[1])(f)
+    # The official resize to 64² is the identity for 256² inputs (and
+    # here for every config: the stages reach condition_size).
     return (ops.resize_bilinear_torch(scale, size),
             ops.resize_bilinear_torch(shift, size))
 
 
 @dataclasses.dataclass(frozen=True)
 class HFGIConfig:
-  """The (fixed) HFGI architecture; hashable, so it is static under jit."""
-  input_size: int = INPUT_SIZE
-  feature_idx: int = FEATURE_IDX
-  condition_channels: int = CONDITION_CHANNELS
+  """The HFGI architecture (`OFFICIAL`, or `config_for` a smaller
+  generator); hashable, so it is static under jit. Every field is given:
+  the hooked layer is never a default.
+
+  input_size: both networks' side; feature_idx: the generator's hooked
+  feature (`dhr_jax.models.stylegan2` numbering); condition_channels: its
+  channels, those of scale and shift.
+  """
+  input_size: int
+  feature_idx: int
+  condition_channels: int
+
+  def __post_init__(self):
+    ratio = self.input_size // self.condition_size
+    if (ratio * self.condition_size != self.input_size
+        or ratio & (ratio - 1) or self.input_size % 8):
+      raise ValueError(
+          f"HFGI input_size {self.input_size} must be a multiple of 8 and "
+          f"a power-of-two multiple of the hooked feature's side "
+          f"{self.condition_size} (feature_idx {self.feature_idx})")
 
   @property
   def condition_size(self):
     return feature_resolution(self.feature_idx)
+
+  @property
+  def residue_down(self):
+    """The consultation encoder's stride-2 stages (in_channels, depth):
+    as many as take input_size to condition_size, the official's two
+    (256² → 64²) first, any further one at their last depth."""
+    n = (self.input_size // self.condition_size).bit_length() - 1
+    last = RESIDUE_DOWN[-1][1]
+    return (RESIDUE_DOWN + ((last, last),) * n)[:n]
+
+
+OFFICIAL = HFGIConfig(input_size=INPUT_SIZE, feature_idx=FEATURE_IDX,
+                      condition_channels=CONDITION_CHANNELS)
+
+
+def hooked_feature_idx(size):
+  """The hook of HFGI for a generator of `size`, as the official's (k = 8:
+  the 64² feature of a 1024² generator right after the first convolution
+  at 64²): the size/16 feature (4² at least) right after the first
+  convolution at its resolution. That is k = 2·log2(side/4) from 8² up;
+  at 4², whose first convolution reads the constant input (k = 0), its
+  output k = 1."""
+  side = max(4, size // 16)
+  return max(1, 2 * (side.bit_length() - 3))
+
+
+def config_for(size, channels):
+  """The HFGI architecture for a generator of `size` whose features have
+  `channels` ({str(side): channels}, its config's): the official hook's
+  analogue (`hooked_feature_idx`), both networks at min(size, 256)² as the
+  stand-in encoders. config_for(1024, …) is `OFFICIAL`."""
+  k = hooked_feature_idx(size)
+  return HFGIConfig(input_size=min(size, INPUT_SIZE), feature_idx=k,
+                    condition_channels=int(
+                        channels[str(feature_resolution(k))]))
 
 
 @struct.dataclass
@@ -165,19 +229,44 @@ class HFGI:
   def consult(self, params, residual):
     """Aligned residual (B, 256, 256, 3) → (scale, shift) at the hooked
     feature's resolution."""
-    model = ResidualEncoder(self.config.condition_size)
+    model = ResidualEncoder(self.config)
     return model.apply({"params": params["residue"]}, residual)
 
 
-def param_shapes():
-  """Shapes of HFGI's Flax parameter tree, without computing anything."""
-  x = lambda c: jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, c),
-                                     jnp.float32)
+def param_shapes(config):
+  """Shapes of HFGI's Flax parameter tree for `config`, without computing
+  anything."""
+  s = config.input_size
+  x = lambda c: jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)
   key = jax.random.PRNGKey(0)
   return {
       "align": jax.eval_shape(ResidualAligner().init, key, x(6))["params"],
-      "residue": jax.eval_shape(ResidualEncoder().init, key, x(3))["params"],
+      "residue": jax.eval_shape(ResidualEncoder(config).init, key,
+                                x(3))["params"],
   }
+
+
+def init_hfgi(seed, config, head_scale=1.0):
+  """A stand-in HFGI of `config` with seeded random weights (the compare
+  demo's, no weights), drawn as `encoders.init_encoder` draws a stand-in
+  encoder's (numpy `RandomState(seed)`): convolution kernels normal with
+  variance 1/fan_in, the condition heads' last ones times head_scale (their
+  outputs are the scale and shift), biases 0, BatchNorm the identity, PReLU
+  0.25."""
+  rng = np.random.RandomState(seed)
+  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
+
+  def leaf(path, a):
+    name = path[-1].key
+    if name != "kernel":
+      return np.full(a.shape, fill[name], np.float32)
+    w = rng.standard_normal(a.shape).astype(np.float32)
+    w /= np.sqrt(np.prod(a.shape[:-1]))
+    if path[-3].key in HEADS and path[-2].key == "conv_1":
+      w *= head_scale
+    return w
+  params = jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
+  return HFGI(params=params, config=config)
 
 
 @jax.jit
@@ -229,7 +318,9 @@ def hfgi_forward(G, H, codes, images, edited_codes=None, noise=None):
   """The whole HFGI pass with its intermediates.
 
   Returns a dict: image (B, size, size, 3), embedded (the plain G(codes)),
-  res and res_aligned (B, 256, 256, 3), scale and shift (B, 64, 64, 512).
+  res and res_aligned (B, 256, 256, 3), scale and shift (B, 64, 64, 512)
+  (officially; generally H.config's input_size, condition_size and
+  condition_channels).
   See `hfgi_invert` for the arguments.
   """
   codes = jnp.asarray(codes, jnp.float32)
@@ -248,7 +339,8 @@ def hfgi_invert(G, H, codes, images, edited_codes=None, noise=None):
   G: the generator HFGI was trained with (`dhr_jax.load_generator`); H:
   `dhr_jax.load_hfgi`.
   codes: (B, n_latent, style_dim) W+ codes of the e4e inversion, latent_avg
-  included; images: the inverted images (B, 256, 256, 3) in [−1, 1], NHWC.
+  included; images: the inverted images (B, 256, 256, 3) in [−1, 1], NHWC
+  (at H.config.input_size: 256 for the released checkpoint).
   With `edited_codes` (same shape) the image of those codes is returned,
   with conditions from the inversion's residual aligned to G(edited_codes).
   noise: the generator's fixed noise by default (randomize_noise=False).
@@ -267,7 +359,7 @@ def load(path):
         f"(top-level entries {sorted(tree)}); re-run the converter.")
   try:
     config = HFGIConfig(**config)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise checkpoint.CheckpointError(
         f"{directory}/config.json: unknown HFGI config ({e}); re-run the "
         "converter.") from None
