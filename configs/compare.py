@@ -31,9 +31,9 @@ paper's Table 1 layout, "<name> only" and "DHR (<name>)" per encoder,
 "ReStyle" for a ReStyle encoder (iterated), "HFGI (e4e)" on the e4e
 entry's codes; DSS runs once per image and each encoder once. A folder
 that does not exist leaves its rows out with a warning. The demo's
-encoders and HFGI are seeded random stand-ins (e4e, pSp, ReStyle:
-`synthetic.stand_in_encoder`; HFGI: `synthetic.stand_in_hfgi`) of its
-generator.
+encoders and HFGI are seeded random stand-ins (e4e, pSp, LSAP (an e4e
+network), ReStyle: `synthetic.stand_in_encoder`; HFGI:
+`synthetic.stand_in_hfgi`) of its generator.
 """
 import os
 
@@ -71,7 +71,7 @@ def get_config(arg="dhr"):
       # The paper's Table 1 layout: "name=DIR,..." of converted encoder
       # bundles (converters.e4e / converters.encoder); the demo's are
       # stand-ins built in memory. "" = the run's own embedding only.
-      encoders=("e4e=stand-in,psp=stand-in,restyle=stand-in"
+      encoders=("e4e=stand-in,psp=stand-in,lsap=stand-in,restyle=stand-in"
                 if arg == "demo" else ""),
       pti=ml_collections.ConfigDict(pti),
       pti_pivot="w",

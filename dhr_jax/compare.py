@@ -217,11 +217,12 @@ def validate(config):
         raise UserError(f"config.compare.pti_embedding: {err}"
                                ) from None
   for name, path in given.items():
-    if path == "stand-in" and (name not in encoders.ARCHS or
+    if path == "stand-in" and (name not in synthetic.STAND_IN_ARCHS or
                                config.model.checkpoint != "stand-in"):
       raise UserError(
           f"config.compare.encoders['{name}']='stand-in': stand-in encoders "
-          f"are {', '.join(encoders.ARCHS)} of the stand-in generator "
+          f"are {', '.join(synthetic.STAND_IN_ARCHS)} of the stand-in "
+          "generator "
           "(model.checkpoint='stand-in', the demo)")
   hfgi = config.model.get("hfgi", "")
   if hfgi == "stand-in" and config.model.checkpoint != "stand-in":

@@ -301,7 +301,7 @@ def load_compare_encoders(config, models):
     arch = name if name in encoders.ARCHS else None
     if path == "stand-in":
       out[name] = synthetic.stand_in_encoder(
-          G, arch, int(config.model.stand_in.seed))
+          G, name, int(config.model.stand_in.seed))
     elif not os.path.exists(path):
       logging.warning(
           "encoder %r left out with its rows: config.%s %r not found "

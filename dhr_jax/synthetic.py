@@ -136,15 +136,24 @@ def edit_fidelity(G, truth, edits, rendered):
 STAND_IN_HEAD_SCALES = dict(e4e=0.25, psp=0.25, restyle=0.02)
 
 
-def stand_in_encoder(G, arch, seed):
-  """A seeded random encoder `arch` ('e4e', 'psp', 'restyle') for the
-  stand-in generator G, built in memory (the compare demo's, no weights):
-  the real architecture, its input at G's size (up to 256²), its codes
-  offsets from G's latent_avg."""
+# The compare demo's stand-in encoders by name: LSAP is an e4e network
+# trained with another loss (GANInverter ships it in e4e's layout), so its
+# stand-in is an e4e with weights of its own.
+STAND_IN_ARCHS = dict(e4e="e4e", psp="psp", restyle="restyle", lsap="e4e")
+# Each stand-in's random stream [seed, index]: 0-2 the architectures' own
+# (e4e, pSp, ReStyle), 3 HFGI's, 4 LSAP's.
+_STREAMS = dict(e4e=0, psp=1, restyle=2, lsap=4)
+
+
+def stand_in_encoder(G, name, seed):
+  """A seeded random encoder for the stand-in generator G, built in memory
+  (the compare demo's, no weights): name one of STAND_IN_ARCHS ('e4e',
+  'psp', 'restyle', 'lsap'), the real architecture, its input at G's size
+  (up to 256²), its codes offsets from G's latent_avg."""
+  arch = STAND_IN_ARCHS[name]
   avg = np.tile(np.asarray(G.latent_avg, np.float32)[None], (G.n_latent, 1))
-  index = encoders.ARCHS.index(arch)
   return encoders.init_encoder(
-      [int(seed), index], arch, G.config["size"], avg,
+      [int(seed), _STREAMS[name]], arch, G.config["size"], avg,
       input_size=min(G.config["size"], 256),
       head_scale=STAND_IN_HEAD_SCALES[arch])
 
@@ -166,6 +175,6 @@ def stand_in_hfgi(G, seed, head_scale=STAND_IN_HFGI_HEAD_SCALE):
   G's size up to 256²), its scale and shift small so that its image stays
   near the e4e inversion it consults."""
   config = hfgi.config_for(G.config["size"], G.config["channels"])
-  # A stream apart from the stand-in encoders' ([seed, index of arch]).
-  return hfgi.init_hfgi([int(seed), len(encoders.ARCHS)], config,
+  # A stream apart from the stand-in encoders' (`_STREAMS`).
+  return hfgi.init_hfgi([int(seed), 3], config,
                         head_scale)

@@ -267,7 +267,7 @@ def test_table1_layout_and_titles(monkeypatch):
   DHR row for ReStyle."""
   from types import SimpleNamespace as NS
   demo = compare_config.get_config("demo").compare.encoders
-  assert demo == "e4e=stand-in,psp=stand-in,restyle=stand-in"
+  assert demo == "e4e=stand-in,psp=stand-in,lsap=stand-in,restyle=stand-in"
   config = compare_config.get_config()
   methods = ("embedding", "pti", "hfgi", "dhr")
   own = NS(config={"arch": "e4e"})
@@ -370,6 +370,15 @@ def test_encoder_embeddings(compared):
   assert "\n" not in str(e.value)
   assert "is ReStyle (ProgressiveBackboneEncoder), expected pSp" in str(
       e.value)
+  # The demo's LSAP stand-in is an e4e network (as GANInverter ships LSAP)
+  # with weights of its own, not a second copy of the e4e stand-in.
+  seed = config.model.stand_in.seed
+  lsap, e4e = (synthetic.stand_in_encoder(G, n, seed) for n in ("lsap", "e4e"))
+  assert encoders.arch_of(lsap) == "e4e"
+  assert jax.tree.structure(lsap) == jax.tree.structure(e4e)
+  assert not any(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(lsap.params), jax.tree.leaves(e4e.params))
+                 if np.asarray(a).std() > 0)
 
 
 def test_compare_refuses_an_unknown_method(tmp_path):
