@@ -646,12 +646,20 @@ def _primitive_cases():
   convs = {
       "ops.conv2d": (w, lambda x, w: ops.conv2d(x, w, 1),
                      lambda x, w: ops.conv2d_xla(x, w, 1)),
+      "ops.conv_transpose2d_stride2": (
+          w, ops.conv_transpose2d_stride2, ops.conv_transpose2d_stride2_xla),
+      # The CPU input tangent's form on its own, through XLA's derivatives.
+      "ops.conv_transpose2d_stride2_phases": (
+          w, ops.conv_transpose2d_stride2_phases,
+          ops.conv_transpose2d_stride2_xla),
       "ops.conv_hwio 5x5/2": (
           w_hwio, lambda x, w: ops.conv_hwio(x, w, (2, 2), hwio[1]),
           lambda x, w: ops.conv_hwio_xla(x, w, (2, 2), hwio[1]))}
   for name, (wc, conv, ref) in convs.items():
     got = jax.grad(loss(conv), (0, 1))(x, wc)
     want = jax.grad(loss(ref), (0, 1))(x, wc)
+    cases[f"{name} value (max rel)"] = (f32(conv(x, wc)), f32(ref(x, wc)),
+                                        None)
     cases[f"{name} grad x (max rel)"] = (f32(got[0]), f32(want[0]), None)
     cases[f"{name} grad w (max rel)"] = (f32(got[1]), f32(want[1]), None)
   alex = lpips.load("alex")
@@ -666,6 +674,9 @@ def _primitive_cases():
   for name, (wc, _, ref) in convs.items():
     want64 = jax.grad(loss(ref), (0, 1))(jnp.asarray(x, jnp.float64),
                                          jnp.asarray(wc, jnp.float64))
+    key = f"{name} value (max rel)"
+    cases[key] = cases[key][:2] + (f32(ref(jnp.asarray(x, jnp.float64),
+                                           jnp.asarray(wc, jnp.float64))),)
     for i, part in enumerate(("x", "w")):
       key = f"{name} grad {part} (max rel)"
       cases[key] = cases[key][:2] + (f32(want64[i]),)

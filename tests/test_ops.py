@@ -63,6 +63,30 @@ def test_gradients_match_xla(name):
   assert _max_rel(t_got, jax.jvp(lambda w: ref(x, w), (w,), (dw,))[1]) <= 1e-5
 
 
+def test_transposed_phases_match_xla():
+  """The four-phase form of the stride-2 transposed convolution (the CPU
+  input tangent of `conv_transpose2d_stride2`) against XLA's dilated form,
+  in value and in XLA's gradients of each (x and weight), in both kernel
+  layouts the tangent may use."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, (2, 7, 9, 5))
+  w = jax.random.normal(kw, (6, 5, 3, 3))
+  ref = ops.conv_transpose2d_stride2_xla
+  for layout in ("HWIO", "HWOI"):
+    got = ops.conv_transpose2d_stride2_phases(x, w, kernel_layout=layout)
+    # bench/float_precision.py --part primitives, each float32 program
+    # against XLA's form in float64 (max |Δ| / max): phases 9.6e-8, XLA
+    # 7.5e-8. Bound ≥ 2× their sum: 4e-7.
+    assert _max_rel(got, ref(x, w)) <= 4e-7
+  conv = ops.conv_transpose2d_stride2_phases
+  got = jax.grad(_loss(conv), (0, 1))(x, w)
+  want = jax.grad(_loss(ref), (0, 1))(x, w)
+  # Same measurement: ∂x 2.5e-7 (phases) and 2.5e-7 (XLA), ∂w 3.6e-7 and
+  # 4.1e-7 from float64. Bounds ≥ 2× the sums: 1e-6 and 2e-6.
+  assert _max_rel(got[0], want[0]) <= 1e-6
+  assert _max_rel(got[1], want[1]) <= 2e-6
+
+
 # LPIPS's convolutions (flax layouts: HWIO kernels, strides, string padding).
 HWIO_CASES = {
     "3x3": ((3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),

@@ -130,14 +130,53 @@ def _conv_transpose2d_taps(x, weight):
   return out
 
 
-def _tangent(conv, taps, x, weight, dx, dweight):
+def conv_transpose2d_stride2_phases(x, weight, kernel_layout="HWIO"):
+  """conv_transpose2d_stride2_xla (3×3 kernels) as its four output phases.
+
+  Output pixel (2m + a, 2n + b) reads only the taps ty ≡ a, tx ≡ b (mod 2)
+  of the kernel: even phases the taps (2, 0) of input rows m − 1 and m, odd
+  ones tap 1 of row m. Each phase is therefore a canonical convolution of
+  the undilated input with a 2×2, 2×1, 1×2 or 1×1 kernel; the phases are
+  interleaved into the (2H + 1) × (2W + 1) output. It multiplies exactly
+  the products of XLA's form, without the zeros of the dilated input, and
+  its transpose (the input gradient) is again four canonical stride-1
+  convolutions, where XLA's form transposes into a stride-2 one that XLA
+  CPU runs at ~40% of a forward convolution's rate inside a loop.
+  """
+  n, h, w, _ = x.shape
+  if weight.shape[-2:] != (3, 3):
+    raise NotImplementedError("conv_transpose2d_stride2_phases: 3×3 only")
+
+  def phase(rows, cols):
+    k = weight[:, :, rows][:, :, :, cols]
+    k = jnp.transpose(k, ["OIHW".index(c) for c in kernel_layout])
+    pad = [(len(rows) - 1,) * 2, (len(cols) - 1,) * 2]
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), pad, dimension_numbers=("NHWC", kernel_layout, "NHWC"))
+
+  even, odd = [2, 0], [1]
+  zero = jnp.zeros((), x.dtype)
+  # Odd phases have one row (column) fewer: pad them to the even ones' size,
+  # interleave, then drop the padding's row and column at the far end.
+  grow = lambda v, a, b: jax.lax.pad(
+      v, zero, ((0, 0, 0), (0, a, 0), (0, b, 0), (0, 0, 0)))
+  rows_even = jnp.stack([phase(even, even), grow(phase(even, odd), 0, 1)], 3)
+  rows_odd = jnp.stack([grow(phase(odd, even), 1, 0),
+                        grow(phase(odd, odd), 1, 1)], 3)
+  y = jnp.stack([rows_even, rows_odd], 2).reshape(n, 2 * h + 2, 2 * w + 2, -1)
+  return y[:, :2 * h + 1, :2 * w + 1]
+
+
+def _tangent(conv, taps, x, weight, dx, dweight, input_tangent=None):
   """conv's tangent. Zero (symbolic) tangents cost nothing: the weights are
   constants when inverting (gradients for the codes only) and in
-  refinement's offset-only steps."""
+  refinement's offset-only steps. input_tangent: the CPU form of the input
+  tangent (conv(·, kernel_layout=...)) where it is not conv itself."""
   parts = []
   if not isinstance(dx, SymbolicZero):
     parts.append(jax.lax.platform_dependent(
-        dx, weight, cpu=functools.partial(conv, kernel_layout="HWOI"),
+        dx, weight,
+        cpu=functools.partial(input_tangent or conv, kernel_layout="HWOI"),
         default=conv))
   if not isinstance(dweight, SymbolicZero):
     parts.append(jax.lax.platform_dependent(x, dweight, cpu=taps,
@@ -174,8 +213,10 @@ def conv_transpose2d_stride2(x, weight):
 def _conv_transpose_jvp(primals, tangents):
   (x, weight), (dx, dweight) = primals, tangents
   conv = conv_transpose2d_stride2_xla
+  phases = (conv_transpose2d_stride2_phases if weight.shape[-1] == 3
+            else None)
   return conv(x, weight), _tangent(conv, _conv_transpose2d_taps, x, weight,
-                                   dx, dweight)
+                                   dx, dweight, input_tangent=phases)
 
 
 conv_transpose2d_stride2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)
