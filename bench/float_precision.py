@@ -662,6 +662,31 @@ def _primitive_cases():
                                         None)
     cases[f"{name} grad x (max rel)"] = (f32(got[0]), f32(want[0]), None)
     cases[f"{name} grad w (max rel)"] = (f32(got[1]), f32(want[1]), None)
+  # The blurs in a loop (where CPU runs `ops._depthwise`'s own form),
+  # against XLA's form in the same loop (test_ops.py).
+  xb = jax.random.normal(kx, (2, 7, 9, 5))
+  fir = ops.fir_kernel(gain=4.0)
+  blurs = {
+      "ops.blur": (lambda x: ops.blur(x, fir, (2, 1)),
+                   lambda x: ops.depthwise_xla(x, fir, ((2, 1), (2, 1)))),
+      "ops.upsample_2x": (
+          lambda x: ops.upsample_2x(x, fir, (2, 1)),
+          lambda x: ops.depthwise_xla(x, fir, ((2, 2), (2, 2)), (2, 2)))}
+
+  def in_loop(f):
+    def run(x):
+      def body(c, _):
+        return c, (f(x * c), jax.grad(
+            lambda x: loss(lambda x, _: f(x))(x, None))(x * c))
+      return jax.tree_util.tree_map(lambda v: v[-1], jax.lax.scan(
+          body, jnp.ones((), x.dtype), None, length=2)[1])
+    return jax.jit(run)
+  for name, (ours, ref) in blurs.items():
+    got, want = in_loop(ours)(xb), in_loop(ref)(xb)
+    cases[f"{name} in a loop, value (max rel)"] = (f32(got[0]), f32(want[0]),
+                                                   None)
+    cases[f"{name} in a loop, grad x (max rel)"] = (f32(got[1]),
+                                                    f32(want[1]), None)
   alex = lpips.load("alex")
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   a = jax.random.uniform(k1, (2, 64, 48, 3), minval=-1., maxval=1.)
@@ -679,6 +704,11 @@ def _primitive_cases():
                                            jnp.asarray(wc, jnp.float64))),)
     for i, part in enumerate(("x", "w")):
       key = f"{name} grad {part} (max rel)"
+      cases[key] = cases[key][:2] + (f32(want64[i]),)
+  for name, (_, ref) in blurs.items():
+    want64 = in_loop(ref)(jnp.asarray(xb, jnp.float64))
+    for i, part in enumerate(("value", "grad x")):
+      key = f"{name} in a loop, {part} (max rel)"
       cases[key] = cases[key][:2] + (f32(want64[i]),)
   for size, x in pil_inputs.items():
     name = f"e4e.resize_for_encoder {size} vs PIL"

@@ -35,24 +35,57 @@ def pixel_norm(z):
   return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + 1e-8)
 
 
-def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
-  """Per-channel correlation with a fixed 2-D FIR kernel.
+def depthwise_xla(x, kernel, padding, lhs_dilation=(1, 1),
+                  kernel_layout="HWIO"):
+  """Per-channel correlation with a fixed 2-D FIR kernel (XLA's form and
+  derivative: the reference `_depthwise` is checked against).
 
   The official upfirdn2d flips the kernel before correlating; our kernels are
   symmetric, but we flip anyway so any kernel behaves the same.
   """
   c = x.shape[-1]
-  k = jnp.asarray(kernel[::-1, ::-1], x.dtype)
-  k = jnp.tile(k[:, :, None, None], (1, 1, 1, c))
+  k = jnp.asarray(np.asarray(kernel)[::-1, ::-1], x.dtype)
+  per_group = (1, c) if kernel_layout == "HWIO" else (c, 1)
+  k = jnp.tile(k[:, :, None, None], (1, 1) + per_group)
   return jax.lax.conv_general_dilated(
       x, k, window_strides=(1, 1), padding=padding, lhs_dilation=lhs_dilation,
-      dimension_numbers=_NHWC, feature_group_count=c)
+      dimension_numbers=("NHWC", kernel_layout, "NHWC"),
+      feature_group_count=c)
+
+
+# XLA CPU hands a depthwise convolution in the canonical (HWIO) form to its
+# convolution library, which runs the blurs ~40× slower than XLA's own loop
+# does the same convolution in an (kh, kw, out, in) kernel layout (a 4×4
+# blur of 129²×256 inside a scan: 0.12 s against 3 ms). XLA brings the
+# latter into the canonical form outside loops, so there the two are one
+# program; inside refinement's loop the forward blur is written with the
+# OI layout on CPU. Its tangent keeps the HWIO form, whose transpose (the
+# backward pass) is already the OI one.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _depthwise(x, kernel, padding, lhs_dilation):
+  """depthwise_xla; kernel, padding and lhs_dilation as (nested) tuples."""
+  conv = lambda x, **kw: depthwise_xla(x, kernel, padding, lhs_dilation, **kw)
+  return jax.lax.platform_dependent(
+      x, cpu=functools.partial(conv, kernel_layout="HWOI"), default=conv)
+
+
+def _depthwise_jvp(kernel, padding, lhs_dilation, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return (_depthwise(x, kernel, padding, lhs_dilation),
+          depthwise_xla(dx, kernel, padding, lhs_dilation))
+
+
+_depthwise.defjvp(_depthwise_jvp)
+
+
+def _hashable(kernel):
+  return tuple(tuple(float(v) for v in row) for row in np.asarray(kernel))
 
 
 def blur(x, kernel, pad):
   """upfirdn2d(x, kernel, up=1, down=1, pad=(pad0, pad1))."""
   p0, p1 = pad
-  return _depthwise(x, kernel, [(p0, p1), (p0, p1)])
+  return _depthwise(x, _hashable(kernel), ((p0, p1), (p0, p1)), (1, 1))
 
 
 def upsample_2x(x, kernel, pad):
@@ -62,7 +95,8 @@ def upsample_2x(x, kernel, pad):
   lhs_dilation does not, so it is added to the far padding.
   """
   p0, p1 = pad
-  return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
+  return _depthwise(x, _hashable(kernel), ((p0, p1 + 1), (p0, p1 + 1)),
+                    (2, 2))
 
 
 def conv2d_xla(x, weight, padding, kernel_layout="HWIO"):
@@ -99,7 +133,11 @@ def conv_transpose2d_stride2_xla(x, weight, kernel_layout="HWIO"):
 # library only for the canonical NHWC/HWIO form and brings other forms
 # into it only outside loops; inside refinement's loop the transpose of
 # the plain HWIO tangent (an OI kernel) ran as a naive loop, 10× the
-# forward's time and ~70% of a 128² weight step.
+# forward's time and ~70% of a 128² weight step. The stride-2 transposed
+# convolution's input tangent is, on CPU, its four output phases
+# (`conv_transpose2d_stride2_phases`), whose transpose is four stride-1
+# convolutions where the dilated form's is a stride-2 one (2.4× slower at
+# 64²×512→256 inside a scan).
 
 
 def _conv2d_taps(x, weight, padding):
@@ -142,6 +180,7 @@ def conv_transpose2d_stride2_phases(x, weight, kernel_layout="HWIO"):
   its transpose (the input gradient) is again four canonical stride-1
   convolutions, where XLA's form transposes into a stride-2 one that XLA
   CPU runs at ~40% of a forward convolution's rate inside a loop.
+  kernel_layout as conv2d_xla's.
   """
   n, h, w, _ = x.shape
   if weight.shape[-2:] != (3, 3):
