@@ -13,8 +13,10 @@ source metadata:
 
   * convolution: the generator's convolutions (forward), 1×1 ones (dots)
     included;
-  * convolution, transposed: their derivatives (input and weight
-    gradients), i.e. the convolutions JAX's transpose made;
+  * convolution, transposed: their derivatives, i.e. the convolutions
+    JAX's transpose made (input gradients);
+  * convolution, weight gradient (taps): the matrix products JAX's
+    transpose made of ops' per-tap weight tangents (CPU);
   * blur (upfirdn): the depthwise FIR convolutions (feature_group_count > 1)
     of up-sampling and blurring, forward and backward;
   * modulation/demodulation: everything else of `ops.modulated_conv` (style
@@ -24,7 +26,9 @@ source metadata:
 
 FLOPs are counted from the HLO (2 · output elements · kernel taps · input
 channels per group for a convolution, 2·M·N·K for a dot; elementwise ops
-are not counted). Printed: a markdown table of seconds, share of the op
+are not counted; an input-dilated convolution's count includes the
+products with its inserted zeros, 4× the useful ones for the forward
+transposed convolution). Printed: a markdown table of seconds, share of the op
 time and GFLOP/s per kind. On a shared machine the seconds are upper
 bounds; the shares are the result.
 """
@@ -49,7 +53,8 @@ import numpy as np  # noqa: E402
 
 import refine_bench  # noqa: E402
 
-KINDS = ("convolution", "convolution, transposed", "blur (upfirdn)",
+KINDS = ("convolution", "convolution, transposed",
+         "convolution, weight gradient (taps)", "blur (upfirdn)",
          "modulation/demodulation", "LPIPS-Alex", "other")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? "
                     r"([\w\-]+)\((.*)$")
@@ -164,6 +169,8 @@ def kind_of(instr, instrs, comps, frames):
     return "blur (upfirdn)", total
   if convs:
     back = any("transpose(" in n for n in names)
+    if back and all(i.opcode == "dot" for i in convs):
+      return "convolution, weight gradient (taps)", total
     return ("convolution, transposed" if back else "convolution"), total
   if "modulated_conv" in functions:
     return "modulation/demodulation", total
