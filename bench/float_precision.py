@@ -646,14 +646,47 @@ def _primitive_cases():
   convs = {
       "ops.conv2d": (w, lambda x, w: ops.conv2d(x, w, 1),
                      lambda x, w: ops.conv2d_xla(x, w, 1)),
+      "ops.conv_transpose2d_stride2": (
+          w, ops.conv_transpose2d_stride2, ops.conv_transpose2d_stride2_xla),
+      # The CPU input tangent's form on its own, through XLA's derivatives.
+      "ops.conv_transpose2d_stride2_phases": (
+          w, ops.conv_transpose2d_stride2_phases,
+          ops.conv_transpose2d_stride2_xla),
       "ops.conv_hwio 5x5/2": (
           w_hwio, lambda x, w: ops.conv_hwio(x, w, (2, 2), hwio[1]),
           lambda x, w: ops.conv_hwio_xla(x, w, (2, 2), hwio[1]))}
   for name, (wc, conv, ref) in convs.items():
     got = jax.grad(loss(conv), (0, 1))(x, wc)
     want = jax.grad(loss(ref), (0, 1))(x, wc)
+    cases[f"{name} value (max rel)"] = (f32(conv(x, wc)), f32(ref(x, wc)),
+                                        None)
     cases[f"{name} grad x (max rel)"] = (f32(got[0]), f32(want[0]), None)
     cases[f"{name} grad w (max rel)"] = (f32(got[1]), f32(want[1]), None)
+  # The blurs in a loop (where CPU runs `ops._depthwise`'s own form),
+  # against XLA's form in the same loop (test_ops.py).
+  xb = jax.random.normal(kx, (2, 7, 9, 5))
+  fir = ops.fir_kernel(gain=4.0)
+  blurs = {
+      "ops.blur": (lambda x: ops.blur(x, fir, (2, 1)),
+                   lambda x: ops.depthwise_xla(x, fir, ((2, 1), (2, 1)))),
+      "ops.upsample_2x": (
+          lambda x: ops.upsample_2x(x, fir, (2, 1)),
+          lambda x: ops.depthwise_xla(x, fir, ((2, 2), (2, 2)), (2, 2)))}
+
+  def in_loop(f):
+    def run(x):
+      def body(c, _):
+        return c, (f(x * c), jax.grad(
+            lambda x: loss(lambda x, _: f(x))(x, None))(x * c))
+      return jax.tree_util.tree_map(lambda v: v[-1], jax.lax.scan(
+          body, jnp.ones((), x.dtype), None, length=2)[1])
+    return jax.jit(run)
+  for name, (ours, ref) in blurs.items():
+    got, want = in_loop(ours)(xb), in_loop(ref)(xb)
+    cases[f"{name} in a loop, value (max rel)"] = (f32(got[0]), f32(want[0]),
+                                                   None)
+    cases[f"{name} in a loop, grad x (max rel)"] = (f32(got[1]),
+                                                    f32(want[1]), None)
   alex = lpips.load("alex")
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   a = jax.random.uniform(k1, (2, 64, 48, 3), minval=-1., maxval=1.)
@@ -666,8 +699,16 @@ def _primitive_cases():
   for name, (wc, _, ref) in convs.items():
     want64 = jax.grad(loss(ref), (0, 1))(jnp.asarray(x, jnp.float64),
                                          jnp.asarray(wc, jnp.float64))
+    key = f"{name} value (max rel)"
+    cases[key] = cases[key][:2] + (f32(ref(jnp.asarray(x, jnp.float64),
+                                           jnp.asarray(wc, jnp.float64))),)
     for i, part in enumerate(("x", "w")):
       key = f"{name} grad {part} (max rel)"
+      cases[key] = cases[key][:2] + (f32(want64[i]),)
+  for name, (_, ref) in blurs.items():
+    want64 = in_loop(ref)(jnp.asarray(xb, jnp.float64))
+    for i, part in enumerate(("value", "grad x")):
+      key = f"{name} in a loop, {part} (max rel)"
       cases[key] = cases[key][:2] + (f32(want64[i]),)
   for size, x in pil_inputs.items():
     name = f"e4e.resize_for_encoder {size} vs PIL"

@@ -86,6 +86,17 @@ def step_seconds(spec, G, codes, target, mask, lpips_params, hyper, steps=2):
   its time over `steps`. The first call after compiling is the one timed
   (no warm-up), which errs on the slow side.
   """
+  run, state = step_program(spec, G, codes, target, mask, lpips_params,
+                            hyper, steps)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(state, codes, target, mask))
+  return (time.perf_counter() - t0) / steps
+
+
+def step_program(spec, G, codes, target, mask, lpips_params, hyper, steps):
+  """(compiled loop of `steps` steps of `spec` for the batch, its start
+  state): run(state, codes, target, mask) → offsets (public for
+  profile_refine.py)."""
   from dhr_jax import refine
   res = refine.feature_resolution(spec.feature_idx)
 
@@ -109,9 +120,7 @@ def step_seconds(spec, G, codes, target, mask, lpips_params, hyper, steps=2):
   run = jax.jit(lambda *a: refine.map_images(
       lambda *x: loop(*x, steps), *a)).lower(state, codes, target,
                                             mask).compile()
-  t0 = time.perf_counter()
-  jax.block_until_ready(run(state, codes, target, mask))
-  return (time.perf_counter() - t0) / steps
+  return run, state
 
 
 def measure(size, batch, lpips_on, feature_idx):

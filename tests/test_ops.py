@@ -63,6 +63,73 @@ def test_gradients_match_xla(name):
   assert _max_rel(t_got, jax.jvp(lambda w: ref(x, w), (w,), (dw,))[1]) <= 1e-5
 
 
+def test_transposed_phases_match_xla():
+  """The four-phase form of the stride-2 transposed convolution (the CPU
+  input tangent of `conv_transpose2d_stride2`) against XLA's dilated form,
+  in value and in XLA's gradients of each (x and weight), in both kernel
+  layouts the tangent may use."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, (2, 7, 9, 5))
+  w = jax.random.normal(kw, (6, 5, 3, 3))
+  ref = ops.conv_transpose2d_stride2_xla
+  for layout in ("HWIO", "HWOI"):
+    got = ops.conv_transpose2d_stride2_phases(x, w, kernel_layout=layout)
+    # bench/float_precision.py --part primitives, each float32 program
+    # against XLA's form in float64 (max |Δ| / max): phases 9.6e-8, XLA
+    # 7.5e-8. Bound ≥ 2× their sum: 4e-7.
+    assert _max_rel(got, ref(x, w)) <= 4e-7
+  conv = ops.conv_transpose2d_stride2_phases
+  got = jax.grad(_loss(conv), (0, 1))(x, w)
+  want = jax.grad(_loss(ref), (0, 1))(x, w)
+  # Same measurement: ∂x 2.5e-7 (phases) and 2.5e-7 (XLA), ∂w 3.6e-7 and
+  # 4.1e-7 from float64. Bounds ≥ 2× the sums: 1e-6 and 2e-6.
+  assert _max_rel(got[0], want[0]) <= 1e-6
+  assert _max_rel(got[1], want[1]) <= 2e-6
+
+
+FIR = ops.fir_kernel(gain=4.0)
+BLURS = {
+    "blur": (lambda x: ops.blur(x, FIR, (2, 1)),
+             lambda x: ops.depthwise_xla(x, FIR, ((2, 1), (2, 1)))),
+    "upsample_2x": (lambda x: ops.upsample_2x(x, FIR, (2, 1)),
+                    lambda x: ops.depthwise_xla(x, FIR, ((2, 2), (2, 2)),
+                                                (2, 2))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLURS))
+def test_blurs_in_a_loop_match_xla(name):
+  """Inside a loop, where CPU runs the blurs in their own kernel layout,
+  value and input gradient against XLA's form in the same loop."""
+  ours, ref = BLURS[name]
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 9, 5))
+
+  def in_loop(f):
+    loss = lambda x: _loss(lambda x, _: f(x))(x, None)
+    def body(c, _):
+      return c, (f(x * c), jax.grad(loss)(x * c))
+    run = lambda x: jax.lax.scan(body, jnp.ones((), x.dtype), None, length=2)
+    return jax.jit(run), jax.jit(lambda x: jax.tree_util.tree_map(
+        lambda v: v[-1], run(x)[1]))
+
+  (program, got), (_, want) = in_loop(ours), in_loop(ref)
+  got, want = got(x), want(x)
+  # bench/float_precision.py --part primitives ("in a loop"), each float32
+  # program against XLA's form in float64 (max |Δ| / max): values 1.3e-7
+  # (ours) and 5.7e-8 (XLA's) for the blur, 1.0e-7 and 6.8e-8 for the
+  # up-sampling; input gradients 1.3e-7 each. Bounds ≥ 2× the sums: 4e-7
+  # and 6e-7.
+  assert _max_rel(got[0], want[0]) <= 4e-7
+  assert _max_rel(got[1], want[1]) <= 6e-7
+  if jax.default_backend() == "cpu":
+    # The canonical depthwise form goes to XLA CPU's convolution library,
+    # which runs these blurs ~40× slower than XLA's own loop (ops.py).
+    hlo = program.lower(x).compile().as_text()
+    grouped = re.findall(r"convolution\(.*?dim_labels=(\S+?),.*"
+                         r"feature_group_count", hlo)
+    assert grouped and "b01f_01io->b01f" not in grouped, grouped
+
+
 # LPIPS's convolutions (flax layouts: HWIO kernels, strides, string padding).
 HWIO_CASES = {
     "3x3": ((3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),

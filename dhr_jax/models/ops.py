@@ -35,24 +35,57 @@ def pixel_norm(z):
   return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + 1e-8)
 
 
-def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
-  """Per-channel correlation with a fixed 2-D FIR kernel.
+def depthwise_xla(x, kernel, padding, lhs_dilation=(1, 1),
+                  kernel_layout="HWIO"):
+  """Per-channel correlation with a fixed 2-D FIR kernel (XLA's form and
+  derivative: the reference `_depthwise` is checked against).
 
   The official upfirdn2d flips the kernel before correlating; our kernels are
   symmetric, but we flip anyway so any kernel behaves the same.
   """
   c = x.shape[-1]
-  k = jnp.asarray(kernel[::-1, ::-1], x.dtype)
-  k = jnp.tile(k[:, :, None, None], (1, 1, 1, c))
+  k = jnp.asarray(np.asarray(kernel)[::-1, ::-1], x.dtype)
+  per_group = (1, c) if kernel_layout == "HWIO" else (c, 1)
+  k = jnp.tile(k[:, :, None, None], (1, 1) + per_group)
   return jax.lax.conv_general_dilated(
       x, k, window_strides=(1, 1), padding=padding, lhs_dilation=lhs_dilation,
-      dimension_numbers=_NHWC, feature_group_count=c)
+      dimension_numbers=("NHWC", kernel_layout, "NHWC"),
+      feature_group_count=c)
+
+
+# XLA CPU hands a depthwise convolution in the canonical (HWIO) form to its
+# convolution library, which runs the blurs ~40× slower than XLA's own loop
+# does the same convolution in an (kh, kw, out, in) kernel layout (a 4×4
+# blur of 129²×256 inside a scan: 0.12 s against 3 ms). XLA brings the
+# latter into the canonical form outside loops, so there the two are one
+# program; inside refinement's loop the forward blur is written with the
+# OI layout on CPU. Its tangent keeps the HWIO form, whose transpose (the
+# backward pass) is already the OI one.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _depthwise(x, kernel, padding, lhs_dilation):
+  """depthwise_xla; kernel, padding and lhs_dilation as (nested) tuples."""
+  conv = lambda x, **kw: depthwise_xla(x, kernel, padding, lhs_dilation, **kw)
+  return jax.lax.platform_dependent(
+      x, cpu=functools.partial(conv, kernel_layout="HWOI"), default=conv)
+
+
+def _depthwise_jvp(kernel, padding, lhs_dilation, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return (_depthwise(x, kernel, padding, lhs_dilation),
+          depthwise_xla(dx, kernel, padding, lhs_dilation))
+
+
+_depthwise.defjvp(_depthwise_jvp)
+
+
+def _hashable(kernel):
+  return tuple(tuple(float(v) for v in row) for row in np.asarray(kernel))
 
 
 def blur(x, kernel, pad):
   """upfirdn2d(x, kernel, up=1, down=1, pad=(pad0, pad1))."""
   p0, p1 = pad
-  return _depthwise(x, kernel, [(p0, p1), (p0, p1)])
+  return _depthwise(x, _hashable(kernel), ((p0, p1), (p0, p1)), (1, 1))
 
 
 def upsample_2x(x, kernel, pad):
@@ -62,7 +95,8 @@ def upsample_2x(x, kernel, pad):
   lhs_dilation does not, so it is added to the far padding.
   """
   p0, p1 = pad
-  return _depthwise(x, kernel, [(p0, p1 + 1), (p0, p1 + 1)], lhs_dilation=(2, 2))
+  return _depthwise(x, _hashable(kernel), ((p0, p1 + 1), (p0, p1 + 1)),
+                    (2, 2))
 
 
 def conv2d_xla(x, weight, padding, kernel_layout="HWIO"):
@@ -99,7 +133,11 @@ def conv_transpose2d_stride2_xla(x, weight, kernel_layout="HWIO"):
 # library only for the canonical NHWC/HWIO form and brings other forms
 # into it only outside loops; inside refinement's loop the transpose of
 # the plain HWIO tangent (an OI kernel) ran as a naive loop, 10× the
-# forward's time and ~70% of a 128² weight step.
+# forward's time and ~70% of a 128² weight step. The stride-2 transposed
+# convolution's input tangent is, on CPU, its four output phases
+# (`conv_transpose2d_stride2_phases`), whose transpose is four stride-1
+# convolutions where the dilated form's is a stride-2 one (2.4× slower at
+# 64²×512→256 inside a scan).
 
 
 def _conv2d_taps(x, weight, padding):
@@ -130,14 +168,54 @@ def _conv_transpose2d_taps(x, weight):
   return out
 
 
-def _tangent(conv, taps, x, weight, dx, dweight):
+def conv_transpose2d_stride2_phases(x, weight, kernel_layout="HWIO"):
+  """conv_transpose2d_stride2_xla (3×3 kernels) as its four output phases.
+
+  Output pixel (2m + a, 2n + b) reads only the taps ty ≡ a, tx ≡ b (mod 2)
+  of the kernel: even phases the taps (2, 0) of input rows m − 1 and m, odd
+  ones tap 1 of row m. Each phase is therefore a canonical convolution of
+  the undilated input with a 2×2, 2×1, 1×2 or 1×1 kernel; the phases are
+  interleaved into the (2H + 1) × (2W + 1) output. It multiplies exactly
+  the products of XLA's form, without the zeros of the dilated input, and
+  its transpose (the input gradient) is again four canonical stride-1
+  convolutions, where XLA's form transposes into a stride-2 one that XLA
+  CPU runs at ~40% of a forward convolution's rate inside a loop.
+  kernel_layout as conv2d_xla's.
+  """
+  n, h, w, _ = x.shape
+  if weight.shape[-2:] != (3, 3):
+    raise NotImplementedError("conv_transpose2d_stride2_phases: 3×3 only")
+
+  def phase(rows, cols):
+    k = weight[:, :, rows][:, :, :, cols]
+    k = jnp.transpose(k, ["OIHW".index(c) for c in kernel_layout])
+    pad = [(len(rows) - 1,) * 2, (len(cols) - 1,) * 2]
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), pad, dimension_numbers=("NHWC", kernel_layout, "NHWC"))
+
+  even, odd = [2, 0], [1]
+  zero = jnp.zeros((), x.dtype)
+  # Odd phases have one row (column) fewer: pad them to the even ones' size,
+  # interleave, then drop the padding's row and column at the far end.
+  grow = lambda v, a, b: jax.lax.pad(
+      v, zero, ((0, 0, 0), (0, a, 0), (0, b, 0), (0, 0, 0)))
+  rows_even = jnp.stack([phase(even, even), grow(phase(even, odd), 0, 1)], 3)
+  rows_odd = jnp.stack([grow(phase(odd, even), 1, 0),
+                        grow(phase(odd, odd), 1, 1)], 3)
+  y = jnp.stack([rows_even, rows_odd], 2).reshape(n, 2 * h + 2, 2 * w + 2, -1)
+  return y[:, :2 * h + 1, :2 * w + 1]
+
+
+def _tangent(conv, taps, x, weight, dx, dweight, input_tangent=None):
   """conv's tangent. Zero (symbolic) tangents cost nothing: the weights are
   constants when inverting (gradients for the codes only) and in
-  refinement's offset-only steps."""
+  refinement's offset-only steps. input_tangent: the CPU form of the input
+  tangent (conv(·, kernel_layout=...)) where it is not conv itself."""
   parts = []
   if not isinstance(dx, SymbolicZero):
     parts.append(jax.lax.platform_dependent(
-        dx, weight, cpu=functools.partial(conv, kernel_layout="HWOI"),
+        dx, weight,
+        cpu=functools.partial(input_tangent or conv, kernel_layout="HWOI"),
         default=conv))
   if not isinstance(dweight, SymbolicZero):
     parts.append(jax.lax.platform_dependent(x, dweight, cpu=taps,
@@ -174,8 +252,10 @@ def conv_transpose2d_stride2(x, weight):
 def _conv_transpose_jvp(primals, tangents):
   (x, weight), (dx, dweight) = primals, tangents
   conv = conv_transpose2d_stride2_xla
+  phases = (conv_transpose2d_stride2_phases if weight.shape[-1] == 3
+            else None)
   return conv(x, weight), _tangent(conv, _conv_transpose2d_taps, x, weight,
-                                   dx, dweight)
+                                   dx, dweight, input_tangent=phases)
 
 
 conv_transpose2d_stride2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)
