@@ -31,19 +31,21 @@ from dhr_jax.models import hfgi
 
 PARTS = ("encoder", "decoder", "grid_align", "residue")
 _STEM = {"grid_align": (6, hfgi.ALIGN_STEM), "residue": (3, hfgi.RESIDUE_STEM)}
+# The released checkpoint is the official architecture.
+_RESIDUE_DOWN = hfgi.OFFICIAL.residue_down
 
 
 def expected_shapes(net):
   """{official key: shape} of 'grid_align' (ResidualAligner) or 'residue'
   (ResidualEncoder), BatchNorm counters excluded."""
   shapes = stem_shapes("conv_layer1", *_STEM[net])
-  for prefix, c_in, depth, _ in hfgi.unit_specs(net):
+  for prefix, c_in, depth, _ in hfgi.unit_specs(net, _RESIDUE_DOWN):
     shapes.update(bottleneck_shapes(prefix, c_in, depth, se=False))
   if net == "residue":
-    c = hfgi.CONDITION_CHANNELS
+    c = hfgi.OFFICIAL.condition_channels
     for head in hfgi.HEADS:
       # Sequential(EqualConv2d, ScaledLeakyReLU, EqualConv2d): entries 0, 2.
-      for i, c_in in ((0, hfgi.RESIDUE_DOWN[-1][1]), (2, c)):
+      for i, c_in in ((0, _RESIDUE_DOWN[-1][1]), (2, c)):
         shapes[f"{head}.{i}.weight"] = (c, c_in, 3, 3)
         shapes[f"{head}.{i}.bias"] = (c,)
   return shapes
@@ -65,7 +67,7 @@ def convert_network(sd, net, src="<state_dict>"):
   ignore = [k for k in sd if k.endswith("num_batches_tracked")]
   check_keys(src, sd, expected_shapes(net), ignore=ignore)
   params = convert_stem(sd, "conv_layer1")
-  for prefix, c_in, depth, _ in hfgi.unit_specs(net):
+  for prefix, c_in, depth, _ in hfgi.unit_specs(net, _RESIDUE_DOWN):
     params[hfgi.module_name(prefix)] = convert_bottleneck(
         sd, prefix, c_in, depth, se=False)
   if net == "residue":

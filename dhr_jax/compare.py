@@ -67,8 +67,14 @@ def encoder_title(name):
   return ENCODER_TITLES.get(name.lower(), name)
 
 
-_NO_E4E = ("HFGI left out: it consults e4e's codes; name the converted e4e "
-           "bundle in config.compare.encoders (e4e=DIR)")
+def _no_e4e(config):
+  """The warning of an HFGI row left out for want of e4e codes."""
+  entry = "e4e=stand-in" if config.model.get("hfgi") == "stand-in" else (
+      "e4e=DIR")
+  return ("HFGI left out: it consults e4e's codes; name the e4e bundle in "
+          f"config.compare.encoders ({entry})")
+
+
 DIFFCAM_TITLE = "Diff-CAM (pSp)"
 # Where the Diff-CAM row's pSp comes from, when the run has none.
 _NO_PSP = ("config.edit.method='diffcam': the Diff-CAM row edits pSp's "
@@ -134,7 +140,7 @@ def table1_methods(config, methods, models):
   if not settings.compare_encoders(config):
     if "hfgi" in methods and config.embedding.method != "e4e":
       # Only the demo's stand-in HFGI gets here (`validate`).
-      logging.warning(_NO_E4E)
+      logging.warning(_no_e4e(config))
       methods = tuple(m for m in methods if m != "hfgi")
     return [m for m in methods if m != "diffcam"] + last, {}
   archs = {n: encoders.arch_of(E) for n, E in models.encoders.items()}
@@ -153,7 +159,7 @@ def table1_methods(config, methods, models):
     elif config.embedding.method == "e4e" and own:
       keys.append("hfgi")
     else:
-      logging.warning(_NO_E4E)
+      logging.warning(_no_e4e(config))
   if "dhr" in methods:
     keys += (["dhr"] if own else []) + [f"dhr@{n}" for n in coded]
   return keys + last, archs
@@ -225,11 +231,9 @@ def validate(config):
           "generator "
           "(model.checkpoint='stand-in', the demo)")
   hfgi = config.model.get("hfgi", "")
-  if hfgi == "stand-in" and config.model.checkpoint != "stand-in":
-    raise UserError("config.model.hfgi='stand-in': the stand-in HFGI is "
-                    "the stand-in generator's (model.checkpoint='stand-in', "
-                    "the demo); name a converted HFGI checkpoint "
-                    "(python -m converters.hfgi)")
+  if ("hfgi" in methods and hfgi == "stand-in"
+      and config.model.checkpoint != "stand-in"):
+    raise UserError(synthetic.HFGI_STAND_IN_ONLY)
   # The demo's stand-in without a stand-in e4e is left out with a warning
   # (`table1_methods`), as are the rows of every missing encoder.
   if "hfgi" in methods and hfgi not in ("", "stand-in") and not given and (

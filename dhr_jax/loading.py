@@ -188,6 +188,10 @@ def load_hfgi(config, G):
     logging.warning("HFGI left out: config.model.hfgi is not set")
     return None
   if path == "stand-in":
+    # Random weights in a real run would pass for HFGI's; never build them
+    # for a converted generator.
+    if config.model.checkpoint != "stand-in":
+      raise UserError(synthetic.HFGI_STAND_IN_ONLY)
     return synthetic.stand_in_hfgi(G, int(config.model.stand_in.seed))
   if not os.path.exists(path):
     raise UserError(f"config.model.hfgi {path!r} not found; convert it with "

@@ -141,8 +141,8 @@ STAND_IN_HEAD_SCALES = dict(e4e=0.25, psp=0.25, restyle=0.02)
 # stand-in is an e4e with weights of its own.
 STAND_IN_ARCHS = dict(e4e="e4e", psp="psp", restyle="restyle", lsap="e4e")
 # Each stand-in's random stream [seed, index]: 0-2 the architectures' own
-# (e4e, pSp, ReStyle), 3 HFGI's, 4 LSAP's.
-_STREAMS = dict(e4e=0, psp=1, restyle=2, lsap=4)
+# (e4e, pSp, ReStyle, as before LSAP and HFGI joined), then HFGI's, LSAP's.
+_STREAMS = dict(e4e=0, psp=1, restyle=2, hfgi=3, lsap=4)
 
 
 def stand_in_encoder(G, name, seed):
@@ -168,6 +168,12 @@ def stand_in_encoder(G, name, seed):
 STAND_IN_HFGI_HEAD_SCALE = 0.01
 
 
+HFGI_STAND_IN_ONLY = (
+    "config.model.hfgi='stand-in': the stand-in HFGI is the stand-in "
+    "generator's (model.checkpoint='stand-in', the demo); name a converted "
+    "HFGI checkpoint (python -m converters.hfgi)")
+
+
 def stand_in_hfgi(G, seed, head_scale=STAND_IN_HFGI_HEAD_SCALE):
   """A seeded random HFGI for the stand-in generator G, built in memory (the
   compare demo's "HFGI (e4e)" row, no weights): the released architecture
@@ -175,6 +181,5 @@ def stand_in_hfgi(G, seed, head_scale=STAND_IN_HFGI_HEAD_SCALE):
   G's size up to 256²), its scale and shift small so that its image stays
   near the e4e inversion it consults."""
   config = hfgi.config_for(G.config["size"], G.config["channels"])
-  # A stream apart from the stand-in encoders' (`_STREAMS`).
-  return hfgi.init_hfgi([int(seed), 3], config,
+  return hfgi.init_hfgi([int(seed), _STREAMS["hfgi"]], config,
                         head_scale)

@@ -307,6 +307,7 @@ def test_table1_layout_and_titles(monkeypatch):
   keys, _ = compare.table1_methods(demo, methods, models)
   assert keys == ["embedding", "pti", "dhr"]
   assert len(warnings) == 2 and "HFGI left out" in warnings[1]
+  assert "(e4e=stand-in)" in warnings[1] and "(e4e=DIR)" in warnings[0]
 
 
 def test_compare_encoders_refusals_and_missing_folder(monkeypatch, tmp_path):
@@ -325,7 +326,12 @@ def test_compare_encoders_refusals_and_missing_folder(monkeypatch, tmp_path):
   config.compare.encoders, config.model.hfgi = "", "stand-in"
   with pytest.raises(run_lib.UserError, match="stand-in HFGI is the stand-in"):
     compare.validate(config)
-  config.model.hfgi = ""
+  # Nor do library calls build it for a converted generator.
+  with pytest.raises(run_lib.UserError, match="stand-in HFGI is the stand-in"):
+    loading.load_hfgi(config, None)
+  config.compare.methods = "embedding,dhr"  # no HFGI row: nothing to refuse
+  compare.validate(config)
+  config.model.hfgi, config.compare.methods = "", "embedding,pti,hfgi,dhr"
   warnings = []
   monkeypatch.setattr(loading.logging, "warning",
                       lambda msg, *a: warnings.append(msg % a))

@@ -56,11 +56,13 @@ RESIDUE_STEM, RESIDUE_DOWN = 32, ((32, 48), (48, 64))
 HEADS = ("condition_scale3", "condition_shift3")
 
 
-def unit_specs(net, residue_down=RESIDUE_DOWN):
+def unit_specs(net, residue_down=None):
   """[(official prefix, in_channels, depth, stride)] of every bottleneck of
   'grid_align' or 'residue', in the order the network runs them.
   residue_down: the consultation encoder's stages (`HFGIConfig.
-  residue_down`; the official's by default, which the converter reads)."""
+  residue_down`), which 'residue' needs; the aligner's are fixed."""
+  if net == "residue" and residue_down is None:
+    raise ValueError("unit_specs('residue') needs HFGIConfig.residue_down")
   down = {"grid_align": ALIGN_DOWN, "residue": residue_down}[net]
   specs = []
   for i, (c_in, depth) in enumerate(down):
@@ -78,7 +80,7 @@ def module_name(prefix):
   return prefix.replace(".", "_")
 
 
-def _stage(x, net, stage, residue_down=RESIDUE_DOWN):
+def _stage(x, net, stage, residue_down=None):
   """The bottlenecks of one official Sequential (e.g. 'dconv_layer2')."""
   for prefix, c_in, depth, stride in unit_specs(net, residue_down):
     if prefix.split(".")[0] == stage:
@@ -223,12 +225,13 @@ class HFGI:
   config: HFGIConfig = struct.field(pytree_node=False)
 
   def align(self, params, x):
-    """concat(residual, image) (B, 256, 256, 6) → aligned residual."""
+    """concat(residual, image) (B, S, S, 6), S = config.input_size (256 for
+    the released checkpoint) → aligned residual."""
     return ResidualAligner().apply({"params": params["align"]}, x)
 
   def consult(self, params, residual):
-    """Aligned residual (B, 256, 256, 3) → (scale, shift) at the hooked
-    feature's resolution."""
+    """Aligned residual (B, S, S, 3), S = config.input_size → (scale,
+    shift) at the hooked feature's resolution."""
     model = ResidualEncoder(self.config)
     return model.apply({"params": params["residue"]}, residual)
 
