@@ -58,9 +58,10 @@ def depthwise_xla(x, kernel, padding, lhs_dilation=(1, 1),
 # does the same convolution in an (kh, kw, out, in) kernel layout (a 4×4
 # blur of 129²×256 inside a scan: 0.12 s against 3 ms). XLA brings the
 # latter into the canonical form outside loops, so there the two are one
-# program; inside refinement's loop the forward blur is written with the
-# OI layout on CPU. Its tangent keeps the HWIO form, whose transpose (the
-# backward pass) is already the OI one.
+# program; so on CPU the forward blur is always written with the OI layout,
+# which inside a loop (refinement's, the coarse inversion's) stays XLA's own
+# loop. Its tangent keeps the HWIO form, whose transpose (the backward
+# pass) is already the OI one.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _depthwise(x, kernel, padding, lhs_dilation):
   """depthwise_xla; kernel, padding and lhs_dilation as (nested) tuples."""
