@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from dhr_jax import cli
 from dhr_jax import compile_cache
+from dhr_jax import precision
 from dhr_jax import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +50,11 @@ _CACHE = flags.DEFINE_string(
     "Folder of JAX's persistent compilation cache, so that a second run on "
     "the same settings does not compile again; '' = $JAX_COMPILATION_CACHE_DIR "
     "or ~/.cache/dhr_jax/xla, 'none' = off.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", precision.DEFAULT, list(precision.CHOICES),
+    "Precision of float32 matrix products and convolutions (dhr_jax."
+    "precision): float32 everywhere by default; tensorfloat32 / bfloat16 "
+    "trade accuracy for speed on accelerators that have them.")
 
 
 def parse_flags(argv):
@@ -62,6 +68,7 @@ def main(argv):
     return 2
   config, mode = _CONFIG.value, _MODE.value
   compile_cache.enable(_CACHE.value)
+  precision.set_default(_PRECISION.value)
   if mode == "run" and config is not None and "compare" in config:
     mode = "compare"
   return runner.main(config, _WORKDIR.value, mode)

@@ -29,6 +29,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from dhr_jax import precision  # noqa: E402
+
 OFFICIAL_BENCH = os.path.join(os.path.dirname(REPO), "shared",
                               "bench_official")
 
@@ -81,15 +84,20 @@ def main(argv=None):
                   "the official loop, in the same run")
   ap.add_argument("--official-bench", default=OFFICIAL_BENCH,
                   help="folder of bench_official_coarse.py")
+  ap.add_argument("--precision", default=precision.DEFAULT,
+                  choices=precision.CHOICES,
+                  help="float32 products and convolutions (as run.py), or a "
+                  "reduced mode on accelerators (dhr_jax.precision)")
   ap.add_argument("--one", type=int, metavar="SIZE", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.one:
+    precision.set_default(args.precision)
     compile_s, step_s = measure(args.one, args.steps)
     print(f"{compile_s:.3f} {step_s:.4f}")
     return 0
   import jax
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} "
-        f"CPUs, jax {jax.__version__}; coarse inversion (W, LPIPS-VGG at "
+        f"CPUs, jax {jax.__version__}, precision {args.precision}; coarse inversion (W, LPIPS-VGG at "
         f"256², noise regulariser), {args.steps} steps")
   head = "| size | compile (s) | step (s) |"
   if args.official:
@@ -107,7 +115,8 @@ def main(argv=None):
         print(f"| {size} | official failed: {e} |", flush=True)
         continue
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--one",
-                        str(size), "--steps", str(args.steps)],
+                        str(size), "--steps", str(args.steps),
+                        "--precision", args.precision],
                        capture_output=True, text=True)
     if p.returncode:
       print(f"| {size} | failed, exit {p.returncode}: "

@@ -52,6 +52,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import refine_bench  # noqa: E402
+from dhr_jax import precision  # noqa: E402
 
 KINDS = ("convolution", "convolution, transposed",
          "convolution, weight gradient (taps)", "blur (upfirdn)",
@@ -211,6 +212,7 @@ def main(argv=None):
   ap.add_argument("--top", type=int, default=0,
                   help="also list the N most expensive instructions")
   args = ap.parse_args(argv)
+  precision.set_default()  # float32, as run.py and refine_bench.py
   from dhr_jax import refine
   G, codes, target, mask, net, lp, hyper = refine_bench.problem(
       args.size, 1, True)

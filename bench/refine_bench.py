@@ -46,6 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dhr_jax import precision  # noqa: E402
+
 FEATURE_STEPS, WEIGHT_STEPS = 100, 50
 OFFICIAL_BENCH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -53,7 +55,9 @@ OFFICIAL_BENCH = os.path.join(
 
 
 def use_xla_weight_gradients():
-  """Route the generator's convolutions around ops' CPU weight gradient."""
+  """Route the generator's convolutions around ops' CPU derivatives: XLA's
+  own weight gradients and transposed-convolution input gradient (the blurs
+  keep ops' kernel layout)."""
   from dhr_jax.models import ops
   ops.conv2d = ops.conv2d_xla
   ops.conv_transpose2d_stride2 = ops.conv_transpose2d_stride2_xla
@@ -153,8 +157,13 @@ def main(argv=None):
   ap.add_argument("--feature-idx", type=int, default=None,
                   help="default: the size/8 map (11 at 1024², 7 at 256²)")
   ap.add_argument("--xla-weight-grad", action="store_true",
-                  help="use XLA's convolution weight gradients instead of "
-                  "ops' CPU matrix-product ones (for comparison)")
+                  help="use XLA's derivatives of the generator's convolutions "
+                  "(weight gradients, the transposed convolution's input "
+                  "gradient) instead of ops' CPU forms (for comparison)")
+  ap.add_argument("--precision", default=precision.DEFAULT,
+                  choices=precision.CHOICES,
+                  help="float32 products and convolutions (as run.py), or a "
+                  "reduced mode on accelerators")
   ap.add_argument("--official", metavar="EXTRACT", default=None,
                   help="GANInverter extract (models/, criteria/): also time "
                   "the official loop at batch 1, in the same run")
@@ -163,6 +172,7 @@ def main(argv=None):
   ap.add_argument("--one", nargs=2, type=int, metavar=("SIZE", "BATCH"),
                   help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  precision.set_default(args.precision)
   if args.xla_weight_grad:
     use_xla_weight_gradients()
   if args.one:
@@ -174,7 +184,7 @@ def main(argv=None):
     return 0
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"CPUs, {jax.device_count()} {jax.devices()[0].device_kind} "
-        f"device(s), jax {jax.__version__}; objective "
+        f"device(s), jax {jax.__version__}, precision {args.precision}; objective "
         f"{'MSE' if args.no_lpips else 'MSE + LPIPS-Alex'}; weight gradients "
         f"{'XLA' if args.xla_weight_grad else 'dhr_jax.models.ops'}")
   print("| size | batch | compile (s) | step, weights (s) | step, offset (s) "
@@ -188,6 +198,7 @@ def main(argv=None):
              str(batch)]
       cmd += ["--no-lpips"] * args.no_lpips
       cmd += ["--xla-weight-grad"] * args.xla_weight_grad
+      cmd += ["--precision", args.precision]
       if args.feature_idx is not None:
         cmd += ["--feature-idx", str(args.feature_idx)]
       p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

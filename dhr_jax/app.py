@@ -58,6 +58,7 @@ from dhr_jax import cli
 from dhr_jax import compile_cache
 from dhr_jax import editing
 from dhr_jax import files as dhr_files
+from dhr_jax import precision
 from dhr_jax import settings
 # The page's session (state, workdir); the names the page code uses.
 from dhr_jax.editor import AppError
@@ -401,6 +402,8 @@ def _define_flags():
   flags.DEFINE_string("compilation_cache", "", "JAX's persistent "
                       "compilation cache folder ('' = the default, 'none' = "
                       "off; see dhr_jax.compile_cache).")
+  flags.DEFINE_enum("precision", precision.DEFAULT, list(precision.CHOICES),
+                    "Precision of float32 products (see dhr_jax.precision).")
 
 
 def _parse_flags(argv):
@@ -425,6 +428,7 @@ def _main(argv):
     return 2
   F = flags.FLAGS
   compile_cache.enable(F.compilation_cache)
+  precision.set_default(F.precision)
   return serve(_CONFIG.value, F.workdir, F.host, F.port, F.max_upload_mb,
                F.max_megapixels)
 

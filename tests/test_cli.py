@@ -78,6 +78,8 @@ def test_config_flag_errors_are_one_line_exit_2(tmp_path):
   line = _one_error_line(_cli(base + ["--config.refine.mode=bogus"],
                               tmp_path))
   assert "refine.mode" in line and "hybrid, weight, feature" in line
+  line = _one_error_line(_cli(base + ["--precision=float16"], tmp_path))
+  assert "--precision=float16" in line and "float32" in line
   assert not workdir.exists()
 
 
