@@ -27,6 +27,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+# The precision run.py compiles with (`dhr_jax.precision`: float32 on every
+# backend): the CLI processes the tests start then find the session's
+# programs in the cache above (a different precision is a different program:
+# while run.py set it and the tests did not, the two-process test took 92 s
+# instead of 63), and float32 stays float32 on an accelerator. On CPU the values are the same either way (the
+# demo's outputs are bit-identical).
+from dhr_jax import precision  # noqa: E402
+
+precision.set_default()
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _CACHE is not None:
