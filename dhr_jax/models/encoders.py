@@ -21,7 +21,6 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import e4e, irse, ops
@@ -257,17 +256,7 @@ def init_encoder(seed, arch, size, latent_avg, input_size=e4e.INPUT_SIZE,
                             config.get("input_nc", 3)), jnp.float32)
   shapes = jax.eval_shape(build_model(config).init, jax.random.PRNGKey(0),
                           x)["params"]
-  rng = np.random.RandomState(seed)
-  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
-
-  def leaf(path, a):
-    name = path[-1].key
-    if name != "kernel":
-      return np.full(a.shape, fill[name], np.float32)
-    w = rng.standard_normal(a.shape).astype(np.float32)
-    w /= np.sqrt(np.prod(a.shape[:-1]))
-    if path[-2].key == "linear":
-      w *= head_scale
-    return w
-  params = jax.tree_util.tree_map_with_path(leaf, shapes)
+  params = irse.random_params(shapes, seed,
+                              lambda path: path[-2].key == "linear",
+                              head_scale)
   return e4e.Encoder(params=params, config=config, latent_avg=latent_avg)

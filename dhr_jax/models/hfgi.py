@@ -30,7 +30,6 @@ import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dhr_jax import checkpoint
 from dhr_jax.models import irse
@@ -251,24 +250,11 @@ def param_shapes(config):
 
 def init_hfgi(seed, config, head_scale=1.0):
   """A stand-in HFGI of `config` with seeded random weights (the compare
-  demo's, no weights), drawn as `encoders.init_encoder` draws a stand-in
-  encoder's (numpy `RandomState(seed)`): convolution kernels normal with
-  variance 1/fan_in, the condition heads' last ones times head_scale (their
-  outputs are the scale and shift), biases 0, BatchNorm the identity, PReLU
-  0.25."""
-  rng = np.random.RandomState(seed)
-  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
-
-  def leaf(path, a):
-    name = path[-1].key
-    if name != "kernel":
-      return np.full(a.shape, fill[name], np.float32)
-    w = rng.standard_normal(a.shape).astype(np.float32)
-    w /= np.sqrt(np.prod(a.shape[:-1]))
-    if path[-3].key in HEADS and path[-2].key == "conv_1":
-      w *= head_scale
-    return w
-  params = jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
+  demo's, no weights), drawn as a stand-in encoder's
+  (`irse.random_params`), the condition heads' last kernels times
+  head_scale."""
+  head = lambda path: path[-3].key in HEADS and path[-2].key == "conv_1"
+  params = irse.random_params(param_shapes(config), seed, head, head_scale)
   return HFGI(params=params, config=config)
 
 

@@ -17,6 +17,7 @@ keeps the flat parameter names its converter writes.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (in_channels, depth, units) per stage of get_blocks(num_layers); each stage
 # starts with a stride-2 unit.
@@ -137,3 +138,25 @@ def body(x, num_layers, se):
     x = BottleneckIRSE(c_in, depth, stride, se=se, name=f"body_{i}")(x)
     feats.append(x)
   return feats
+
+
+def random_params(shapes, seed, is_head, head_scale=1.0):
+  """Seeded stand-in weights (the compare demo's encoders and HFGI) for a
+  params tree of shapes: numpy `RandomState(seed)`, the same on every
+  machine; kernels normal with variance 1/fan_in, those whose path
+  `is_head(path)` says end a head (their outputs are code offsets or
+  scale/shift) times head_scale; biases 0, BatchNorm the identity, PReLU
+  0.25."""
+  rng = np.random.RandomState(seed)
+  fill = {"bias": 0.0, "mean": 0.0, "var": 1.0, "scale": 1.0, "alpha": 0.25}
+
+  def leaf(path, a):
+    name = path[-1].key
+    if name != "kernel":
+      return np.full(a.shape, fill[name], np.float32)
+    w = rng.standard_normal(a.shape).astype(np.float32)
+    w /= np.sqrt(np.prod(a.shape[:-1]))
+    if is_head(path):
+      w *= head_scale
+    return w
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
